@@ -1,0 +1,46 @@
+"""One typed settings object. Environment variables ``T2_*`` and ``t2serve serve`` flags map onto it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "t2serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="T2_", extra="ignore")
+
+    # --- model -----------------------------------------------------------------------------------
+    model: str | None = Field(None, description="Local Hugging Face folder or .gguf file; unset = embedded SmolLM2")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`; default from the path")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
+    expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
+    engine: Literal["native", "vllm"] = "native"
+    threads: int | None = Field(None, description="torch intra-op threads on CPU (default: torch's choice)")
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer key for inference routes
+    admin_api_key: str | None = None  # Bearer key for managing experts
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    # --- scheduling and limits ---------------------------------------------------------------------
+    max_num_seqs: int = Field(32, ge=1, description="sequences decoded together in one step")
+    max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")
+    max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
+    max_prefill_tokens: int = Field(2048, ge=16, description="prompt tokens admitted in one prefill forward")
+    default_max_tokens: int = Field(256, ge=1)
+    max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
+    max_stop: int = Field(16, ge=0, description="most stop strings per request")
+
+    def resolved_expert_dir(self) -> Path:
+        return self.expert_dir or (self.cache_dir / "experts")
