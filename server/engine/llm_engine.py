@@ -1,0 +1,190 @@
+"""The synchronous engine: one step = admit -> prefill newcomers -> decode everyone -> postprocess.
+
+Sequences join at token boundaries (a newcomer is prefilled and then decodes in the same step as the
+others) and leave at token boundaries (their slot is freed as soon as their last token is sampled).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters import AdaptationRuntime
+from server.engine.kv_cache import SlotKVCache
+from server.engine.runner import ModelRunner
+from server.engine.sampling import sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Detokenizer, Sequence, Status
+from server.engine.types import GenerationRequest, PromptTooLongError, RequestOutput
+
+log = logging.getLogger("t2serve.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 2048
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    step_seconds: float = 0.0
+    ttft_seconds: list[float] = field(default_factory=list)  # drained by the metrics collector
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return sorted(ids)
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config (Llama, Mistral, Qwen2 and relatives)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, head_dim
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, adapt: AdaptationRuntime | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        self.cache = SlotKVCache(layers, config.max_num_seqs, kv_heads, head_dim, config.max_model_len,
+                                 dtype, self.device)
+        self.runner = ModelRunner(model, self.cache, adapt)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.cache.move)
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.counters = EngineCounters()
+        self._by_id: dict[str, Sequence] = {}
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> None:
+        p = req.params
+        if not req.prompt_ids:
+            raise PromptTooLongError("the prompt is empty")
+        if len(req.prompt_ids) + p.max_tokens > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                f"model length ({self.config.max_model_len})")
+        gen = None
+        if p.seed is not None and not p.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(p.seed)
+        seq = Sequence(req.request_id, list(req.prompt_ids), p, req.adaptation,
+                       Detokenizer(self.tokenizer, p.stop), generator=gen)
+        self._by_id[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        self.counters.aborted += 1
+        return self._output(seq, [], "", "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> dict:
+        running = self.scheduler.running
+        return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                "kv_tokens_used": sum(s.num_cached for s in running),
+                "kv_capacity_tokens": self.cache.capacity * self.cache.max_slots,
+                "kv_bytes": self.cache.nbytes(), "steps": self.counters.steps}
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        new = self.scheduler.admit()
+        if new:
+            outputs += self._prefill(new)
+        running = list(self.scheduler.running)
+        if running:
+            outputs += self._decode(running)
+        self.counters.steps += 1
+        self.counters.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        lens = [len(s.prompt_ids) for s in seqs]
+        ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : lens[i]] = torch.tensor(s.prompt_ids)
+        starts = torch.zeros(len(seqs), dtype=torch.long)
+        last = torch.tensor(lens) - 1
+        logits = self.runner.forward(seqs[0].slot, ids.to(self.device), starts.to(self.device),
+                                     last.to(self.device), [s.adaptation for s in seqs])
+        for s in seqs:
+            s.num_cached = len(s.prompt_ids)
+        self.counters.prefill_tokens += sum(lens)
+        return self._postprocess(seqs, logits)
+
+    def _decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        starts = torch.tensor([s.num_cached for s in seqs], device=self.device)
+        last = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        logits = self.runner.forward(0, ids, starts, last, [s.adaptation for s in seqs])
+        for s in seqs:
+            s.num_cached += 1
+        return self._postprocess(seqs, logits)
+
+    def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        ps = [s.params for s in seqs]
+        dev = logits.device
+        tokens = sample(
+            logits,
+            torch.tensor([p.temperature for p in ps], device=dev),
+            torch.tensor([p.top_k for p in ps], device=dev),
+            torch.tensor([p.top_p for p in ps], device=dev),
+            [s.generator for s in seqs],
+        ).tolist()
+        now = time.monotonic()
+        outs = []
+        for s, tok in zip(seqs, tokens):
+            s.output_ids.append(tok)
+            self.counters.generated_tokens += 1
+            if s.first_token_at is None:
+                s.first_token_at = now
+                self.counters.ttft_seconds.append(now - s.arrival)
+            reason = None
+            if not s.params.ignore_eos and tok in self.eos_token_ids or tok in s.params.stop_token_ids:
+                reason = "stop"
+                text = ""
+            else:
+                text, hit = s.detok.push(s.output_ids)
+                if hit:
+                    reason = "stop"
+                elif len(s.output_ids) >= s.params.max_tokens or s.total_len >= self.config.max_model_len:
+                    reason = "length"
+            if reason is not None:
+                text += s.detok.flush()
+                self._by_id.pop(s.request_id, None)
+                self.scheduler.finish(s)
+                self.counters.finished += 1
+            outs.append(self._output(s, s.output_ids[s.sent_tokens:], text, reason))
+            s.sent_tokens = len(s.output_ids)
+        return outs
+
+    def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
+        return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,
+                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids))

@@ -1,0 +1,43 @@
+"""Token selection: pure functions over a batch of logits with explicit random generators."""
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf.
+
+    logits: (B, V) float32, already divided by temperature; top_k: (B,) int (0 = off); top_p: (B,) float.
+    """
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)[:, None]
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep a token if the mass strictly before it is below top_p (the top token is always kept).
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row. logits: (B, V); temperature/top_k/top_p: (B,); generators: one per row.
+
+    Rows with temperature 0 (or top_k 1) take the argmax. A row with its own generator draws from it
+    alone, so its tokens do not depend on what else is in the batch.
+    """
+    logits = logits.float()
+    greedy = (temperature <= 0) | (top_k == 1)
+    out = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return out
+    idx = (~greedy).nonzero().flatten().tolist()
+    sub = logits[idx] / temperature[idx, None]
+    sub = filter_logits(sub, top_k[idx], top_p[idx])
+    probs = sub.softmax(dim=-1)
+    for j, i in enumerate(idx):
+        out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+    return out

@@ -1,0 +1,56 @@
+"""Moves sequences between waiting, running and finished. Decides who joins the batch each step and
+which KV slot each running sequence holds; never touches tensors (slot moves are requested from the
+cache through the `move` callback)."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from server.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, move_slot: Callable[[int, int, int], None]):
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self._move_slot = move_slot  # (src, dst, length): copy a sequence's cache into another slot
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i].slot == i, always
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots (FIFO) within the prefill token budget.
+
+        The first waiting sequence is always admitted when a slot is free, whatever its length, so a long
+        prompt cannot starve. Admitted sequences take slots len(running).. contiguously.
+        """
+        new: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            n = len(self.waiting[0].prompt_ids)
+            if new and n > budget:
+                break
+            seq = self.waiting.popleft()
+            seq.status, seq.slot = Status.RUNNING, len(self.running)
+            self.running.append(seq)
+            new.append(seq)
+            budget -= n
+        return new
+
+    def finish(self, seq: Sequence) -> None:
+        """Take `seq` out (finished or aborted), freeing its slot by moving the last running sequence in."""
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is Status.RUNNING:
+            last = self.running.pop()
+            if last is not seq:
+                self._move_slot(last.slot, seq.slot, last.num_cached)
+                last.slot = seq.slot
+                self.running[seq.slot] = last
+        seq.status, seq.slot = Status.FINISHED, -1
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
