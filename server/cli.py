@@ -1,0 +1,65 @@
+"""`t2serve` command line. `t2serve serve` flags are generated from the Settings fields, so every
+setting has one flag (``--max-num-seqs``) and one environment variable (``T2_MAX_NUM_SEQS``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.config import Settings
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                       help=(field.description or "") + f" [env T2_{name.upper()}]")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Convert/load the model once (fills the caches) and exit: used at image build time."""
+    from server.model_loader import load_model
+
+    settings = settings_from_args(args)
+    loaded = load_model(settings)
+    print(f"ready: {loaded.name} from {loaded.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2serve", description="Self-adaptive LLM server (Transformer², SAPT)")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    prep = sub.add_parser("prepare", help="convert and cache the model, then exit")
+    _add_settings_flags(prep)
+    prep.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
