@@ -1,0 +1,22 @@
+"""HTTP routes of the OpenAI-compatible API, and what they share.
+
+- ``state``: the per-app server state (settings, engine once loaded, metrics) and its accessors.
+- ``auth``: the optional Bearer API key.
+- ``middleware``: request body size limit and per-route request metrics (plain ASGI).
+- ``generation``: one HTTP request as engine requests: fan-out over prompts and ``n``, merged outputs,
+  abort when the client goes away.
+- ``sse``: the Server-Sent Events response that aborts its generation on disconnect.
+- ``completions``, ``chat``, ``models``, ``health``, ``metrics``: the routes.
+
+Routes validate and translate; they never touch tensors or run model code.
+"""
+from fastapi import APIRouter
+
+
+def api_router() -> APIRouter:
+    from server.api import chat, completions, health, metrics, models
+
+    router = APIRouter()
+    for module in (completions, chat, models, health, metrics):
+        router.include_router(module.router)
+    return router

@@ -1,0 +1,36 @@
+"""POST /v1/completions: text completion of a prompt, a batch of prompts, or token ids."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.auth import require_api_key
+from server.api.generation import Choice
+from server.api.serving import ERROR_RESPONSES, answer, start_run, stream_events
+from server.prompts import completion_prompt_ids
+from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse
+
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
+             summary="Complete a prompt (OpenAI Completions)")
+async def create_completion(body: CompletionRequest, request: Request):
+    started = await start_run(request, body, lambda tok: completion_prompt_ids(tok, body.prompt), body.max_tokens,
+                              id_prefix="cmpl", prompt_param="prompt", max_param="max_tokens")
+
+    def response(choices: list[CompletionChoice], **extra) -> CompletionResponse:
+        return CompletionResponse(id=started.request_id, created=started.created, model=started.model,
+                                  choices=choices, **extra)
+
+    def events():
+        def delta(index: int, text: str, finish_reason: str | None) -> CompletionResponse:
+            return response([CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+
+        usage_chunk = (lambda usage: response([], usage=usage)) if body.include_usage else None
+        return stream_events(started.run, [], delta, usage_chunk)
+
+    def whole(choices: list[Choice]) -> CompletionResponse:
+        return response([CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
+                         for c in choices], usage=started.run.usage())
+
+    return await answer(request, started, body.stream, events, whole)

@@ -1,0 +1,179 @@
+"""One HTTP generation request as a set of engine requests (one per prompt and choice), merged.
+
+``EngineRun`` submits every choice to the engine up front, so an over-full queue or a prompt that
+does not fit is answered (429 / 400) before any response starts. It merges the choices' outputs in
+arrival order, keeps each choice's text and token counts for the final body or the usage chunk, and
+records the request's metrics. ``close`` ends whatever is still running: every engine request of a
+run either finishes or is aborted, so a client that goes away never keeps a slot busy.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from starlette.types import Receive
+
+from server.engine.types import EngineError, GenerationRequest, RequestOutput, SamplingParams
+from server.errors import APIError, from_engine_error
+from server.metrics import Metrics
+from server.schemas import Usage
+
+_DONE = object()  # a pump's last item: its engine stream has ended
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Choice:
+    """One choice of the response: which engine request makes it, and what it produced so far."""
+
+    index: int  # OpenAI choice index: prompt_index * n + i
+    request: GenerationRequest
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sampling_params(body: Any, max_tokens: int, sample_index: int) -> SamplingParams:
+    """Engine sampling parameters of choice ``sample_index``; each choice gets its own seed (seed + i)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),  # -1 (vLLM's "off") and 0 both mean no top-k filter
+        seed=None if body.seed is None else body.seed + sample_index,
+        stop=body.stop_list(),
+    )
+
+
+def build_choices(request_id: str, body: Any, prompts: list[list[int]], max_tokens: list[int],
+                  adaptations: list[Any]) -> list[Choice]:
+    choices = []
+    for p, (ids, budget, adaptation) in enumerate(zip(prompts, max_tokens, adaptations)):
+        for i in range(body.n):
+            req = GenerationRequest(f"{request_id}-{p}-{i}", ids, sampling_params(body, budget, i), adaptation)
+            choices.append(Choice(p * body.n + i, req))
+    return choices
+
+
+class EngineRun:
+    def __init__(self, engine: Any, metrics: Metrics, choices: list[Choice], prompt_tokens: int):
+        self.engine, self.metrics, self.choices = engine, metrics, choices
+        self.prompt_tokens = prompt_tokens  # each prompt once, however many choices it has
+        self.arrival = time.monotonic()
+        self._first_token_seen = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+        self._submitted: list[Choice] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    async def submit(self) -> None:
+        """Hand every choice to the engine; on refusal, abort those already handed and raise an APIError."""
+        streams = []
+        try:
+            for c in self.choices:
+                streams.append(self.engine.generate(c.request))
+                self._submitted.append(c)
+        except EngineError as e:
+            await self.close()
+            raise from_engine_error(e) from e
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self._pumps = [asyncio.create_task(self._pump(c, s)) for c, s in zip(self.choices, streams)]
+
+    async def _pump(self, choice: Choice, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                self._queue.put_nowait((choice, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reported to the consumer, which answers it in the error shape
+            self._queue.put_nowait((choice, e))
+        else:
+            self._queue.put_nowait((choice, _DONE))
+
+    async def close(self) -> None:
+        """Stop consuming and abort every engine request that has not finished (idempotent)."""
+        for t in self._pumps:
+            t.cancel()  # stopping the iteration aborts the engine request too
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for c in self._submitted:
+            if not c.finished:
+                await self.engine.abort(c.request.request_id)
+
+    # --- outputs -------------------------------------------------------------------------------------
+    async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Each engine output as it comes, with its choice (already updated); ends when all are done."""
+        ended = 0
+        while ended < len(self._pumps):
+            choice, item = await self._queue.get()
+            if item is _DONE:
+                ended += 1
+                if not choice.finished:
+                    raise APIError(500, "The engine ended a request without finishing it.", type="server_error",
+                                   code="engine_error")
+                continue
+            if isinstance(item, EngineError):
+                raise from_engine_error(item)
+            if isinstance(item, Exception):
+                raise APIError(500, f"Generation failed: {item}", type="server_error", code="engine_error")
+            self._account(choice, item)
+            yield choice, item
+        self.metrics.e2e.observe(time.monotonic() - self.arrival)
+
+    async def collect(self) -> list[Choice]:
+        async for _ in self.outputs():
+            pass
+        return self.choices
+
+    def _account(self, choice: Choice, out: RequestOutput) -> None:
+        if out.error:
+            raise APIError(500, f"Generation failed: {out.error}", type="server_error", code="engine_error")
+        if out.token_ids and not self._first_token_seen:
+            self._first_token_seen = True
+            self.metrics.ttft.observe(time.monotonic() - self.arrival)
+        self.metrics.generation_tokens.inc(len(out.token_ids))
+        choice.text.append(out.text)
+        choice.completion_tokens = out.completion_tokens
+        if out.finished:
+            choice.finish_reason = out.finish_reason
+            if out.finish_reason == "abort":  # not asked for by us: the server is stopping
+                raise APIError(503, "The request was aborted by the server (shutting down?).",
+                               type="server_error", code="request_aborted")
+
+    def usage(self) -> Usage:
+        completion = sum(c.completion_tokens for c in self.choices)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone away (the body has been read already, so nothing else arrives)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_unless_disconnected(run: EngineRun, receive: Receive) -> list[Choice] | None:
+    """The finished choices, or None if the client disconnected first (the run is then aborted)."""
+    collecting = asyncio.create_task(run.collect())
+    watching = asyncio.create_task(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if collecting.done():
+            return collecting.result()
+        return None
+    finally:
+        for t in (collecting, watching):
+            t.cancel()
+        await asyncio.gather(collecting, watching, return_exceptions=True)
+        await run.close()

@@ -1,0 +1,16 @@
+"""GET /metrics: Prometheus text format. Not behind the API key, as scrapers expect."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from server.api.state import server_state
+from server.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    state = server_state(request)
+    state.metrics.observe_engine(state.engine.stats() if state.engine is not None else None, state.ready)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)

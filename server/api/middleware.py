@@ -1,0 +1,95 @@
+"""Plain ASGI middleware: the request body size limit and per-route request metrics.
+
+Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: that one runs the app in a separate task
+and breaks streaming responses' disconnect detection, which the generation routes rely on.
+"""
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError
+from server.metrics import Metrics
+
+
+async def send_error(send: Send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to bodies over ``max_bytes`` before the app parses them.
+
+    The body is read here (it would be read whole by the JSON parser anyway) and replayed to the app;
+    after the replay, ``receive`` goes to the server again, so the app still sees ``http.disconnect``.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size: int | None) -> APIError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return APIError(413, f"The request body is too large{got}; the limit is {self.max_bytes} bytes.",
+                        code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, self._too_large(int(declared)))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await send_error(send, self._too_large(None))
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RequestMetricsMiddleware:
+    """Counts answered requests by method, route template and status (paths outside the routes: 'other')."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # if the app fails before answering, the server answers 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            # Templates, not raw paths: unknown paths would otherwise grow the label set without bound.
+            name = getattr(route, "path", None) or "other"
+            self.metrics.requests.labels(scope["method"], name, str(status)).inc()

@@ -1,0 +1,93 @@
+"""The steps the generation routes (completions, chat) share: engine and model checks, limits that
+depend on the settings, tokenization off the event loop, token budgets, adaptation, submission, and
+the answer (SSE event stream, or one body unless the client has gone)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from server.api.generation import Choice, EngineRun, build_choices, collect_unless_disconnected, new_request_id
+from server.api.sse import DONE_EVENT, EventStreamResponse, sse_event
+from server.api.state import check_model, ready_engine, server_state
+from server.config import Settings
+from server.errors import APIError, invalid_request
+from server.prompts import resolve_max_tokens
+from server.schemas import ErrorResponse, Usage
+
+# Documented in the OpenAPI schema: every error answer has the OpenAI error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+
+
+def check_limits(body: Any, settings: Settings) -> None:
+    """Limits of the running server that the schema cannot know (before any tokenization work)."""
+    if body.n > settings.max_n:
+        raise invalid_request(f"'n' is {body.n}; this server allows at most {settings.max_n}.", param="n")
+    stops = body.stop_list()
+    if len(stops) > settings.max_stop:
+        raise invalid_request(f"{len(stops)} stop strings given; this server allows at most {settings.max_stop}.",
+                              param="stop")
+
+
+@dataclass
+class StartedRun:
+    model: str  # served model name, as answered
+    request_id: str  # the response's `id`
+    created: int  # the response's `created` (Unix seconds)
+    run: EngineRun
+
+
+async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
+                    requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str) -> StartedRun:
+    """Check, tokenize (``tokenize(tokenizer)`` -> one id list per prompt) and submit every choice."""
+    state = server_state(request)
+    settings = state.settings
+    engine = ready_engine(request)
+    model = check_model(engine, body.model)
+    check_limits(body, settings)
+    # Tokenizing a large prompt takes a while: keep it off the event loop.
+    prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
+    budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
+                                  prompt_param=prompt_param, param=max_param) for p in prompts]
+    adaptations = [await state.resolve_adaptation(body.adaptation, p) for p in prompts]
+    request_id = new_request_id(id_prefix)
+    choices = build_choices(request_id, body, prompts, budgets, adaptations)
+    run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts))
+    await run.submit()
+    return StartedRun(model, request_id, int(time.time()), run)
+
+
+async def answer(request: Request, started: StartedRun, stream: bool, events: Callable[[], AsyncIterator[str]],
+                 body: Callable[[list[Choice]], BaseModel]) -> Response | BaseModel:
+    """The SSE stream, or the whole body once every choice is done (499 if the client left first)."""
+    if stream:
+        return EventStreamResponse(events(), started.run.close)
+    choices = await collect_unless_disconnected(started.run, request.receive)
+    if choices is None:
+        return Response(status_code=499)  # nobody reads it: the client has gone
+    return body(choices)
+
+
+async def stream_events(run: EngineRun, opening: list[BaseModel],
+                        delta_chunk: Callable[[int, str, str | None], BaseModel],
+                        usage_chunk: Callable[[Usage], BaseModel] | None) -> AsyncIterator[str]:
+    """SSE events of a run: the opening chunks, a ``delta_chunk(choice index, new text, finish reason)``
+    per engine output worth sending, the usage chunk when asked for, then ``[DONE]``. A failure
+    mid-stream becomes an error event (the status line has gone out already)."""
+    try:
+        for chunk in opening:
+            yield sse_event(chunk)
+        async for choice, out in run.outputs():
+            # Tokens whose text is held back (a partial character, a possible stop string) send nothing.
+            if out.text or out.finished:
+                yield sse_event(delta_chunk(choice.index, out.text, out.finish_reason))
+        if usage_chunk is not None:
+            yield sse_event(usage_chunk(run.usage()))
+    except APIError as e:
+        yield sse_event(e.body())
+    yield DONE_EVENT

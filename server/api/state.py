@@ -1,0 +1,60 @@
+"""What the routes share for one app: settings, metrics and the engine (absent while the model loads)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from fastapi import Request
+
+from server.config import Settings
+from server.errors import model_not_found, unavailable
+from server.metrics import Metrics
+
+# Turns a request's `adaptation` object (and its prompt ids) into what the engine carries per sequence.
+# The default keeps the base weights; the expert dispatch installs its own.
+AdaptationResolver = Callable[[dict | None, list[int]], Awaitable[Any]]
+
+
+async def base_weights(spec: dict | None, prompt_ids: list[int]) -> Any:
+    return None
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Any = None  # an AsyncEngine once loaded and started
+    load_error: str | None = None  # why loading failed, if it did
+    resolve_adaptation: AdaptationResolver = base_weights
+    started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and bool(self.engine.ready)
+
+    def not_ready_error(self):
+        if self.load_error is not None:
+            return unavailable(f"The model failed to load: {self.load_error}", code="model_load_failed")
+        if self.engine is None:
+            return unavailable("The model is still loading; retry shortly.", code="model_loading")
+        return unavailable("The engine is not running.", code="engine_dead")
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.t2
+
+
+def ready_engine(request: Request):
+    """The running engine, or a 503 in the OpenAI error shape."""
+    state = server_state(request)
+    if not state.ready:
+        raise state.not_ready_error()
+    return state.engine
+
+
+def check_model(engine, requested: str | None) -> str:
+    """The served model name; 404 if the request names another model."""
+    if requested is not None and requested != engine.model_name:
+        raise model_not_found(requested)
+    return engine.model_name

@@ -1,0 +1,76 @@
+"""The FastAPI application: ``create_app(settings, engine=None)``.
+
+The server accepts connections at once and loads the model in the background: /health answers 503
+until the engine runs, then 200. Loading (seconds to a minute: GGUF conversion on first start) runs
+in a worker thread so the event loop keeps answering meanwhile. A test or an embedding program can
+hand in an engine instead; the app starts it on its event loop and shuts it down with the app.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+
+from server.api import api_router
+from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.state import AdaptationResolver, ServerState, base_weights
+from server.config import Settings
+from server.errors import install_error_handlers
+
+log = logging.getLogger("t2serve.http")
+
+DESCRIPTION = """An OpenAI-compatible server that adapts its base model to each request.
+
+Requests and responses follow the OpenAI API; extensions live in the request's `adaptation` object
+and `top_k`. Errors always have the shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+
+async def _load_engine(state: ServerState) -> None:
+    from server.engine.async_engine import AsyncEngine
+
+    try:
+        engine = await asyncio.to_thread(AsyncEngine.from_settings, state.settings)
+    except Exception as e:
+        log.exception("loading the model failed; /health stays 503")
+        state.load_error = f"{type(e).__name__}: {e}"
+        return
+    engine.start()
+    state.engine = engine
+    log.info("model %s loaded; serving", engine.model_name)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServerState = app.state.t2
+    loading = None
+    if state.engine is not None:
+        state.engine.start()  # the engine thread hands outputs to this loop
+    else:
+        loading = asyncio.create_task(_load_engine(state))
+    try:
+        yield
+    finally:
+        if loading is not None and not loading.done():
+            loading.cancel()  # the loader thread itself finishes on its own; its result is dropped
+            await asyncio.gather(loading, return_exceptions=True)
+        if state.engine is not None:
+            await state.engine.shutdown()
+
+
+def create_app(settings: Settings | None = None, engine: Any = None, *,
+               resolve_adaptation: AdaptationResolver | None = None) -> FastAPI:
+    """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one."""
+    settings = settings or Settings()
+    state = ServerState(settings, engine=engine, resolve_adaptation=resolve_adaptation or base_weights)
+    app = FastAPI(title="t2serve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
+    app.state.t2 = state
+    install_error_handlers(app)
+    app.include_router(api_router())
+    # The last added is the outermost: metrics see every answer, the 413s of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    return app

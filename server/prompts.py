@@ -1,0 +1,77 @@
+"""Request prompts to token ids, and the length checks that need the token count.
+
+Completions take a string, a batch of strings, token ids or a batch of token id lists; chat requests
+go through the tokenizer's chat template with the generation prompt appended. Every failure is an
+``APIError`` 400 that names the field. (Named ``prompts`` rather than ``tokenize`` so that running a
+file from this folder can never shadow the standard library's ``tokenize``.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import invalid_request
+
+
+def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]:
+    """Token ids of every prompt in a completions request (one list per prompt)."""
+    if isinstance(prompt, str):
+        batch: list[Any] = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        batch = [prompt]  # a single prompt given as token ids
+    else:
+        batch = list(prompt)
+    if not batch:
+        raise invalid_request("'prompt' must not be empty.", param="prompt")
+    vocab = len(tokenizer)
+    out = []
+    for i, p in enumerate(batch):
+        where = "prompt" if len(batch) == 1 else f"prompt.{i}"
+        if isinstance(p, str):
+            if not p:
+                raise invalid_request(f"'{where}' must not be an empty string.", param=where)
+            ids = tokenizer.encode(p)
+        else:
+            ids = list(p)
+            if not ids:
+                raise invalid_request(f"'{where}' must not be an empty list of token ids.", param=where)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise invalid_request(f"'{where}' holds token ids outside the vocabulary [0, {vocab}): "
+                                      f"{bad[:5]}.", param=where)
+        out.append(ids)
+    return out
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise invalid_request("This model has no chat template; use /v1/completions instead.",
+                              param="messages", code="chat_template_missing")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # templates reject conversations with raise_exception(...)
+        raise invalid_request(f"The chat template rejected these messages: {e}", param="messages") from e
+    # The template already wrote the special tokens (BOS, role markers): do not add them twice.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def resolve_max_tokens(prompt_len: int, requested: int | None, default: int, max_model_len: int, *,
+                       prompt_param: str = "prompt", param: str = "max_tokens") -> int:
+    """New-token budget of one prompt: the requested one if it fits, else a 400 with the numbers.
+
+    Omitted, it is the server default cut to the room left in the model length.
+    """
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_len} tokens. Please shorten the prompt.", param=prompt_param,
+            code="context_length_exceeded")
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or {param}.", param=param, code="context_length_exceeded")
+    return requested

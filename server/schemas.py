@@ -1,0 +1,286 @@
+"""Pydantic models of the OpenAI-compatible API: requests, responses and stream chunks.
+
+Only the HTTP edge uses these. Handlers turn a request into the engine's plain dataclasses
+(``server.engine.types``). Limits that do not depend on the running server are declared here;
+those that do (``n``, number of stop strings, model length, known model names) are checked by the
+handlers. Unknown request fields are rejected, as OpenAI does, so a misspelt parameter is never
+silently ignored. Our one extension of the request is the ``adaptation`` object (and ``top_k``).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _not_supported(name: str, value: Any, ok: Any) -> Any:
+    if value not in ok:
+        raise ValueError(f"{name} is not supported by this server")
+    return value
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="Send a last chunk with the token usage of the request.")
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat completions (order matters: `stream` before `stream_options`)."""
+
+    model: str | None = Field(None, description="Served model name; omitted = the server's model.")
+    n: int = Field(1, ge=1, description="Choices to generate for each prompt.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="Extension: sample among the k most likely tokens; 0 or -1 = off.")
+    seed: int | None = Field(None, description="Same seed, prompt and parameters give the same tokens.")
+    stop: str | list[str] | None = Field(None, description="Strings that end generation (not returned).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, description="Only 0 is supported.")
+    frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; only empty.")
+    user: str | None = None
+    adaptation: dict[str, Any] | None = Field(
+        None, description="Extension: how to adapt the base model for this request (experts, strategy).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v, info: ValidationInfo):
+        return _not_supported(f"a non-zero {info.field_name}", v, (0, 0.0))
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        return _not_supported("logit_bias", v or None, (None,))
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Prompt = Field(description="A string, a list of strings (a batch), token ids, or a list of token id lists.")
+    max_tokens: int | None = Field(None, ge=1, description="New tokens at most; omitted = the server default.")
+    echo: bool = Field(False, description="Not supported; only false.")
+    suffix: str | None = Field(None, description="Not supported.")
+    best_of: int | None = Field(None, description="Only equal to n (or omitted) is supported.")
+    logprobs: int | None = Field(None, description="Not supported; only null.")
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, v, handler):
+        try:
+            return handler(v)
+        except ValueError:
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of "
+                             "token id lists") from None
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        return _not_supported("echo", v, (False,))
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        return _not_supported("suffix", v, (None,))
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return _not_supported("logprobs", v, (None,))
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info: ValidationInfo):
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Clients send back assistant messages as they received them (with refusal, annotations, ...):
+    # fields we do not use are ignored here rather than rejected.
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, v, handler):
+        try:
+            return handler(v)
+        except ValueError:
+            raise ValueError("must be a string or a list of text parts ({'type': 'text', 'text': ...}); "
+                             "other content types are not supported") from None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="Not supported; only false.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; only empty.")
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return _not_supported("logprobs", bool(v), (False,))
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v):
+        return _not_supported("top_logprobs", v, (None, 0))
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        return _not_supported("tools", v or None, (None,))
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is not None and v.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return v
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+def _omit_none(v: Any) -> bool:
+    return v is None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    # Absent from stream chunks except the last one when stream_options.include_usage is set.
+    usage: Usage | None = Field(None, exclude_if=_omit_none)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
+    content: str | None = Field(None, exclude_if=_omit_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_omit_none)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "t2serve"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (documented in the OpenAPI schema)."""
+
+    error: ErrorDetail
