@@ -37,6 +37,7 @@ class SlotKVCache:
         self.layout: StepLayout | None = None
 
     # --- capacity ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _ensure(self, needed: int) -> None:
         """Grow the position dimension to hold `needed` tokens (doubling, so growth copies are rare)."""
         if needed <= self.capacity:
@@ -79,6 +80,7 @@ class SlotKVCache:
         vb[lay.rows, :, lay.pos] = value.transpose(1, 2).to(self.dtype)
         return kb[:, :, : lay.kv_len], vb[:, :, : lay.kv_len]
 
+    @torch.inference_mode()  # the buffers are inference tensors: touch them only in inference mode
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction when a sequence leaves)."""
         if src != dst and length > 0:

@@ -144,3 +144,18 @@ def test_detokenizer_holds_back_partial_stop(tiny):
         if hit:
             break
     assert hit and emitted == "alpha beta "
+
+
+def test_cache_growth_then_compaction(tiny):
+    """Buffers grown during a forward can still be compacted when a sequence leaves."""
+    _, tok = tiny
+    e = make_engine(tiny, max_model_len=512)
+    c = e.cache  # start small so the prompts below force growth inside a forward
+    c.k, c.v, c.capacity = c.k[..., :64, :].clone(), c.v[..., :64, :].clone(), 64
+    long_prompt = "word " * 150
+    e.add_request(req(tok, "a", prompt=long_prompt, max_tokens=3, temperature=0.0, ignore_eos=True))
+    e.add_request(req(tok, "b", prompt=long_prompt, max_tokens=20, temperature=0.0, ignore_eos=True))
+    res = drain(e)
+    assert c.capacity >= 170 and len(res["b"]["ids"]) == 20
+    e.add_request(req(tok, "c", prompt=long_prompt, max_tokens=20, temperature=0.0, ignore_eos=True))
+    assert drain(e)["c"]["ids"] == res["b"]["ids"]
