@@ -1,0 +1,196 @@
+"""Thin SVD of every target matrix, computed once and cached on disk.
+
+SVF rescales singular values, so every target W (out × in) needs W = U diag(σ) Vᵀ. Computing that for
+a whole model takes minutes on CPU, so the factors are written to ``<cache_dir>/<key>.safetensors``,
+keyed by a fingerprint of the weights and the target set, and reused on the next start.
+
+- The SVD runs in float32 (float64 for float64 weights) on the weight's own device; U and Vᵀ are then
+  kept (and stored) in the weight's dtype, σ in float32, so the hot path never converts.
+- A file is trusted only if its header names the same key and targets and the sha256 of its tensor
+  bytes matches the header; anything else (partial write, bit rot, shape change) is rebuilt with a
+  warning. Writes go to a temp file, are fsync'ed and then renamed, so a crash never leaves a
+  half-written file under the real name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from adapters.targets import Target, weight_matrix
+
+try:  # tqdm is a dependency of the server, but the benchmark must also run without it
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+log = logging.getLogger(__name__)
+
+FORMAT = "t2serve-svd/1"
+_SAMPLE = 4096  # values per matrix in the fingerprint
+
+
+@dataclass
+class SVDFactors:
+    """W = U diag(S) Vh for one target (rows of Vh are the right singular vectors)."""
+
+    U: torch.Tensor  # (out, k), weight dtype and device
+    S: torch.Tensor  # (k,) float32 (float64 for float64 weights), descending
+    Vh: torch.Tensor  # (k, in), weight dtype and device
+
+
+class CacheError(Exception):
+    """A cache file that must not be trusted."""
+
+
+def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def thin_svd(w: torch.Tensor) -> SVDFactors:
+    """Thin SVD of w (out, in) in float32+, factors cast back to w's dtype (σ stays float32+)."""
+    wf = w.detach().to(_svd_dtype(w.dtype))
+    U, S, Vh = torch.linalg.svd(wf, full_matrices=False)  # (out,k), (k,), (k,in)
+    return SVDFactors(U.to(w.dtype).contiguous(), S.contiguous(), Vh.to(w.dtype).contiguous())
+
+
+def _modules(model: nn.Module, targets: Sequence[Target]) -> list[nn.Module]:
+    mods = dict(model.named_modules())
+    return [mods[t.name] for t in targets]
+
+
+def weights_fingerprint(weights: Iterable[torch.Tensor]) -> str:
+    """Cheap identity of a set of matrices: shape, dtype, a float64 sum and a strided sample each.
+
+    O(one read of the weights) — far below the SVD — yet any realistic change (another checkpoint,
+    fine-tuned weights, a dtype change) moves the sum or the sample.
+    """
+    h = hashlib.sha256()
+    for w in weights:
+        w = w.detach()
+        flat = w.reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), device=w.device).long()
+        sample = flat[idx].to(torch.float64).cpu()
+        h.update(f"{tuple(w.shape)}|{w.dtype}|{float(w.sum(dtype=torch.float64)):.17g}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(fingerprint: str, targets: Sequence[Target]) -> str:
+    spec = json.dumps([FORMAT, fingerprint, [t.name for t in targets]])
+    return hashlib.sha256(spec.encode()).hexdigest()[:32]
+
+
+def _tensor_names(t: Target) -> tuple[str, str, str]:
+    return f"{t.name}.U", f"{t.name}.S", f"{t.name}.Vh"
+
+
+def _digest(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for x in tensors:
+        h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read(path: Path, key: str, targets: Sequence[Target], weights: Sequence[torch.Tensor]):
+    """Factors from ``path`` on each weight's device/dtype; raises CacheError if untrustworthy."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("key") != key:
+                raise CacheError("header names another format or key")
+            if json.loads(meta.get("targets", "[]")) != [t.name for t in targets]:
+                raise CacheError("header names other targets")
+            h = hashlib.sha256()
+            out: dict[str, SVDFactors] = {}
+            for t, w in zip(targets, weights):
+                U, S, Vh = (f.get_tensor(n) for n in _tensor_names(t))
+                k = t.rank
+                if U.shape != (t.out_features, k) or S.shape != (k,) or Vh.shape != (k, t.in_features):
+                    raise CacheError(f"{t.name}: stored shapes do not match the model")
+                for x in (U, S, Vh):
+                    h.update(x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                out[t.name] = SVDFactors(
+                    U.to(w.device, w.dtype), S.to(w.device, _svd_dtype(w.dtype)), Vh.to(w.device, w.dtype)
+                )
+            if h.hexdigest() != meta.get("sha256"):
+                raise CacheError("tensor checksum mismatch")
+            return out
+    except CacheError:
+        raise
+    except Exception as e:  # truncated header, missing tensor, I/O error: all mean "rebuild"
+        raise CacheError(f"{type(e).__name__}: {e}") from e
+
+
+def _progress(items: Sequence, enabled: bool, desc: str):
+    if enabled and tqdm is not None:
+        return tqdm(items, desc=desc, unit="matrix")
+    return items
+
+
+def load_or_compute(
+    model: nn.Module,
+    targets: Sequence[Target],
+    cache_dir: str | os.PathLike | None,
+    progress: bool = True,
+) -> dict[str, SVDFactors]:
+    """SVD factors of every target, from ``cache_dir`` when a valid file exists, else computed (and
+    written there). ``cache_dir=None`` computes without touching the disk."""
+    weights = [weight_matrix(m.weight, t.kind) for m, t in zip(_modules(model, targets), targets)]
+    key = cache_key(weights_fingerprint(weights), targets)
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            factors = _read(path, key, targets, weights)
+            log.info("SVD factors of %d matrices loaded from %s", len(targets), path)
+            return factors
+        except CacheError as e:
+            log.warning("SVD cache %s is corrupt or partial (%s); recomputing", path, e)
+    factors = {
+        t.name: thin_svd(w)
+        for t, w in _progress(list(zip(targets, weights)), progress, "SVD of target matrices")
+    }
+    if path is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        for t in targets:
+            f = factors[t.name]
+            for n, x in zip(_tensor_names(t), (f.U, f.S, f.Vh)):
+                tensors[n] = x.detach().cpu().contiguous()
+        meta = {
+            "format": FORMAT,
+            "key": key,
+            "targets": json.dumps([t.name for t in targets]),
+            "sha256": _digest(tensors.values()),
+        }
+        _write_atomic(path, tensors, meta)
+        log.info("SVD factors of %d matrices written to %s", len(targets), path)
+    return factors
