@@ -1,0 +1,103 @@
+"""Live servers for the HTTP tests: the real app and engine on the tiny random Llama, served by uvicorn
+on a free loopback port from a background thread, so tests speak real HTTP (disconnects included).
+
+A module of its own (not the conftest) so that test files can import its names."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+
+MODEL = "tiny"
+# Long enough for "long" requests: greedy decoding of "Hello" on the tiny model never meets EOS, and
+# 4000 tokens take ~10 s there, far longer than any wait in these tests.
+MAX_MODEL_LEN = 4096
+LONG = 4000
+
+
+def assert_error_shape(r: httpx.Response, status: int) -> dict:
+    """The response has ``status`` and the OpenAI error shape; returns the error object."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    app: Any
+
+    @property
+    def state(self):
+        return self.app.state.t2
+
+    @property
+    def engine(self):
+        return self.state.engine
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def wait_until(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
+        """Poll the engine stats until ``predicate(stats)``; returns them (fails the test on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.engine.stats()
+            if predicate(stats):
+                return stats
+            if time.monotonic() > deadline:
+                pytest.fail(f"engine stats never satisfied the condition: {stats}")
+            time.sleep(0.02)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        return self.wait_until(lambda s: s["running"] == 0 and s["waiting"] == 0, timeout)
+
+
+def wait_for_health(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} never became healthy")
+
+
+@contextmanager
+def serve(settings: Settings, *, wait_ready: bool = True) -> Iterator[LiveServer]:
+    """Run ``create_app(settings)`` under uvicorn until the block ends (the model loads in the app)."""
+    app = create_app(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        if wait_ready:
+            wait_for_health(url)
+        yield LiveServer(url, app)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
