@@ -66,10 +66,11 @@ def build_choices(request_id: str, body: Any, prompts: list[list[int]], max_toke
 
 
 class EngineRun:
-    def __init__(self, engine: Any, metrics: Metrics, choices: list[Choice], prompt_tokens: int):
+    def __init__(self, engine: Any, metrics: Metrics, choices: list[Choice], prompt_tokens: int,
+                 arrival: float | None = None):
         self.engine, self.metrics, self.choices = engine, metrics, choices
         self.prompt_tokens = prompt_tokens  # each prompt once, however many choices it has
-        self.arrival = time.monotonic()
+        self.arrival = time.monotonic() if arrival is None else arrival  # latencies count from here
         self._first_token_seen = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []

@@ -45,6 +45,7 @@ class StartedRun:
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
                     requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str) -> StartedRun:
     """Check, tokenize (``tokenize(tokenizer)`` -> one id list per prompt) and submit every choice."""
+    arrival = time.monotonic()  # latency metrics include the tokenization
     state = server_state(request)
     settings = state.settings
     engine = ready_engine(request)
@@ -57,7 +58,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     adaptations = [await state.resolve_adaptation(body.adaptation, p) for p in prompts]
     request_id = new_request_id(id_prefix)
     choices = build_choices(request_id, body, prompts, budgets, adaptations)
-    run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts))
+    run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts), arrival=arrival)
     await run.submit()
     return StartedRun(model, request_id, int(time.time()), run)
 

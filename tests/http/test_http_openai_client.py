@@ -120,3 +120,23 @@ def test_client_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
     assert e.value.body["param"] == "temperature"
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    """Requests that share engine steps (continuous batching) answer as they would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Request number {i} says" + " more" * (i * 7) for i in range(8)]
+
+    def ask(i: int) -> str:
+        if i % 2:
+            chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=10 + i, temperature=0,
+                                               stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=10 + i,
+                                         temperature=0).choices[0].text
+
+    alone = [ask(i) for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, range(len(prompts))))
+    assert together == alone
