@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import Request
 
 from server.config import Settings
-from server.errors import model_not_found, unavailable
+from server.errors import APIError, model_not_found, unavailable
 from server.metrics import Metrics
 
 # Turns a request's `adaptation` object (and its prompt ids) into what the engine carries per sequence.
@@ -33,7 +33,7 @@ class ServerState:
     def ready(self) -> bool:
         return self.engine is not None and bool(self.engine.ready)
 
-    def not_ready_error(self):
+    def not_ready_error(self) -> APIError:
         if self.load_error is not None:
             return unavailable(f"The model failed to load: {self.load_error}", code="model_load_failed")
         if self.engine is None:

@@ -39,6 +39,17 @@ def test_health_reports_a_failed_load(tiny_settings, tmp_path):
         assert err["code"] == "model_load_failed" and "no-such-model" in err["message"]
 
 
+def test_app_serves_an_engine_handed_in_and_stops_it(tiny_settings):
+    settings = tiny_settings(served_model_name="handed-in")
+    engine = AsyncEngine.from_settings(settings)
+    assert not engine.ready  # the app starts it on its own event loop
+    with serve(settings, engine=engine) as srv, srv.client() as c:
+        assert srv.engine is engine and engine.ready
+        assert c.get("/health").json()["model"] == "handed-in"
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert not engine.ready  # shut down with the app
+
+
 def test_metrics(server):
     with server.client() as c:
         c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "temperature": 0})
