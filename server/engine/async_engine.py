@@ -83,7 +83,8 @@ class AsyncEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
                 f"tokens and max_tokens is {request.params.max_tokens}")
         with self._lock:
-            if self._pending >= self.max_waiting:
+            free_slots = max(0, self.llm.config.max_num_seqs - self._stats.get("running", 0))
+            if self._pending >= self.max_waiting + free_slots:
                 raise QueueFullError(f"too many waiting requests ({self._pending}); retry later")
             self._pending += 1
         loop = asyncio.get_running_loop()
@@ -114,7 +115,8 @@ class AsyncEngine:
 
     # --- the engine thread ----------------------------------------------------------------------------
     def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
+        # A finished stream is dropped here too: its consumer may never have started iterating.
+        target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if target is not None:
             loop, q = target
             try:
@@ -163,9 +165,9 @@ class AsyncEngine:
                 if admitted:
                     with self._lock:
                         self._pending -= admitted
+                self._stats = self.llm.stats()  # before delivery, so a client that sees its end sees the slot free
                 for out in outs:
                     self._deliver(out)
-                self._stats = self.llm.stats()
         except BaseException as e:  # pragma: no cover - last resort
             self._dead = e
             log.exception("engine loop died")
