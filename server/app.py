@@ -39,8 +39,24 @@ async def _load_engine(state: ServerState) -> None:
         state.load_error = f"{type(e).__name__}: {e}"
         return
     engine.start()
+    attach_experts(state, engine)
     state.engine = engine
     log.info("model %s loaded; serving", engine.model_name)
+
+
+def attach_experts(state: ServerState, engine: Any) -> None:
+    """Load the expert directory into a registry and resolve requests' adaptations against it."""
+    from experts.files import load_dir
+    from experts.registry import ExpertRegistry
+    from server.api.adaptation import AdaptationResolver as ExpertResolver
+
+    if state.registry is None:
+        state.registry = ExpertRegistry()
+        for expert, meta in load_dir(state.settings.resolved_expert_dir()):
+            state.registry.put(expert, meta)
+        log.info("%d expert(s) registered", len(state.registry))
+    if state.resolve_adaptation is base_weights:
+        state.resolve_adaptation = ExpertResolver(state.registry, getattr(engine, "runtime", None))
 
 
 @asynccontextmanager
@@ -49,6 +65,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     loading = None
     if state.engine is not None:
         state.engine.start()  # the engine thread hands outputs to this loop
+        attach_experts(state, state.engine)
     else:
         loading = asyncio.create_task(_load_engine(state))
     try:
@@ -62,10 +79,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None, engine: Any = None, *,
-               resolve_adaptation: AdaptationResolver | None = None) -> FastAPI:
-    """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one."""
+               resolve_adaptation: AdaptationResolver | None = None, registry: Any = None) -> FastAPI:
+    """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one.
+    ``registry`` (an ExpertRegistry) replaces the one loaded from the expert directory."""
     settings = settings or Settings()
-    state = ServerState(settings, engine=engine, resolve_adaptation=resolve_adaptation or base_weights)
+    state = ServerState(settings, engine=engine, resolve_adaptation=resolve_adaptation or base_weights,
+                        registry=registry)
     app = FastAPI(title="t2serve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.t2 = state
     install_error_handlers(app)

@@ -265,6 +265,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "t2serve"
+    parent: str | None = None  # for experts: the base model they adapt
     max_model_len: int | None = None
 
 

@@ -16,12 +16,23 @@ def _card(request: Request) -> ModelCard:
     return ModelCard(id=engine.model_name, created=server_state(request).started, max_model_len=engine.max_model_len)
 
 
+def _expert_cards(request: Request) -> list[ModelCard]:
+    """Experts are listed as models whose `parent` is the base model (the convention of vLLM's LoRA)."""
+    engine, state = ready_engine(request), server_state(request)
+    if state.registry is None:
+        return []
+    return [ModelCard(id=e.name, created=int(e.meta.get("created", state.started)), parent=engine.model_name,
+                      max_model_len=engine.max_model_len) for e in state.registry.entries()]
+
+
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(request)])
+    return ModelList(data=[_card(request), *_expert_cards(request)])
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def get_model(model: str, request: Request) -> ModelCard:
-    check_model(ready_engine(request), model)
+    name = check_model(ready_engine(request), model, server_state(request).registry)
+    if name != ready_engine(request).model_name:
+        return next(c for c in _expert_cards(request) if c.id == name)
     return _card(request)

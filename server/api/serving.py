@@ -49,13 +49,13 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     state = server_state(request)
     settings = state.settings
     engine = ready_engine(request)
-    model = check_model(engine, body.model)
+    model = check_model(engine, body.model, state.registry)
     check_limits(body, settings)
     # Tokenizing a large prompt takes a while: keep it off the event loop.
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
                                   prompt_param=prompt_param, param=max_param) for p in prompts]
-    adaptations = [await state.resolve_adaptation(body.adaptation, p) for p in prompts]
+    adaptations = [await state.resolve_adaptation(body.adaptation, p, body.model) for p in prompts]
     request_id = new_request_id(id_prefix)
     choices = build_choices(request_id, body, prompts, budgets, adaptations)
     run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts), arrival=arrival)

@@ -11,12 +11,12 @@ from server.config import Settings
 from server.errors import APIError, model_not_found, unavailable
 from server.metrics import Metrics
 
-# Turns a request's `adaptation` object (and its prompt ids) into what the engine carries per sequence.
-# The default keeps the base weights; the expert dispatch installs its own.
-AdaptationResolver = Callable[[dict | None, list[int]], Awaitable[Any]]
+# Turns a request's `adaptation` object, prompt ids and requested model into what the engine carries
+# per sequence. The default keeps the base weights; the app installs the expert resolver.
+AdaptationResolver = Callable[[dict | None, list[int], str | None], Awaitable[Any]]
 
 
-async def base_weights(spec: dict | None, prompt_ids: list[int]) -> Any:
+async def base_weights(spec: dict | None, prompt_ids: list[int], model: str | None = None) -> Any:
     return None
 
 
@@ -27,6 +27,7 @@ class ServerState:
     engine: Any = None  # an AsyncEngine once loaded and started
     load_error: str | None = None  # why loading failed, if it did
     resolve_adaptation: AdaptationResolver = base_weights
+    registry: Any = None  # experts.registry.ExpertRegistry once the model is loaded
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 
     @property
@@ -53,8 +54,10 @@ def ready_engine(request: Request):
     return state.engine
 
 
-def check_model(engine, requested: str | None) -> str:
-    """The served model name; 404 if the request names another model."""
-    if requested is not None and requested != engine.model_name:
-        raise model_not_found(requested)
-    return engine.model_name
+def check_model(engine, requested: str | None, registry=None) -> str:
+    """The name answered in `model`: the served model or a registered expert; 404 otherwise."""
+    if requested is None or requested == engine.model_name:
+        return engine.model_name
+    if registry is not None and requested in registry:
+        return requested
+    raise model_not_found(requested)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
+from pathlib import Path
 from typing import AsyncIterator
 
 from server.engine.llm_engine import EngineConfig, LLMEngine
@@ -24,6 +25,7 @@ class AsyncEngine:
         self.max_model_len = llm.config.max_model_len
         self.eos_token_ids = llm.eos_token_ids
         self.max_waiting = max_waiting
+        self.runtime = llm.runner.adapt  # the adaptation runtime (validates and plans adaptations)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req, q, loop) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -39,6 +41,12 @@ class AsyncEngine:
         from server.model_loader import load_model
 
         loaded = load_model(settings)
+        if adapt is None and settings.adapt_targets != "none":
+            from adapters.install import install
+
+            targets = settings.adapt_targets
+            targets = targets.split(",") if "," in targets else targets
+            adapt = install(loaded.model, targets, svd_cache_dir=Path(settings.cache_dir) / "svd")
         cfg = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                            max_prefill_tokens=settings.max_prefill_tokens)
         eng = cls(LLMEngine(loaded.model, loaded.tokenizer, cfg, adapt), loaded.name, settings.max_waiting)
