@@ -9,12 +9,15 @@ Cost model (what plan decides, per target layer):
 - Rows with SVF -> factored path ((x V) ⊙ s[row]) Uᵀ for the whole batch. It reads U and V instead of
   W: (out + in)·k vs out·in values, 1.29× for Llama-3-8B's MLP, 1.375× for SmolLM2's; in a
   memory-bound decode step that ratio is the cost. Rows without SVF get s = σ (W within rounding).
-  ``split_base_rows=True`` sends them through x Wᵀ exactly instead, paying for W and U, V both.
+  ``split_base_rows=True`` sends them through x Wᵀ exactly instead, paying for W and U, V both:
+  measured slower (SmolLM2/CPU, 16 of 32 rows base: 1.26× base vs 1.08× with s = σ), so off by default.
 - Every row shares one SVF adaptation -> after ``merge_after`` activations of such tables, a merged W'
   is built once (one out×k×in GEMM per target), kept in an LRU of ``max_merged`` adaptations, and used
-  by all later tables with that single adaptation: one GEMM on W', exactly the base cost. The delay
-  pays for the build only when the adaptation is used long enough to recoup it (bench/adapt.py
-  measures build time and per-step gain); each merged copy costs the full size of the target matrices.
+  by all later tables with that single adaptation: one GEMM on W', exactly the base cost. Rule (as in
+  ski rental): merge once the steps already paid at the factored price would have paid for the build,
+  i.e. ``merge_after`` ≈ build time / per-step gain, which bench/adapt.py prints ("pays off after");
+  measured on SmolLM2/CPU: 2-3 s build vs 20-40 ms gain per step, hence the default 32. Never more
+  than twice the best cost in hindsight. Each merged copy costs the full size of the target matrices.
 - SAPT rows add a rank-T·r LoRA term per bundle; rows without it carry scale 0.
 """
 from __future__ import annotations
@@ -68,7 +71,7 @@ class AdaptationRuntime:
         *,
         max_resolved: int = 128,
         max_merged: int = 1,
-        merge_after: int = 16,
+        merge_after: int = 32,
         split_base_rows: bool = False,
     ):
         self.model = model
@@ -158,13 +161,15 @@ class AdaptationRuntime:
 
     def _dedupe(self, rows):
         """Distinct adaptations by content key (identity for ones being trained) and row indices."""
-        distinct, keys, idx, seen = [], [], [], {}
+        distinct, keys, idx, seen, by_object = [], [], [], {}, {}
         for a in rows:
             if a is None:
                 idx.append(-1)
                 continue
-            cacheable = not (torch.is_grad_enabled() and a.requires_grad)
-            k = a.key if cacheable else ("id", id(a))
+            if id(a) not in by_object:  # rows of one request share the object: hash it once
+                cacheable = not (torch.is_grad_enabled() and a.requires_grad)
+                by_object[id(a)] = (a.key if cacheable else ("id", id(a))), cacheable
+            k, cacheable = by_object[id(a)]
             if k not in seen:
                 seen[k] = len(distinct)
                 distinct.append(a)
