@@ -30,6 +30,8 @@ def install(
     ``svd_cache_dir``: where SVD factors are cached (e.g. ``settings.cache_dir / "svd"``); None = no
     disk cache. ``runtime_options`` go to ``AdaptationRuntime`` (max_resolved, max_merged, merge_after,
     split_base_rows). Outputs are unchanged until a step table is activated.
+    Call it after the model is on its device and in its dtype: factors are made to match it then, and
+    a later ``model.to(dtype)`` would also cast σ, which must stay float32.
     """
     if any(isinstance(m, AdaptiveLinear) for m in model.modules()):
         raise ValueError("adaptation layers are already installed in this model")

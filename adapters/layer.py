@@ -51,6 +51,8 @@ class AdaptiveLinear(nn.Module):
         self.target = target
         self.name = target.name
         self.in_features, self.out_features = target.in_features, target.out_features
+        if target.kind == "conv1d":  # the attribute names model code may read off a Conv1D
+            self.nf, self.nx = target.out_features, target.in_features
         self.weight = original.weight  # (out, in), or (in, out) for Conv1D
         self.bias = original.bias
         # Not persistent: the model's state dict stays exactly the base model's.

@@ -99,8 +99,19 @@ class AdaptationRuntime:
         return self._slot.table
 
     def validate(self, adaptation: Adaptation) -> None:
-        """Raise ValueError if ``adaptation`` does not fit the installed targets (call at the edge)."""
-        self._resolve(adaptation, cacheable=not adaptation.requires_grad)
+        """Raise ValueError if ``adaptation`` does not fit the installed targets.
+
+        Names and shapes only: no tensor math and no cache access, so the HTTP edge may call it from
+        any thread while the engine thread plans steps.
+        """
+        if adaptation.svf is not None:
+            for e in adaptation.svf.experts:
+                for name, z in e.z.items():
+                    if name not in self._index:
+                        raise ValueError(f"expert matrix {name} is not an installed target")
+                    k = self.targets[self._index[name]].rank
+                    if z.shape[0] != k:
+                        raise ValueError(f"{name}: z of {e.name!r} has {z.shape[0]} values, the matrix has {k}")
         if adaptation.sapt is not None:
             self._check_sapt_targets(adaptation)
 
@@ -219,9 +230,14 @@ class AdaptationRuntime:
         return as_t(adapted), as_t(base)
 
     def _check_sapt_targets(self, a: Adaptation) -> None:
-        missing = [n for n in a.sapt.bundle.target_names if n not in self._index]
+        bundle = a.sapt.bundle
+        missing = [n for n in bundle.target_names if n not in self._index]
         if missing:
             raise ValueError(f"SAPT bundle adapts matrices that are not installed targets: {missing[:3]}")
+        for name, shape in zip(bundle.target_names, bundle.shapes):
+            t = self.targets[self._index[name]]
+            if tuple(shape) != (t.out_features, t.in_features):
+                raise ValueError(f"SAPT block of {name} is {tuple(shape)}, the matrix is {(t.out_features, t.in_features)}")
 
     def _plan_sapt(self, table: StepTable, idx: list[int]) -> None:
         """One LoRA term per distinct bundle; rows of other bundles or none get attention 0."""

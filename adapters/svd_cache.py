@@ -79,7 +79,9 @@ def weights_fingerprint(weights: Iterable[torch.Tensor]) -> str:
     for w in weights:
         w = w.detach()
         flat = w.reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), device=w.device).long()
+        n, m = flat.numel(), min(_SAMPLE, flat.numel())
+        # Evenly strided indices in int64: a float linspace rounds past the end for big matrices.
+        idx = torch.arange(m, device=w.device, dtype=torch.long) * (n - 1) // max(m - 1, 1)
         sample = flat[idx].to(torch.float64).cpu()
         h.update(f"{tuple(w.shape)}|{w.dtype}|{float(w.sum(dtype=torch.float64)):.17g}|".encode())
         h.update(sample.numpy().tobytes())

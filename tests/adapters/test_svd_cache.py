@@ -97,3 +97,11 @@ def test_factors_follow_model_dtype(tmp_path):
     for cached in (False, True):
         f = load_or_compute(model, targets, tmp_path, progress=False)[targets[0].name]
         assert f.U.dtype == f.Vh.dtype == torch.bfloat16 and f.S.dtype == torch.float32, cached
+
+
+def test_fingerprint_of_a_large_matrix():
+    # 2^24 + 4 values: a float32 linspace to the last index (2^24 + 3) rounds it out of range
+    big = torch.zeros(2**24 + 4, dtype=torch.int8)
+    fp = weights_fingerprint([big])
+    big[-1] = 1  # the last value is always sampled
+    assert weights_fingerprint([big]) != fp

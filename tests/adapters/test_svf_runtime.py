@@ -105,8 +105,10 @@ def test_base_rows_in_a_mixed_batch(split):
         assert (out[i] - ref_a[i]).abs().max().item() <= 1e-4
 
 
-def test_single_adaptation_switches_to_merged_weights(monkeypatch):
-    base, model, runtime = _setup("llama", "mlp", merge_after=3)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_single_adaptation_switches_to_merged_weights(arch, monkeypatch):
+    base, model, runtime = _setup(arch, "mlp", merge_after=3)
+    n = len(runtime.targets)
     a = Adaptation.expert(random_expert(runtime, "x", seed=4))
     ids = _ids()
     ref = logits(with_merged_weights(base, runtime, a), ids)
@@ -121,7 +123,7 @@ def test_single_adaptation_switches_to_merged_weights(monkeypatch):
             out = model(input_ids=ids, use_cache=False).logits
         counts.append(len(factored_calls))
         assert (out - ref).abs().max().item() <= 1e-4
-    assert counts == [6, 12, 12, 12]  # 6 targets factored twice, then merged from the 3rd step on
+    assert counts == [n, 2 * n, 2 * n, 2 * n]  # every target factored twice, then merged from the 3rd step on
     assert table.layer_state[runtime.targets[0].name].merged is not None
     assert runtime.plan([a] * 2).layer_state[runtime.targets[0].name].merged is not None  # cached
 
@@ -164,7 +166,7 @@ def test_adaptation_keys_and_validation():
     with pytest.raises(ValueError, match="not an installed target"):
         runtime.validate(Adaptation.expert(bad))
     short = SVFExpert("short", {runtime.targets[0].name: torch.zeros(5)})
-    with pytest.raises(ValueError, match="5 values"):
+    with pytest.raises(ValueError, match="has 5 values"):
         runtime.validate(Adaptation.expert(short))
     with pytest.raises(ValueError, match="parametrization"):
         Adaptation.mixture({e1: 1.0, random_expert(runtime, "d", 3, parametrization="direct"): 1.0})
