@@ -10,14 +10,15 @@ Cost model (what plan decides, per target layer):
   W: (out + in)·k vs out·in values, 1.29× for Llama-3-8B's MLP, 1.375× for SmolLM2's; in a
   memory-bound decode step that ratio is the cost. Rows without SVF get s = σ (W within rounding).
   ``split_base_rows=True`` sends them through x Wᵀ exactly instead, paying for W and U, V both:
-  measured slower (SmolLM2/CPU, 16 of 32 rows base: 1.26× base vs 1.08× with s = σ), so off by default.
+  measured slower (SmolLM2/CPU, 16 of 32 rows base: 1.4-1.5× base vs 1.1-1.3× with s = σ), so off
+  by default.
 - Every row shares one SVF adaptation -> after ``merge_after`` activations of such tables, a merged W'
   is built once (one out×k×in GEMM per target), kept in an LRU of ``max_merged`` adaptations, and used
   by all later tables with that single adaptation: one GEMM on W', exactly the base cost. Rule (as in
   ski rental): merge once the steps already paid at the factored price would have paid for the build,
   i.e. ``merge_after`` ≈ build time / per-step gain, which bench/adapt.py prints ("pays off after");
-  measured on SmolLM2/CPU: 2-3 s build vs 20-40 ms gain per step, hence the default 32. Never more
-  than twice the best cost in hindsight. Each merged copy costs the full size of the target matrices.
+  measured on SmolLM2/CPU: ~1 s build vs ~35 ms gain per step (25 steps), hence the default 32.
+  Never more than about twice the best cost in hindsight. Each merged copy costs the full size of the target matrices.
 - SAPT rows add a rank-T·r LoRA term per bundle; rows without it carry scale 0.
 """
 from __future__ import annotations
@@ -248,11 +249,11 @@ class AdaptationRuntime:
                 bundles.setdefault(id(a.sapt.bundle), []).append(j)
         for owners in bundles.values():
             bundle = table.adaptations[owners[0]].sapt.bundle
-            attn = torch.zeros(len(idx), bundle.num_tasks, device=self.device, dtype=self.dtype)  # (B, T)
-            for i, j in enumerate(idx):
-                if j in owners:
-                    attn[i] = table.adaptations[j].sapt.attention.to(self.device, self.dtype)
-            scale = row_lora_scale(attn, bundle.rank)[:, None, :]  # (B, 1, T·r)
+            zero = torch.zeros(bundle.num_tasks)
+            attn = torch.stack([  # (B, T): built on the host, one copy to the device; differentiable
+                table.adaptations[j].sapt.attention.float().cpu() if j in owners else zero for j in idx
+            ])
+            scale = row_lora_scale(attn.to(self.device, self.dtype), bundle.rank)[:, None, :]  # (B, 1, T·r)
             for name, (A_cat, B_cat) in bundle.stacked_lora().items():
                 step = table.layer_state.setdefault(name, TargetStep())
                 step.lora.append((A_cat.to(self.device, self.dtype), B_cat.to(self.device, self.dtype), scale))

@@ -151,3 +151,17 @@ def test_gradients_reach_only_weighted_blocks():
     with runtime.activate(runtime.plan(rows)):
         model(input_ids=_ids(1), use_cache=False).logits.square().mean().backward()
     assert bundle.tasks[1].B[0].grad.abs().max() > 0
+
+
+def test_gradient_reaches_keys_and_query_projection():
+    base, model, runtime, bundle = _setup()
+    bundle.requires_grad_(True)
+    ids = _ids(2)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)  # frozen input embeddings
+    attn = bundle.attention(embeds, torch.ones_like(ids))  # (2, T), differentiable
+    rows = [Adaptation.sapt_weights(bundle, attn[i]) for i in range(2)]
+    with runtime.activate(runtime.plan(rows)):
+        model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+    assert bundle.tasks[1].key.grad.abs().max() > 0
+    assert bundle.query_proj.down.weight.grad.abs().max() > 0
