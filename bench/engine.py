@@ -49,19 +49,20 @@ def load(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from server.model_loader import embedded_gguf_path, gguf_to_hf_folder
-    from server.config import default_cache_dir
 
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    folder = args.model or gguf_to_hf_folder(embedded_gguf_path(), default_cache_dir())
+    folder = args.model or gguf_to_hf_folder(embedded_gguf_path(), Path.home() / ".cache" / "t2serve")
     tok = AutoTokenizer.from_pretrained(folder)
     if args.shape == "llama3-8b":
         cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                           rope_theta=500000.0, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        torch.set_default_dtype(dtype)  # build in the serving dtype: an fp32 copy of 8B would not be needed
         with torch.device(device):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(cfg).to(dtype)
+            model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
         model.config._attn_implementation = "sdpa"
         name, engine_tok = "random Llama-3-8B shape", ModuloTokenizer(tok)
     else:

@@ -27,6 +27,11 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int = 2048
     max_prefill_tokens: int = 2048
+    admit_batch: int | None = None  # free slots to wait for before a prefill joins a decoding batch (None: auto)
+    admit_max_delay: int = 4  # steps a waiting request may be held back for that
+
+    def resolved_admit_batch(self) -> int:
+        return self.admit_batch if self.admit_batch is not None else max(1, self.max_num_seqs // 8)
 
 
 @dataclass
@@ -70,7 +75,8 @@ class LLMEngine:
         self.cache = SlotKVCache(layers, config.max_num_seqs, kv_heads, head_dim, config.max_model_len,
                                  dtype, self.device)
         self.runner = ModelRunner(model, self.cache, adapt)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.cache.move)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.cache.move,
+                                   config.resolved_admit_batch(), config.admit_max_delay)
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.counters = EngineCounters()
         self._by_id: dict[str, Sequence] = {}

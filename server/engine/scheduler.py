@@ -10,9 +10,13 @@ from server.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, move_slot: Callable[[int, int, int], None]):
+    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, move_slot: Callable[[int, int, int], None],
+                 admit_batch: int = 1, admit_max_delay: int = 0):
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.admit_batch = admit_batch  # while decoding, wait for this many free slots before a prefill ...
+        self.admit_max_delay = admit_max_delay  # ... but never for more than this many steps
+        self._delayed = 0
         self._move_slot = move_slot  # (src, dst, length): copy a sequence's cache into another slot
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].slot == i, always
@@ -26,6 +30,17 @@ class Scheduler:
         The first waiting sequence is always admitted when a slot is free, whatever its length, so a long
         prompt cannot starve. Admitted sequences take slots len(running).. contiguously.
         """
+        free = self.max_num_seqs - len(self.running)
+        if not self.waiting or free == 0:
+            return []
+        # A prefill is a forward of its own on top of the step's decode forward; where a step's cost is
+        # mostly fixed overhead (small models on a GPU) admitting one sequence per step would nearly double
+        # the step count. So while a batch is decoding, newcomers are admitted in groups.
+        want = min(len(self.waiting), self.admit_batch)
+        if self.running and free < want and self._delayed < self.admit_max_delay:
+            self._delayed += 1
+            return []
+        self._delayed = 0
         new: list[Sequence] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
