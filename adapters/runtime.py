@@ -18,7 +18,8 @@ Cost model (what plan decides, per target layer):
   ski rental): merge once the steps already paid at the factored price would have paid for the build,
   i.e. ``merge_after`` ≈ build time / per-step gain, which bench/adapt.py prints ("pays off after");
   measured on SmolLM2/CPU: ~1 s build vs ~35 ms gain per step (25 steps), hence the default 32.
-  Never more than about twice the best cost in hindsight. Each merged copy costs the full size of the target matrices.
+  Never more than about twice the best cost in hindsight. Each merged copy costs the full size of
+  the target matrices.
 - SAPT rows add a rank-T·r LoRA term per bundle; rows without it carry scale 0.
 """
 from __future__ import annotations
@@ -124,11 +125,10 @@ class AdaptationRuntime:
             raise RuntimeError("adapted rows need the adaptive layers installed (adapters.install)")
         distinct, keys, idx = self._dedupe(rows)
         row_idx = torch.tensor(idx, dtype=torch.long, device=self.device)  # (B,)
-        cacheable = [k is not None for k in keys]
-        resolved = [self._resolve(a, c) for a, c in zip(distinct, cacheable)]
+        resolved = [self._resolve(a, k) for a, k in zip(distinct, keys)]
         table = StepTable(rows=row_idx, adaptations=distinct)
         if any(r is not None for r in resolved):
-            uniform = len(distinct) == 1 and min(idx) >= 0 and cacheable[0]
+            uniform = len(distinct) == 1 and min(idx) >= 0 and keys[0] is not None
             if uniform and self.max_merged > 0 and keys[0] in self._merged:
                 self._merged.move_to_end(keys[0])
                 for name, w in self._merged[keys[0]].items():
@@ -158,7 +158,7 @@ class AdaptationRuntime:
         """W' (out, in) of every target the adaptation's SVF mixture covers (cached, LRU)."""
         key = adaptation.key
         if key not in self._merged:
-            res = self._resolve(adaptation, cacheable=True)
+            res = self._resolve(adaptation, key)
             if res is None:
                 raise ValueError("merged weights exist for SVF adaptations only")
             self._store_merged(key, self._build_merged(res))
@@ -189,12 +189,13 @@ class AdaptationRuntime:
             idx.append(seen[k])
         return distinct, keys, idx
 
-    def _resolve(self, a: Adaptation, cacheable: bool) -> _Resolved | None:
-        """Scale vectors of ``a``'s SVF part, once per adaptation (LRU) unless it is being trained."""
+    def _resolve(self, a: Adaptation, key: str | None) -> _Resolved | None:
+        """Scale vectors of ``a``'s SVF part, once per adaptation (LRU under ``key``); ``key=None``:
+        being trained, computed with autograd and not cached."""
         if a.svf is None:
             return None
-        key = a.key if cacheable else None
-        if key is not None and key in self._resolved:
+        cacheable = key is not None
+        if cacheable and key in self._resolved:
             self._resolved.move_to_end(key)
             return self._resolved[key]
         with torch.no_grad() if cacheable else contextlib.nullcontext():
@@ -202,7 +203,7 @@ class AdaptationRuntime:
             pieces = [scales.get(layer.name, layer.S) for layer in self.layers]
             flat_hp = torch.cat([p.to(self.device) for p in pieces])
             res = _Resolved(flat_hp.to(self.dtype), flat_hp, frozenset(self._index[n] for n in scales))
-        if key is not None:
+        if cacheable:
             self._resolved[key] = res
             while len(self._resolved) > self.max_resolved:
                 self._resolved.popitem(last=False)
