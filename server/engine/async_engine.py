@@ -86,10 +86,11 @@ class AsyncEngine:
         n = len(request.prompt_ids)
         if n == 0:
             raise PromptTooLongError("the prompt is empty")
-        if n + request.params.max_tokens > self.max_model_len:
+        budget = 0 if request.score is not None else request.params.max_tokens
+        if n + budget > self.max_model_len:
             raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
-                f"tokens and max_tokens is {request.params.max_tokens}")
+                f"tokens and max_tokens is {budget}")
         with self._lock:
             free_slots = max(0, self.llm.config.max_num_seqs - self._stats.get("running", 0))
             if self._pending >= self.max_waiting + free_slots:

@@ -87,6 +87,17 @@ class SlotKVCache:
             self.k[:, dst, :, :length] = self.k[:, src, :, :length]
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    @torch.inference_mode()
+    def read_prefix(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of slot `slot`'s first `length` positions: (layers, kv_heads, length, head_dim) each."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    @torch.inference_mode()
+    def write_prefix(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._ensure(k.shape[2])
+        self.k[:, slot, :, : k.shape[2]] = k
+        self.v[:, slot, :, : v.shape[2]] = v
+
     # --- what transformers may ask of a cache ------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.layout is None else int(self.layout.pos[:, 0].max())

@@ -13,11 +13,12 @@ import torch
 
 from adapters import AdaptationRuntime
 from server.engine.kv_cache import SlotKVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.sampling import sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Detokenizer, Sequence, Status
-from server.engine.types import GenerationRequest, PromptTooLongError, RequestOutput
+from server.engine.types import GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
 
 log = logging.getLogger("t2serve.engine")
 
@@ -29,6 +30,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048
     admit_batch: int | None = None  # free slots to wait for before a prefill joins a decoding batch (None: auto)
     admit_max_delay: int = 4  # steps a waiting request may be held back for that
+    prefix_cache_entries: int = 16  # shared-prefix KV entries kept (see prefix_cache.py)
 
     def resolved_admit_batch(self) -> int:
         return self.admit_batch if self.admit_batch is not None else max(1, self.max_num_seqs // 8)
@@ -77,6 +79,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, adapt)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.cache.move,
                                    config.resolved_admit_batch(), config.admit_max_delay)
+        self.prefix_cache = PrefixCache(config.prefix_cache_entries)
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.counters = EngineCounters()
         self._by_id: dict[str, Sequence] = {}
@@ -86,7 +89,13 @@ class LLMEngine:
         p = req.params
         if not req.prompt_ids:
             raise PromptTooLongError("the prompt is empty")
-        if len(req.prompt_ids) + p.max_tokens > self.config.max_model_len:
+        budget = 0 if req.score is not None else p.max_tokens  # score requests generate nothing
+        if not 0 <= req.prefix_len < len(req.prompt_ids):
+            raise PromptTooLongError(f"prefix_len {req.prefix_len} must be below the prompt length")
+        if req.score is not None and req.score.continuation_start is not None and not (
+                req.prefix_len < req.score.continuation_start <= len(req.prompt_ids)):
+            raise PromptTooLongError("continuation_start must lie after the shared prefix, inside the prompt")
+        if len(req.prompt_ids) + budget > self.config.max_model_len:
             raise PromptTooLongError(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
                 f"model length ({self.config.max_model_len})")
@@ -94,7 +103,8 @@ class LLMEngine:
         if p.seed is not None and not p.greedy:
             gen = torch.Generator(device=self.device).manual_seed(p.seed)
         seq = Sequence(req.request_id, list(req.prompt_ids), p, req.adaptation,
-                       Detokenizer(self.tokenizer, p.stop), generator=gen)
+                       Detokenizer(self.tokenizer, p.stop), generator=gen, score=req.score,
+                       prefix_len=req.prefix_len)
         self._by_id[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -131,19 +141,61 @@ class LLMEngine:
         self.counters.step_seconds += time.perf_counter() - t0
         return outputs
 
-    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        lens = [len(s.prompt_ids) for s in seqs]
-        ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : lens[i]] = torch.tensor(s.prompt_ids)
-        starts = torch.zeros(len(seqs), dtype=torch.long)
-        last = torch.tensor(lens) - 1
-        logits = self.runner.forward(seqs[0].slot, ids.to(self.device), starts.to(self.device),
-                                     last.to(self.device), [s.adaptation for s in seqs])
+    def _reuse_prefixes(self, seqs: list[Sequence]) -> list[int]:
+        """Copy cached prefix KV into the slots of `seqs`; the position each one's prefill starts at."""
+        starts = []
         for s in seqs:
+            P = s.prefix_len
+            entry = self.prefix_cache.get(PrefixCache.key(s.prompt_ids[:P], s.adaptation)) if P else None
+            if entry is not None:
+                self.cache.write_prefix(s.slot, *entry)
+            starts.append(P if entry is not None else 0)
+        return starts
+
+    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        starts = self._reuse_prefixes(seqs)
+        rem = [len(s.prompt_ids) - st for s, st in zip(seqs, starts)]  # tokens to compute per row
+        ids = torch.zeros(len(seqs), max(rem), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : rem[i]] = torch.tensor(s.prompt_ids[starts[i]:])
+        last = torch.tensor(rem) - 1
+        scoring = any(s.score is not None and s.score.continuation_start is not None for s in seqs)
+        logits = self.runner.forward(seqs[0].slot, ids.to(self.device), torch.tensor(starts).to(self.device),
+                                     last.to(self.device), [s.adaptation for s in seqs], return_hidden=scoring)
+        logits, hidden = logits if scoring else (logits, None)
+        for s, st in zip(seqs, starts):
             s.num_cached = len(s.prompt_ids)
-        self.counters.prefill_tokens += sum(lens)
-        return self._postprocess(seqs, logits)
+            if s.prefix_len and st == 0:  # computed now: keep it for the next request with this prefix
+                self.prefix_cache.put(PrefixCache.key(s.prompt_ids[: s.prefix_len], s.adaptation),
+                                      *self.cache.read_prefix(s.slot, s.prefix_len))
+        self.counters.prefill_tokens += sum(rem)
+        outs = []
+        gen = [i for i, s in enumerate(seqs) if s.score is None]
+        for i, s in enumerate(seqs):
+            if s.score is not None:
+                outs.append(self._finish_score(s, logits[i], None if hidden is None else hidden[i], starts[i]))
+        if gen:
+            outs += self._postprocess([seqs[i] for i in gen], logits[gen])
+        return outs
+
+    def _finish_score(self, s: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None, start: int):
+        """Answer a score request from its prefill: next-token log-probs and the continuation's log-likelihood."""
+        spec = s.score
+        logp = logits.log_softmax(-1)
+        result = ScoreResult([float(logp[t]) for t in spec.next_token_ids])
+        cs = spec.continuation_start
+        if cs is not None and cs < len(s.prompt_ids):
+            # hidden[j] (the state at position start + j) predicts prompt[start + j + 1].
+            h = hidden[cs - 1 - start : len(s.prompt_ids) - 1 - start]
+            targets = torch.tensor(s.prompt_ids[cs:], device=h.device)
+            result.continuation_logprob = float(self.runner.token_logprobs(h, targets).sum())
+            result.continuation_tokens = len(targets)
+        self._by_id.pop(s.request_id, None)
+        self.scheduler.finish(s)
+        self.counters.finished += 1
+        out = self._output(s, [], "", "stop")
+        out.scores = result
+        return out
 
     def _decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)

@@ -54,7 +54,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, slot0: int, input_ids: torch.Tensor, starts: torch.Tensor, last_idx: torch.Tensor,
-                adaptations: list) -> torch.Tensor:
+                adaptations: list, return_hidden: bool = False):
         """One forward over rows in slots slot0..slot0+B-1.
 
         input_ids: (B, q) new tokens (right-padded); starts: (B,) cache position of each row's first new
@@ -69,4 +69,10 @@ class ModelRunner:
                 past_key_values=self.cache, use_cache=True,
             ).last_hidden_state  # (B, q, d)
         last = hidden[torch.arange(B, device=hidden.device), last_idx]  # (B, d)
-        return self.lm_head(last).float()
+        logits = self.lm_head(last).float()
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.inference_mode()
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden: (n, d) states that predict `targets` (n,) -> log p(target) (n,) float32."""
+        return self.lm_head(hidden).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)

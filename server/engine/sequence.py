@@ -78,6 +78,8 @@ class Sequence:
     adaptation: Any
     detok: Detokenizer
     generator: torch.Generator | None = None
+    score: Any = None  # ScoreSpec: answered from the prefill, never decoded
+    prefix_len: int = 0  # leading prompt tokens whose KV may come from the prefix cache
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None

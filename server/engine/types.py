@@ -25,11 +25,28 @@ class SamplingParams:
 
 
 @dataclass
+class ScoreSpec:
+    """Score the prompt instead of generating (pass 1, few-shot fitness): one prefill forward, no decode."""
+
+    next_token_ids: list[int] = field(default_factory=list)  # log p(t | prompt) for each of these tokens
+    continuation_start: int | None = None  # also Σ log p(prompt[i] | prompt[:i]) over i >= this index
+
+
+@dataclass
+class ScoreResult:
+    next_logprobs: list[float]  # aligned with ScoreSpec.next_token_ids
+    continuation_logprob: float | None = None  # summed over the continuation's tokens
+    continuation_tokens: int = 0
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     adaptation: Any = None  # an adapters-side Adaptation; None = base weights
+    score: ScoreSpec | None = None  # set: score the prompt, generate nothing
+    prefix_len: int = 0  # leading prompt tokens shared by many requests: their KV is computed once and reused
 
 
 @dataclass
@@ -44,6 +61,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     error: str | None = None  # set when the engine failed this request
+    scores: ScoreResult | None = None  # for score requests
 
 
 class EngineError(Exception):
