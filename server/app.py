@@ -56,7 +56,8 @@ def attach_experts(state: ServerState, engine: Any) -> None:
             state.registry.put(expert, meta)
         log.info("%d expert(s) registered", len(state.registry))
     if state.resolve_adaptation is base_weights:
-        state.resolve_adaptation = ExpertResolver(state.registry, getattr(engine, "runtime", None))
+        state.resolve_adaptation = ExpertResolver(state.registry, getattr(engine, "runtime", None), engine,
+                                                  state.settings.default_strategy)
 
 
 @asynccontextmanager

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
     expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
     engine: Literal["native", "vllm"] = "native"
+    default_strategy: Literal["none", "prompt", "cls_expert"] = Field(
+        "none", description="pass-1 strategy for requests that name none: none | prompt | cls_expert")
     adapt_targets: str = Field("mlp", description="matrices experts adapt: mlp | attn | all | none | comma-separated module names")
     threads: int | None = Field(None, description="torch intra-op threads on CPU (default: torch's choice)")
 

@@ -216,6 +216,9 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     # Absent from stream chunks except the last one when stream_options.include_usage is set.
     usage: Usage | None = Field(None, exclude_if=_omit_none)
+    # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
+    # prompts. In a stream it comes with the last chunk.
+    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
 
 
 class AssistantMessage(BaseModel):
@@ -237,6 +240,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
+    # prompts. In a stream it comes with the last chunk.
+    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatDelta(BaseModel):
@@ -258,6 +264,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_omit_none)
+    # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
+    # prompts. In a stream it comes with the last chunk.
+    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
 
 
 class ModelCard(BaseModel):

@@ -1,9 +1,11 @@
-"""Turns a request's `model` and `adaptation` fields into the Adaptation its sequences carry.
+"""Turns a request's `model` and `adaptation` fields into a pass-1 Decision: the Adaptation its sequences
+carry and what the response reports under `adaptation`.
 
-- `model` naming a registered expert applies that expert (no pass 1).
-- `adaptation: {"experts": {"math": 0.6, "code": 0.4}}` or `{"experts": ["math", "code"], "weights": [.6, .4]}`
-  applies that explicit mixture (α per expert, not normalised: z' = Σ α_k z_k).
-- `adaptation: {"strategy": "none"}` (or no adaptation) keeps the base weights.
+- `model` naming a registered expert applies that expert (pass 1 skipped).
+- `adaptation: {"experts": {"math": 0.6, "code": 0.4}}` or `{"experts": [...], "weights": [...]}` applies
+  that explicit mixture (α per expert, not normalised: z' = Σ α_k z_k).
+- `adaptation: {"strategy": "prompt" | "cls_expert"}` runs pass 1 (experts/dispatch.py).
+- `adaptation: {"strategy": "none"}` keeps the base weights. No `adaptation`: the server's default strategy.
 Bad specs are answered with 400 naming `adaptation`.
 """
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.adaptation import Adaptation
+from experts.dispatch import Decision, Dispatcher
 from experts.registry import ExpertRegistry
 from server.errors import invalid_request
 
-STRATEGIES_HERE = {"none", "explicit"}
+STRATEGIES = ("none", "prompt", "cls_expert")
 
 
-def _bad(msg: str):
-    return invalid_request(msg, param="adaptation")
+def _bad(msg: str, code: str = "invalid_value"):
+    return invalid_request(msg, param="adaptation", code=code)
 
 
 def parse_mixture(spec: dict[str, Any]) -> list[tuple[str, float]]:
@@ -50,9 +53,11 @@ def parse_mixture(spec: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 class AdaptationResolver:
-    def __init__(self, registry: ExpertRegistry, runtime=None):
+    def __init__(self, registry: ExpertRegistry, runtime=None, engine=None, default_strategy: str = "none"):
         self.registry = registry
         self.runtime = runtime  # AdaptationRuntime of the engine's model (validates targets)
+        self.default_strategy = default_strategy
+        self.dispatcher = Dispatcher(engine, registry) if engine is not None else None
 
     def is_expert(self, model: str | None) -> bool:
         return model is not None and model in self.registry
@@ -65,26 +70,49 @@ class AdaptationResolver:
                 raise _bad(f"this adaptation does not fit the served model: {e}") from e
         return adaptation
 
-    async def __call__(self, spec: dict | None, prompt_ids: list[int], model: str | None = None) -> Any:
+    def _entry(self, name: str):
+        entry = self.registry.get(name)
+        if entry is None:
+            raise _bad(f"unknown expert: {name}", code="expert_not_found")
+        if entry.meta.get("kind", "svf") != "svf":
+            raise _bad(f"expert {name!r} is a {entry.meta.get('kind')} expert; only SVF experts are applied this way")
+        return entry
+
+    async def __call__(self, spec: dict | None, prompt_ids: list[int], model: str | None = None,
+                       text: str | None = None) -> Decision:
         if spec is not None and not isinstance(spec, dict):
             raise _bad("'adaptation' must be an object")
         spec = spec or {}
+        unknown = set(spec) - {"strategy", "experts", "weights", "task"}
+        if unknown:
+            raise _bad(f"unknown field(s) in 'adaptation': {', '.join(sorted(unknown))}")
         strategy = spec.get("strategy")
         if self.is_expert(model):
             if spec.get("experts") is not None:
                 raise _bad("`model` already names an expert; do not also give 'adaptation.experts'")
-            entry = self.registry.get(model)
-            return self._check(Adaptation.expert(entry.expert))
+            entry = self._entry(model)
+            return Decision("expert", self._check(Adaptation.expert(entry.expert)), chosen=[model], expert=model,
+                            weights={model: 1.0})
         if spec.get("experts") is not None:
             if strategy not in (None, "explicit"):
                 raise _bad(f"strategy {strategy!r} does not take explicit experts")
             pairs = parse_mixture(spec)
-            missing = [n for n, _ in pairs if n not in self.registry]
-            if missing:
-                raise invalid_request(f"unknown expert(s): {', '.join(sorted(set(missing)))}", param="adaptation",
-                                      code="expert_not_found")
-            experts = [(self.registry.get(n).expert, w) for n, w in pairs]
-            return self._check(Adaptation.mixture(experts))
-        if strategy in (None, "none"):
-            return None
-        raise _bad(f"unknown or unavailable strategy {strategy!r}; available here: none, explicit experts")
+            experts = [(self._entry(n).expert, w) for n, w in pairs]
+            names = [n for n, _ in pairs]
+            return Decision("explicit", self._check(Adaptation.mixture(experts)), chosen=names,
+                            expert="+".join(names), weights=dict(pairs))
+        strategy = strategy or self.default_strategy
+        if strategy not in STRATEGIES:
+            raise _bad(f"unknown or unavailable strategy {strategy!r}; available: {', '.join(STRATEGIES)}, "
+                       "or explicit 'experts'")
+        if strategy == "none" or self.dispatcher is None:
+            return Decision("none")
+        if text is None:
+            text = self.dispatcher.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        try:
+            decision = await self.dispatcher.decide(strategy, text)
+        except LookupError as e:
+            raise _bad(str(e), code="expert_not_found") from e
+        if decision.adaptation is not None:
+            self._check(decision.adaptation)
+        return decision

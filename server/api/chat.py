@@ -23,8 +23,11 @@ def template_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     messages = template_messages(body)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    # Pass 1 classifies the latest user turn (the request), not the whole templated conversation.
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     started = await start_run(request, body, lambda tok: [chat_prompt_ids(tok, messages)], body.max_new_tokens(),
-                              id_prefix="chatcmpl", prompt_param="messages", max_param=max_param)
+                              id_prefix="chatcmpl", prompt_param="messages", max_param=max_param,
+                              texts=[last_user])
 
     def chunk(choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=started.request_id, created=started.created, model=started.model,
@@ -39,11 +42,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         opening = [chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
                    for c in started.run.choices]
         usage_chunk = (lambda usage: chunk([], usage=usage)) if body.include_usage else None
-        return stream_events(started.run, opening, delta, usage_chunk)
+        return stream_events(started.run, opening, delta, usage_chunk, started.adaptation)
 
     def whole(choices: list[Choice]) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=started.request_id, created=started.created, model=started.model, usage=started.run.usage(),
+            adaptation=started.adaptation,
             choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
                                 finish_reason=c.finish_reason) for c in choices])
 

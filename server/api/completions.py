@@ -9,6 +9,15 @@ from server.api.serving import ERROR_RESPONSES, answer, start_run, stream_events
 from server.prompts import completion_prompt_ids
 from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 
+def prompt_texts(prompt) -> list[str | None]:
+    """What pass 1 classifies per prompt: the text itself (token-id prompts are decoded by the resolver)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return None
+
+
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
 
 
@@ -16,7 +25,8 @@ router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
              summary="Complete a prompt (OpenAI Completions)")
 async def create_completion(body: CompletionRequest, request: Request):
     started = await start_run(request, body, lambda tok: completion_prompt_ids(tok, body.prompt), body.max_tokens,
-                              id_prefix="cmpl", prompt_param="prompt", max_param="max_tokens")
+                              id_prefix="cmpl", prompt_param="prompt", max_param="max_tokens",
+                              texts=prompt_texts(body.prompt))
 
     def response(choices: list[CompletionChoice], **extra) -> CompletionResponse:
         return CompletionResponse(id=started.request_id, created=started.created, model=started.model,
@@ -27,10 +37,10 @@ async def create_completion(body: CompletionRequest, request: Request):
             return response([CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
 
         usage_chunk = (lambda usage: response([], usage=usage)) if body.include_usage else None
-        return stream_events(started.run, [], delta, usage_chunk)
+        return stream_events(started.run, [], delta, usage_chunk, started.adaptation)
 
     def whole(choices: list[Choice]) -> CompletionResponse:
         return response([CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
-                         for c in choices], usage=started.run.usage())
+                         for c in choices], usage=started.run.usage(), adaptation=started.adaptation)
 
     return await answer(request, started, body.stream, events, whole)

@@ -40,11 +40,26 @@ class StartedRun:
     request_id: str  # the response's `id`
     created: int  # the response's `created` (Unix seconds)
     run: EngineRun
+    adaptation: dict | list | None = None  # what pass 1 decided, for the response's `adaptation`
+
+
+async def decide_adaptations(state, body: Any, prompts: list[list[int]], texts: list[str | None]) -> tuple[list, Any]:
+    """Pass 1 for every prompt (concurrently: each is an engine score request): adaptations and the
+    response's `adaptation` report (one object, or a list for a batch of prompts)."""
+    decisions = await asyncio.gather(*(state.resolve_adaptation(body.adaptation, p, body.model, t)
+                                       for p, t in zip(prompts, texts)))
+    adaptations = [getattr(d, "adaptation", d) for d in decisions]
+    infos = [d.info() for d in decisions if hasattr(d, "info")]
+    if not infos:
+        return adaptations, None
+    return adaptations, infos[0] if len(infos) == 1 else infos
 
 
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
-                    requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str) -> StartedRun:
-    """Check, tokenize (``tokenize(tokenizer)`` -> one id list per prompt) and submit every choice."""
+                    requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str,
+                    texts: list[str | None] | None = None) -> StartedRun:
+    """Check, tokenize (``tokenize(tokenizer)`` -> one id list per prompt), run pass 1 and submit every
+    choice. ``texts``: what pass 1 classifies for each prompt (None: the decoded prompt)."""
     arrival = time.monotonic()  # latency metrics include the tokenization
     state = server_state(request)
     settings = state.settings
@@ -55,12 +70,12 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
                                   prompt_param=prompt_param, param=max_param) for p in prompts]
-    adaptations = [await state.resolve_adaptation(body.adaptation, p, body.model) for p in prompts]
+    adaptations, report = await decide_adaptations(state, body, prompts, texts or [None] * len(prompts))
     request_id = new_request_id(id_prefix)
     choices = build_choices(request_id, body, prompts, budgets, adaptations)
     run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts), arrival=arrival)
     await run.submit()
-    return StartedRun(model, request_id, int(time.time()), run)
+    return StartedRun(model, request_id, int(time.time()), run, report)
 
 
 async def answer(request: Request, started: StartedRun, stream: bool, events: Callable[[], AsyncIterator[str]],
@@ -76,9 +91,11 @@ async def answer(request: Request, started: StartedRun, stream: bool, events: Ca
 
 async def stream_events(run: EngineRun, opening: list[BaseModel],
                         delta_chunk: Callable[[int, str, str | None], BaseModel],
-                        usage_chunk: Callable[[Usage], BaseModel] | None) -> AsyncIterator[str]:
+                        usage_chunk: Callable[[Usage], BaseModel] | None,
+                        adaptation: dict | list | None = None) -> AsyncIterator[str]:
     """SSE events of a run: the opening chunks, a ``delta_chunk(choice index, new text, finish reason)``
-    per engine output worth sending, the usage chunk when asked for, then ``[DONE]``. A failure
+    per engine output worth sending, the usage chunk when asked for, then ``[DONE]``. The chunk that
+    finishes the last choice (and the usage chunk) carries pass 1's ``adaptation`` report. A failure
     mid-stream becomes an error event (the status line has gone out already)."""
     try:
         for chunk in opening:
@@ -86,9 +103,14 @@ async def stream_events(run: EngineRun, opening: list[BaseModel],
         async for choice, out in run.outputs():
             # Tokens whose text is held back (a partial character, a possible stop string) send nothing.
             if out.text or out.finished:
-                yield sse_event(delta_chunk(choice.index, out.text, out.finish_reason))
+                chunk = delta_chunk(choice.index, out.text, out.finish_reason)
+                if out.finished and all(c.finished for c in run.choices):
+                    chunk.adaptation = adaptation
+                yield sse_event(chunk)
         if usage_chunk is not None:
-            yield sse_event(usage_chunk(run.usage()))
+            chunk = usage_chunk(run.usage())
+            chunk.adaptation = adaptation
+            yield sse_event(chunk)
     except APIError as e:
         yield sse_event(e.body())
     yield DONE_EVENT

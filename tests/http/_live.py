@@ -79,10 +79,10 @@ def wait_for_health(url: str, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def serve(settings: Settings, *, engine: Any = None, wait_ready: bool = True) -> Iterator[LiveServer]:
-    """Run ``create_app(settings, engine)`` under uvicorn until the block ends (without an engine, the
-    app loads the model itself)."""
-    app = create_app(settings, engine)
+def serve(settings: Settings, *, engine: Any = None, wait_ready: bool = True, **app_kwargs) -> Iterator[LiveServer]:
+    """Run ``create_app(settings, engine, **app_kwargs)`` under uvicorn until the block ends (without an
+    engine, the app loads the model itself)."""
+    app = create_app(settings, engine, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
