@@ -49,7 +49,7 @@ class Dispatcher:
         out: dict[str, list] = {}
         for e in self.registry.entries():
             cat = e.meta.get("category")
-            if cat and cat not in (CLASSIFIER, "other") and e.meta.get("kind", "svf") == "svf":
+            if cat and cat not in (CLASSIFIER, "other") and e.meta.get("kind", "svf") in ("svf", "mixture"):
                 out.setdefault(cat, []).append(e)
         return out
 

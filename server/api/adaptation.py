@@ -5,6 +5,7 @@ carry and what the response reports under `adaptation`.
 - `adaptation: {"experts": {"math": 0.6, "code": 0.4}}` or `{"experts": [...], "weights": [...]}` applies
   that explicit mixture (α per expert, not normalised: z' = Σ α_k z_k).
 - `adaptation: {"strategy": "prompt" | "cls_expert"}` runs pass 1 (experts/dispatch.py).
+- `adaptation: {"task": name}` (strategy `few_shot`) applies the task's stored few-shot (CEM) mixture.
 - `adaptation: {"strategy": "none"}` keeps the base weights. No `adaptation`: the server's default strategy.
 Bad specs are answered with 400 naming `adaptation`.
 """
@@ -74,7 +75,7 @@ class AdaptationResolver:
         entry = self.registry.get(name)
         if entry is None:
             raise _bad(f"unknown expert: {name}", code="expert_not_found")
-        if entry.meta.get("kind", "svf") != "svf":
+        if entry.meta.get("kind", "svf") not in ("svf", "mixture"):
             raise _bad(f"expert {name!r} is a {entry.meta.get('kind')} expert; only SVF experts are applied this way")
         return entry
 
@@ -93,6 +94,15 @@ class AdaptationResolver:
             entry = self._entry(model)
             return Decision("expert", self._check(Adaptation.expert(entry.expert)), chosen=[model], expert=model,
                             weights={model: 1.0})
+        if spec.get("task") is not None:
+            task = spec["task"]
+            if not isinstance(task, str) or (strategy not in (None, "few_shot")) or spec.get("experts") is not None:
+                raise _bad("'task' takes a task name (a few-shot result) and no other strategy or experts")
+            if task not in self.registry:
+                raise _bad(f"no adaptation for task {task!r}: create it with POST /v1/adaptations",
+                           code="expert_not_found")
+            return Decision("few_shot", self._check(Adaptation.expert(self._entry(task).expert)), chosen=task,
+                            expert=task, weights={task: 1.0})
         if spec.get("experts") is not None:
             if strategy not in (None, "explicit"):
                 raise _bad(f"strategy {strategy!r} does not take explicit experts")

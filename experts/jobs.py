@@ -1,0 +1,88 @@
+"""Background jobs with progress (few-shot CEM searches): started by a request, polled by id.
+
+Jobs run as asyncio tasks on the server's event loop; their heavy work is engine requests, which run
+on the engine thread, so the loop stays free. Finished jobs are kept (bounded) for their results.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("t2serve.jobs")
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    task: str  # the task name the result is stored under
+    status: str = "queued"  # queued | running | done | failed
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    _task: asyncio.Task | None = field(default=None, repr=False)
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "adaptation.job", "kind": self.kind, "task": self.task,
+                "status": self.status, "progress": self.progress, "result": self.result, "error": self.error,
+                "created": int(self.created), "finished": None if self.finished is None else int(self.finished)}
+
+
+class JobBoard:
+    def __init__(self, keep: int = 100):
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def start(self, kind: str, task: str, work: Callable[[Job], Awaitable[dict]]) -> Job:
+        job = Job(f"adapt-{uuid.uuid4().hex[:16]}", kind, task)
+        self._jobs[job.id] = job
+        job._task = asyncio.get_running_loop().create_task(self._run(job, work))
+        self._trim()
+        return job
+
+    def done(self, kind: str, task: str, result: dict) -> Job:
+        """Record a job answered without running (a stored result reused)."""
+        job = Job(f"adapt-{uuid.uuid4().hex[:16]}", kind, task, status="done", result=result, finished=time.time())
+        self._jobs[job.id] = job
+        self._trim()
+        return job
+
+    async def _run(self, job: Job, work) -> None:
+        job.status = "running"
+        try:
+            job.result = await work(job)
+            job.status = "done"
+        except asyncio.CancelledError:
+            job.status, job.error = "failed", "cancelled"
+            raise
+        except Exception as e:  # reported through the job, never lost
+            log.exception("job %s failed", job.id)
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            job.finished = time.time()
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def running_for(self, task: str) -> Job | None:
+        return next((j for j in self._jobs.values() if j.task == task and j.status in ("queued", "running")), None)
+
+    async def cancel_all(self) -> None:
+        tasks = [j._task for j in self._jobs.values() if j._task is not None and not j._task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _trim(self) -> None:
+        while len(self._jobs) > self.keep:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest].status in ("queued", "running"):
+                break
+            self._jobs.popitem(last=False)
