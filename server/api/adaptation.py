@@ -18,7 +18,7 @@ from experts.dispatch import Decision, Dispatcher
 from experts.registry import ExpertRegistry
 from server.errors import invalid_request
 
-STRATEGIES = ("none", "prompt", "cls_expert")
+STRATEGIES = ("none", "prompt", "cls_expert", "sapt")
 
 
 def _bad(msg: str, code: str = "invalid_value"):
@@ -59,6 +59,7 @@ class AdaptationResolver:
         self.runtime = runtime  # AdaptationRuntime of the engine's model (validates targets)
         self.default_strategy = default_strategy
         self.dispatcher = Dispatcher(engine, registry) if engine is not None else None
+        self.store = None  # experts.store.ExpertStore: SAPT bundles live there, not in the registry
 
     def is_expert(self, model: str | None) -> bool:
         return model is not None and model in self.registry
@@ -103,7 +104,7 @@ class AdaptationResolver:
                            code="expert_not_found")
             return Decision("few_shot", self._check(Adaptation.expert(self._entry(task).expert)), chosen=task,
                             expert=task, weights={task: 1.0})
-        if spec.get("experts") is not None:
+        if spec.get("experts") is not None and strategy != "sapt":
             if strategy not in (None, "explicit"):
                 raise _bad(f"strategy {strategy!r} does not take explicit experts")
             pairs = parse_mixture(spec)
@@ -117,6 +118,8 @@ class AdaptationResolver:
                        "or explicit 'experts'")
         if strategy == "none" or self.dispatcher is None:
             return Decision("none")
+        if strategy == "sapt":
+            return await self._sapt(spec, prompt_ids)
         if text is None:
             text = self.dispatcher.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
         try:
@@ -126,3 +129,44 @@ class AdaptationResolver:
         if decision.adaptation is not None:
             self._check(decision.adaptation)
         return decision
+
+    async def _sapt(self, spec: dict, prompt_ids: list[int]) -> Decision:
+        """The bundle's attention over its tasks for this prompt (masked max-pool of the frozen input
+        embeddings, query projection, softmax(k·q/√d)); the request is served by that mixture of blocks."""
+        import asyncio
+        import time
+
+        t0 = time.perf_counter()
+        bundles = [] if self.store is None else [s.name for s in self.store.bundles()]
+        named = spec.get("experts")
+        if named is not None:
+            if not (isinstance(named, list) and len(named) == 1 and isinstance(named[0], str)):
+                raise _bad("strategy 'sapt' takes at most one bundle name in 'experts'")
+            name = named[0]
+        elif len(bundles) == 1:
+            name = bundles[0]
+        else:
+            raise _bad("strategy 'sapt' needs a SAPT bundle: " + (
+                "none is registered" if not bundles else f"name one of {', '.join(sorted(bundles))} in 'experts'"),
+                code="expert_not_found")
+        bundle = self.store.bundle(name) if self.store is not None else None
+        if bundle is None:
+            raise _bad(f"no ready SAPT bundle named {name!r}", code="expert_not_found")
+        attn = await asyncio.to_thread(sapt_attention, self.runtime.model, bundle, prompt_ids)
+        adaptation = self._check(Adaptation.sapt_weights(bundle, attn, label=name))
+        weights = {f"task{i}": round(float(a), 6) for i, a in enumerate(attn)}
+        return Decision("sapt", adaptation, chosen=name, expert=name, weights=weights,
+                        pass1_ms=(time.perf_counter() - t0) * 1000)
+
+
+def sapt_attention(model, bundle, prompt_ids: list[int]):
+    """(T,) attention of one prompt (runs off the event loop: a small MLP over the prompt embeddings)."""
+    import torch
+
+    with torch.inference_mode():
+        emb = model.get_input_embeddings()
+        dev = emb.weight.device
+        ids = torch.tensor([prompt_ids], device=dev)
+        p = next(bundle.parameters())
+        x = emb(ids).to(device=p.device, dtype=p.dtype)
+        return bundle.attention(x, torch.ones(ids.shape, dtype=torch.bool, device=p.device))[0].float().cpu()
