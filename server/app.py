@@ -39,25 +39,39 @@ async def _load_engine(state: ServerState) -> None:
         state.load_error = f"{type(e).__name__}: {e}"
         return
     engine.start()
-    attach_experts(state, engine)
+    try:  # reading and validating the experts is start-up work too: off the event loop
+        await asyncio.to_thread(attach_experts, state, engine)
+    except Exception as e:
+        log.exception("opening the expert store failed; /health stays 503")
+        state.load_error = f"{type(e).__name__}: {e}"
+        await engine.shutdown()
+        return
     state.engine = engine
     log.info("model %s loaded; serving", engine.model_name)
 
 
 def attach_experts(state: ServerState, engine: Any) -> None:
-    """Load the expert directory into a registry and resolve requests' adaptations against it."""
-    from experts.files import load_dir
+    """Open the expert store (validated against the engine's model), fill the registry from it, and
+    resolve requests' adaptations against the registry. A registry handed to create_app is used as is."""
+    from experts.base_model import BaseModelInfo
     from experts.registry import ExpertRegistry
+    from experts.store import ExpertStore
     from server.api.adaptation import AdaptationResolver as ExpertResolver
 
-    if state.registry is None:
-        state.registry = ExpertRegistry()
-        for expert, meta in load_dir(state.settings.resolved_expert_dir()):
-            state.registry.put(expert, meta)
-        log.info("%d expert(s) registered", len(state.registry))
+    if state.store is None:
+        given = state.registry is not None
+        registry = state.registry if given else ExpertRegistry()
+        store = ExpertStore(state.settings.resolved_expert_dir(), registry, BaseModelInfo.from_engine(engine),
+                            max_bytes=state.settings.max_expert_bytes)
+        if not given:
+            store.load()
+        state.registry, state.store = registry, store
+        log.info("%d expert(s) registered", len(registry))
     if state.resolve_adaptation is base_weights:
         state.resolve_adaptation = ExpertResolver(state.registry, getattr(engine, "runtime", None), engine,
                                                   state.settings.default_strategy)
+    if isinstance(state.resolve_adaptation, ExpertResolver):
+        state.resolve_adaptation.store = state.store  # SAPT bundles are served from the store
 
 
 @asynccontextmanager
@@ -91,6 +105,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, *,
     install_error_handlers(app)
     app.include_router(api_router())
     # The last added is the outermost: metrics see every answer, the 413s of the body limit included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Expert uploads may be larger than other bodies (SAPT bundles); multipart framing adds a little.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       route_limits={"/v1/experts": max(settings.max_body_bytes, settings.max_expert_bytes + 65536)})
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     return app

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="convert and cache the model, then exit")
     _add_settings_flags(prep)
     prep.set_defaults(func=cmd_prepare)
+    from server.expert_cli import add_subcommand
+
+    add_subcommand(sub, _add_settings_flags, settings_from_args)
     return p
 
 

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     api_key: str | None = None  # Bearer key for inference routes
     admin_api_key: str | None = None  # Bearer key for managing experts
     max_body_bytes: int = 4 * 1024 * 1024
+    max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
     log_level: str = "info"
 
     # --- scheduling and limits ---------------------------------------------------------------------

@@ -7,6 +7,7 @@
   abort when the client goes away.
 - ``sse``: the Server-Sent Events response that aborts its generation on disconnect.
 - ``completions``, ``chat``, ``models``, ``health``, ``metrics``: the routes.
+- ``experts`` (with ``expert_uploads``, the upload body): storing, listing and deleting experts.
 
 Routes validate and translate; they never touch tensors or run model code.
 """
@@ -14,9 +15,9 @@ from fastapi import APIRouter
 
 
 def api_router() -> APIRouter:
-    from server.api import chat, completions, health, metrics, models
+    from server.api import adaptations, chat, completions, experts, health, metrics, models
 
     router = APIRouter()
-    for module in (completions, chat, models, health, metrics):
+    for module in (completions, chat, models, experts, adaptations, health, metrics):
         router.include_router(module.router)
     return router

@@ -21,27 +21,32 @@ async def send_error(send: Send, err: APIError) -> None:
 
 
 class BodyLimitMiddleware:
-    """Answers 413 to bodies over ``max_bytes`` before the app parses them.
+    """Answers 413 to bodies over ``max_bytes`` (or the limit of the first ``route_limits`` path prefix
+    that matches, e.g. expert uploads) before the app parses them.
 
     The body is read here (it would be read whole by the JSON parser anyway) and replayed to the app;
     after the replay, ``receive`` goes to the server again, so the app still sees ``http.disconnect``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.route_limits = app, max_bytes, dict(route_limits or {})
 
-    def _too_large(self, size: int | None) -> APIError:
+    def _limit(self, path: str) -> int:
+        return next((n for prefix, n in self.route_limits.items() if path.startswith(prefix)), self.max_bytes)
+
+    def _too_large(self, size: int | None, limit: int) -> APIError:
         got = f" ({size} bytes)" if size is not None else ""
-        return APIError(413, f"The request body is too large{got}; the limit is {self.max_bytes} bytes.",
+        return APIError(413, f"The request body is too large{got}; the limit is {limit} bytes.",
                         code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope.get("path", ""))
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, self._too_large(int(declared)))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_error(send, self._too_large(int(declared), limit))
             return
         chunks: list[bytes] = []
         size = 0
@@ -51,8 +56,8 @@ class BodyLimitMiddleware:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await send_error(send, self._too_large(None))
+            if size > limit:
+                await send_error(send, self._too_large(None, limit))
                 return
             if not message.get("more_body", False):
                 break

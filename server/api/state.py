@@ -28,6 +28,7 @@ class ServerState:
     load_error: str | None = None  # why loading failed, if it did
     resolve_adaptation: AdaptationResolver = base_weights
     registry: Any = None  # experts.registry.ExpertRegistry once the model is loaded
+    store: Any = None  # experts.store.ExpertStore that writes to the registry (once the model is loaded)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 
     @property

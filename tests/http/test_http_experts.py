@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.adaptation import SVFExpert
-from experts.files import save_svf
+from experts.store import ExpertStore
+from experts.validation import ExpertDraft
 from tests.http._live import assert_error_shape, serve
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -52,8 +53,9 @@ def expert_server(tiny_settings, tiny_llama_dir, tmp_path_factory):
     weights = mlp_targets(base)
     experts = {n: random_expert(n, weights, seed) for seed, n in enumerate(["math", "code"])}
     store = tmp_path_factory.mktemp("experts")
+    writer = ExpertStore(store)  # no model at hand: the server checks the shapes when it loads them
     for e in experts.values():
-        save_svf(e, store / f"{e.name}.safetensors")
+        writer.put(ExpertDraft(e.name, "svf", dict(e.z)))
     with serve(tiny_settings(expert_dir=store)) as srv:
         yield srv, experts
 
