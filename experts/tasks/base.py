@@ -1,0 +1,97 @@
+"""What a task is: a loader for its splits, the chat prompt it asks, and a scorer for the reply.
+
+Tasks are plug-ins (see ``experts/tasks/__init__.py`` for the registry). Data never ships with the
+code: every loader takes the data root (the layout of ``shared/data``: ``<root>/gsm8k/train.jsonl``,
+``<root>/arc/ARC-Easy-Test.jsonl``, ...) or the task's own folder, and reads JSON Lines.
+
+Splits: ``train`` and ``val`` are what training may touch (``val`` picks the best checkpoint);
+``test`` is held out for evaluation only. Tasks that exist only for evaluation (HumanEval, MATH-500)
+have just ``test``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str  # the user's request, as the chat's user message (pass 1 classifies this text)
+    answer: Any  # what the scorer compares against (a number, a letter, a LaTeX string, a label)
+    reference: str = ""  # one correct reply, the target of the next-token objective ("" if none)
+    meta: Mapping[str, Any] = field(default_factory=dict)  # task-specific (tests, choices, ...)
+
+
+class Task:
+    """Base class of every task; subclasses set the class attributes and implement ``load``/``score``."""
+
+    name: str = ""
+    category: str = ""  # what pass 1 should route it to: math | code | reasoning (cls labels)
+    max_tokens: int = 256  # new tokens a reply may use
+    splits: tuple[str, ...] = SPLITS
+    system: str | None = None  # None: the chat template's default system prompt
+
+    def load(self, data_root: str | Path, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def messages(self, ex: Example) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": ex.question}]
+
+    def prompt_ids(self, tokenizer, ex: Example) -> list[int]:
+        """Token ids the model continues (the chat through its template, by default)."""
+        return render_prompt(tokenizer, self.messages(ex))
+
+    def parse(self, ex: Example, completion: str) -> Any:
+        """What the scorer reads from the reply (for logs and reports)."""
+        return completion
+
+    def score(self, ex: Example, completion: str) -> bool:
+        raise NotImplementedError
+
+    def score_many(self, examples: Sequence[Example], completions: Sequence[str]) -> list[bool]:
+        """One verdict per reply; code tasks override this to run their sandboxes in parallel."""
+        return [self.score(e, c) for e, c in zip(examples, completions)]
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no {split!r} split (it has {', '.join(self.splits)})")
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat through the model's template, ready for the assistant's reply.
+
+    Without a chat template the turns are joined as plain text (tiny test models, base models).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS and role markers
+    text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
+    return tokenizer.encode(text)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def data_file(root: str | Path, folder: str, name: str) -> Path:
+    """``<root>/<folder>/<name>``, or ``<root>/<name>`` when ``root`` is the task's own folder."""
+    root = Path(root)
+    for p in (root / folder / name, root / name):
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{name} not found under {root} (looked in {root / folder} and {root})")
+
+
+def in_val_fold(key: str, fraction: float) -> bool:
+    """Deterministic train/val split of a file that has no val split: a stable hash of the record's
+    key, so the fold never depends on file order or on the random seed."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h / 2.0**64 < fraction
