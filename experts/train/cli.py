@@ -1,0 +1,86 @@
+"""Command line of training: ``t2serve train svf|classifier`` and ``python -m experts.train svf|classifier``.
+
+Flags are generated from ``TrainConfig`` (one flag per field, ``--batch-size`` for ``batch_size``), so
+the two entry points and the config can never disagree. Imports nothing from the server's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import MISSING, fields
+
+from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
+
+HELP = {
+    "task": "gsm8k | mbpp | arc-easy | arc-challenge | cls (see experts/tasks)",
+    "data": "data root in the layout of shared/data (gsm8k/, mbpp/, arc/ ...) or the task's own folder",
+    "run_dir": "folder for checkpoint, log.jsonl, curves.png and expert.safetensors (default runs/<name>)",
+    "model": "Hugging Face folder or .gguf file (default: the embedded SmolLM2)",
+    "store": "expert store folder to put the trained expert in (e.g. ~/.cache/t2serve/experts)",
+    "name": "expert name (default: the task name; 'classifier' for cls)",
+    "targets": "adapted matrices: mlp | attn | all",
+    "parametrization": "sakana (sigmoid + rescale, reference code) | direct (paper formula)",
+    "objective": " | ".join(OBJECTIVES),
+    "kl_coef": "λ of the KL(π_ref‖π) term (reference: 0, 0.1, 0.2, 0.3)",
+    "rollout": " | ".join(ROLLOUTS),
+    "micro_batch": "rows per forward/backward (memory only)",
+    "max_num_seqs": "engine slots for rollouts (default min(batch size, 256))",
+    "max_model_len": "prompt + reply tokens; longer prompts are skipped",
+    "val_limit": "use the first N validation examples",
+    "train_limit": "use the first N training examples",
+}
+
+
+def _type(annotation: str):
+    return int if "int" in annotation else float if "float" in annotation else str
+
+
+def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:
+    for f in fields(TrainConfig):
+        if f.name == "task" and not with_task:
+            continue
+        required = f.default is MISSING and f.name not in ("run_dir",)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_type(str(f.type)), required=required,
+                       default=None if f.default is MISSING else f.default, help=HELP.get(f.name))
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--log-level", default="info")
+
+
+def add_subcommand(sub) -> None:
+    """Register ``train`` (with ``svf`` and ``classifier``) on a subparsers object."""
+    train = sub.add_parser("train", help="train an SVF expert (REINFORCE or next-token) or the classifier expert")
+    _add_kinds(train.add_subparsers(dest="kind", required=True))
+
+
+def _add_kinds(kinds) -> None:
+    svf = kinds.add_parser("svf", help="train an SVF expert on a task")
+    add_train_flags(svf)
+    svf.set_defaults(func=run_train)
+    cls = kinds.add_parser("classifier", help="train the pass-1 classifier expert (= train svf --task cls)")
+    add_train_flags(cls, with_task=False)
+    cls.set_defaults(func=run_train, task="cls")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from experts.train.model import load_base
+    from experts.train.trainer import SVFTrainer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{**values, "run_dir": values["run_dir"] or ""})
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.expert_name}"
+    base = load_base(cfg.model, device=cfg.device, dtype=cfg.dtype, targets=cfg.targets, cache_dir=cfg.cache_dir,
+                     threads=cfg.threads)
+    summary = SVFTrainer(cfg, base, resume=args.resume).run()
+    print(f"expert {summary['expert']}: best validation accuracy {summary['best_val']} at step "
+          f"{summary['best_step']} of {summary['steps']}; {summary['expert_file']}"
+          + (f"; stored as {summary['stored']}" if summary["stored"] else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experts.train", description="Train Transformer² SVF experts")
+    _add_kinds(p.add_subparsers(dest="kind", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,72 @@
+"""Settings of one SVF training run, with the reference recipe as defaults (REFERENCE.md §1):
+REINFORCE, KL coefficient 0, Adam lr 2e-3, gradient-norm clip 1e-3, batch 256, greedy rollouts,
+MLP targets, the ``sakana`` parametrization, best checkpoint by validation accuracy.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+OBJECTIVES = ("reinforce", "next_token")
+ROLLOUTS = ("greedy", "sample")
+# Fields a resumed run must share with the run it continues (the others may change: paths, budgets).
+RECIPE_FIELDS = ("task", "targets", "parametrization", "objective", "kl_coef", "lr", "clip", "batch_size",
+                 "rollout", "temperature", "top_p", "max_tokens", "train_limit", "val_limit", "seed")
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    data: str  # data root (layout of shared/data) or the task's own folder
+    run_dir: str  # checkpoint, JSONL log, learning curves, best z
+    model: str | None = None  # HF folder or .gguf; None = the embedded SmolLM2
+    store: str | None = None  # expert store folder the result is written to (None: only the run dir)
+    name: str | None = None  # expert name (default: the task name; "classifier" for cls)
+    targets: str = "mlp"  # mlp | attn | all
+    parametrization: str = "sakana"  # sakana | direct
+    objective: str = "reinforce"  # reinforce | next_token
+    kl_coef: float = 0.0  # λ of the KL(π_ref ‖ π) term (reinforce only)
+    lr: float = 2e-3
+    clip: float = 1e-3  # max global gradient norm
+    batch_size: int = 256  # examples per optimizer step (the last batch of an epoch may be smaller)
+    micro_batch: int = 8  # rows per forward/backward (memory only; does not change the result)
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    val_every: int = 1  # validate every N steps (and after the last step)
+    val_limit: int | None = None  # first N validation examples
+    train_limit: int | None = None  # first N training examples
+    rollout: str = "greedy"  # greedy | sample
+    temperature: float = 1.0  # sampled rollouts
+    top_p: float = 1.0
+    max_tokens: int | None = None  # new tokens per reply (default: the task's)
+    max_num_seqs: int | None = None  # engine slots (default: min(batch_size, 256))
+    max_model_len: int = 1024  # longer prompts are skipped
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"rollout must be one of {ROLLOUTS}")
+        if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 0 or self.val_every < 1:
+            raise ValueError("batch_size, micro_batch, val_every must be >= 1 and epochs >= 0")
+
+    @property
+    def expert_name(self) -> str:
+        return self.name or ("classifier" if self.task in ("cls", "classifier") else self.task)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def recipe_mismatch(self, other: "TrainConfig") -> list[str]:
+        """Names of recipe fields that differ (a run can only be resumed with the same recipe)."""
+        return [f for f in RECIPE_FIELDS if getattr(self, f) != getattr(other, f)]
