@@ -106,8 +106,8 @@ def run_eval(args: argparse.Namespace) -> int:
         path.write_text("".join(json.dumps(s) + "\n" for s in res["samples"]))
 
     if args.table:
-        table = run_table(ctx, limit=args.limit, on_cell=write_samples)
-        table.update(model=base.name, limit=args.limit, experts=sorted(experts))
+        table = run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, on_cell=write_samples)
+        table.update(model=base.name, limit=args.limit, max_tokens=args.max_tokens, experts=sorted(experts))
         text = markdown(table)
         (out / "table.json").write_text(json.dumps(table, indent=1))
         (out / "table.md").write_text(text + "\n")

@@ -26,13 +26,14 @@ ROWS = (("base", COLUMNS, "base"), ("expert", TRAINED, "SVF expert of that task"
         ("prompt", UNSEEN, "T² prompt"), ("cls_expert", UNSEEN, "T² cls-expert"), ("few_shot", UNSEEN, "T² few-shot"))
 
 
-def run_table(ctx: EvalContext, *, limit: int | None = None, rows=ROWS, on_cell=None) -> dict:
+def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | None = None, rows=ROWS,
+              on_cell=None) -> dict:
     """Every cell of the table; ``on_cell(result)`` sees each full result as it finishes."""
     cells: dict[str, dict[str, dict]] = {}
     for strategy, columns, _ in rows:
         for task_name in columns:
             try:
-                res = evaluate(ctx, get_task(task_name), strategy, limit=limit)
+                res = evaluate(ctx, get_task(task_name), strategy, limit=limit, max_tokens=max_tokens)
             except StrategyUnavailable as e:
                 log.warning("%s on %s: %s", strategy, task_name, e)
                 cells.setdefault(strategy, {})[task_name] = {"error": str(e)}
