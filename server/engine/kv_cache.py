@@ -58,12 +58,14 @@ class SlotKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     # --- per-step layout --------------------------------------------------------------------------
-    def begin_step(self, slot0: int, starts: torch.Tensor, q_len: int) -> StepLayout:
-        """Prepare a forward of B rows (slots slot0..slot0+B-1), row b writing q_len tokens from starts[b]."""
+    def begin_step(self, slot0: int, starts: torch.Tensor, q_len: int, kv_len: int) -> StepLayout:
+        """Prepare a forward of B rows (slots slot0..slot0+B-1), row b writing q_len tokens from starts[b].
+
+        kv_len (= max(starts) + q_len) comes from the host so that no device value is read back here.
+        """
         B = starts.shape[0]
         assert slot0 + B <= self.max_slots
         pos = starts[:, None] + torch.arange(q_len, device=starts.device)[None, :]  # (B, q)
-        kv_len = int(starts.max()) + q_len
         self._ensure(kv_len)
         rows = torch.arange(B, device=starts.device)[:, None]
         self.layout = StepLayout(slot0, rows, pos, kv_len)

@@ -158,10 +158,9 @@ class LLMEngine:
         ids = torch.zeros(len(seqs), max(rem), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : rem[i]] = torch.tensor(s.prompt_ids[starts[i]:])
-        last = torch.tensor(rem) - 1
         scoring = any(s.score is not None and s.score.continuation_start is not None for s in seqs)
-        logits = self.runner.forward(seqs[0].slot, ids.to(self.device), torch.tensor(starts).to(self.device),
-                                     last.to(self.device), [s.adaptation for s in seqs], return_hidden=scoring)
+        logits = self.runner.forward(seqs[0].slot, ids, starts, [r - 1 for r in rem],
+                                     [s.adaptation for s in seqs], return_hidden=scoring)
         logits, hidden = logits if scoring else (logits, None)
         for s, st in zip(seqs, starts):
             s.num_cached = len(s.prompt_ids)
@@ -198,10 +197,9 @@ class LLMEngine:
         return out
 
     def _decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        starts = torch.tensor([s.num_cached for s in seqs], device=self.device)
-        last = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        logits = self.runner.forward(0, ids, starts, last, [s.adaptation for s in seqs])
+        ids = torch.tensor([[s.last_token] for s in seqs])
+        logits = self.runner.forward(0, ids, [s.num_cached for s in seqs], [0] * len(seqs),
+                                     [s.adaptation for s in seqs])
         for s in seqs:
             s.num_cached += 1
         return self._postprocess(seqs, logits)
@@ -209,13 +207,16 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         ps = [s.params for s in seqs]
         dev = logits.device
-        tokens = sample(
-            logits,
-            torch.tensor([p.temperature for p in ps], device=dev),
-            torch.tensor([p.top_k for p in ps], device=dev),
-            torch.tensor([p.top_p for p in ps], device=dev),
-            [s.generator for s in seqs],
-        ).tolist()
+        if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = sample(
+                logits,
+                torch.tensor([p.temperature for p in ps], device=dev),
+                torch.tensor([p.top_k for p in ps], device=dev),
+                torch.tensor([p.top_p for p in ps], device=dev),
+                [s.generator for s in seqs],
+            ).tolist()
         now = time.monotonic()
         outs = []
         for s, tok in zip(seqs, tokens):

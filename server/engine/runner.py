@@ -6,6 +6,7 @@ LM head. Every forward carries the adaptation table of its rows.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -22,6 +23,17 @@ def causal_slot_mask(pos: torch.Tensor, kv_len: int) -> torch.Tensor:
     """
     j = torch.arange(kv_len, device=pos.device)
     return (j[None, None, :] <= pos[:, :, None])[:, None]
+
+
+def attention_backends(device: torch.device):
+    """On CUDA, SDPA without the cuDNN backend: with a mask and a key length that grows every step, cuDNN
+    builds a new execution plan per call (about 2 ms of host time each, measured on an H100), while the
+    memory-efficient kernel launches at once. Elsewhere, SDPA's own choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class ModelRunner:
@@ -53,22 +65,30 @@ class ModelRunner:
         return hit[1]
 
     @torch.inference_mode()
-    def forward(self, slot0: int, input_ids: torch.Tensor, starts: torch.Tensor, last_idx: torch.Tensor,
+    def forward(self, slot0: int, input_ids: torch.Tensor, starts: list[int], last_idx: list[int],
                 adaptations: list, return_hidden: bool = False):
         """One forward over rows in slots slot0..slot0+B-1.
 
-        input_ids: (B, q) new tokens (right-padded); starts: (B,) cache position of each row's first new
-        token; last_idx: (B,) index in q of each row's last real token -> logits (B, V) float32.
+        input_ids: (B, q) new tokens on the host (right-padded); starts: cache position of each row's first
+        new token; last_idx: index in q of each row's last real token -> logits (B, V) float32 (and the final
+        hidden states (B, q, d) with `return_hidden`). Everything the host needs (kv_len) is computed from
+        host values: reading a device value back would stall the launch queue every step.
         """
         B, q = input_ids.shape
-        layout = self.cache.begin_step(slot0, starts, q)
+        dev = self.device
+        host = torch.tensor([starts, last_idx], dtype=torch.long)
+        if dev.type == "cuda":
+            input_ids, host = input_ids.pin_memory(), host.pin_memory()
+        input_ids = input_ids.to(dev, non_blocking=True)
+        host = host.to(dev, non_blocking=True)
+        layout = self.cache.begin_step(slot0, host[0], q, max(starts) + q)
         mask = causal_slot_mask(layout.pos, layout.kv_len)
-        with self.adapt.activate(self._table(adaptations)):
+        with self.adapt.activate(self._table(adaptations)), attention_backends(dev):
             hidden = self.body(
                 input_ids=input_ids, attention_mask=mask, position_ids=layout.pos,
                 past_key_values=self.cache, use_cache=True,
             ).last_hidden_state  # (B, q, d)
-        last = hidden[torch.arange(B, device=hidden.device), last_idx]  # (B, d)
+        last = hidden[torch.arange(B, device=dev), host[1]]  # (B, d)
         logits = self.lm_head(last).float()
         return (logits, hidden) if return_hidden else logits
 
