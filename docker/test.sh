@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# Builds the CPU image and checks it for real with podman; no Docker engine or image registry needed.
+#   1. podman and runc (installed when missing); a containers.conf without default ulimits
+#   2. a Debian bookworm base image with Python, debootstrapped and imported once (kept between runs)
+#   3. docker/Dockerfile built, torch's CPU wheel staged from $T2_TEST_WHEELS when one is there
+#   4. a container: healthy (cold start timed), non-root, caches baked in, keys enforced, a completion
+#   5. an expert uploaded through POST /v1/experts, listed in /v1/models and changing the output;
+#      after a restart still listed and giving the same output
+#   6. SIGTERM during a streaming request: the stream ends, exit code 0, no traceback in the logs
+#   7. a new container on the same volume still serves the expert
+#   8. everything made here removed (containers, volume, image, staged wheel); the base image stays
+# Ends with the image size, the cold start to healthy and the total time.
+#
+# Settings (environment): T2_TEST_BASE (base image, default localhost/t2serve-base:bookworm),
+# T2_TEST_WHEELS (folder with a torch CPU wheel, default /opt/wheels), T2_TEST_PIP_CERT (CA bundle for
+# pip inside the build, default pip's configured cert), T2_TEST_LAYERS=1 (keep build layers between
+# runs, for iterating), T2_TEST_KEEP=1 (keep the image and the containers, for debugging),
+# T2_TEST_IMAGE (check this image instead of building one; it is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BASE=${T2_TEST_BASE:-localhost/t2serve-base:bookworm}
+WHEELS=${T2_TEST_WHEELS:-/opt/wheels}
+RUN_ID=t2serve-test-$$
+IMAGE=${T2_TEST_IMAGE:-localhost/$RUN_ID:cpu}
+VOLUME=$RUN_ID-experts
+KEY=test-inference-key
+ADMIN_KEY=test-admin-key
+BASE_MODEL=SmolLM2-135M-Instruct
+EXPERT=docker-test-expert
+PROMPT="The three most important things about deploying software are"
+WORK=$(mktemp -d /var/tmp/$RUN_ID.XXXX)
+CONTAINERS=()
+STAGED=""
+T0=$SECONDS
+
+log() { printf '\n== %s\n' "$*"; }
+fail() {
+    printf '\nFAIL: %s\n' "$*" >&2
+    exit 1
+}
+pm() { podman --runtime runc "$@"; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ "$rc" != 0 ]; then
+        for c in "${CONTAINERS[@]}"; do
+            echo "--- logs of $c (last 60 lines, /health polls left out)"
+            pm logs "$c" 2>&1 | grep -v '"GET /health' | tail -60
+        done
+    fi
+    if [ "${T2_TEST_KEEP:-0}" != 1 ]; then
+        for c in "${CONTAINERS[@]}"; do pm rm -f -v -t 0 "$c" >/dev/null 2>&1; done
+        pm volume rm -f "$VOLUME" >/dev/null 2>&1
+        [ -n "${T2_TEST_IMAGE:-}" ] || pm rmi -f "$IMAGE" >/dev/null 2>&1
+    fi
+    [ -n "$STAGED" ] && rm -f "$STAGED"
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+
+# --- 1. podman ----------------------------------------------------------------------------------------
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+log "podman"
+command -v podman >/dev/null && command -v runc >/dev/null || apt_install podman runc
+if [ -z "${CONTAINERS_CONF:-}" ]; then
+    # The default ulimits of containers.conf cannot be applied here.
+    printf '[containers]\ndefault_ulimits = []\n' >"$WORK/containers.conf"
+    export CONTAINERS_CONF=$WORK/containers.conf
+fi
+pm --version
+
+# --- 2. base image --------------------------------------------------------------------------------------
+log "base image $BASE"
+if pm image exists "$BASE"; then
+    echo "cached"
+else
+    command -v debootstrap >/dev/null || apt_install debootstrap
+    root=$WORK/rootfs
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" \
+        "${T2_TEST_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 ||
+        { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
+        "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
+    tar -C "$root" -c . | pm import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
+    rm -rf "$root"
+fi
+
+# --- 3. build -------------------------------------------------------------------------------------------
+log "the two Dockerfiles share their body"
+shared() { sed -n '/^# ---- from here on the same/,$p' "$1"; }
+[ -n "$(shared docker/Dockerfile)" ] || fail "docker/Dockerfile has no shared-body marker"
+diff <(shared docker/Dockerfile) <(shared docker/Dockerfile.cuda) || fail "Dockerfile and Dockerfile.cuda differ below the marker"
+
+BUILD_S=0
+if [ -n "${T2_TEST_IMAGE:-}" ]; then
+    log "image $IMAGE (given)"
+else
+    log "build $IMAGE"
+    build_args=(--build-arg "BASE_IMAGE=$BASE")
+    wheel=$(ls "$WHEELS"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)
+    if [ -n "$wheel" ]; then
+        # download.pytorch.org may be unreachable: install the staged wheel, its dependencies from PyPI.
+        STAGED=docker/wheels/$(basename "$wheel")
+        ln -f "$wheel" "$STAGED" 2>/dev/null || cp "$wheel" "$STAGED"
+        version=$(basename "$wheel" | cut -d- -f2)
+        build_args+=(--build-arg "TORCH_SPEC=torch==$version" --build-arg "TORCH_INDEX=https://pypi.org/simple")
+        echo "torch from the staged $(basename "$wheel")"
+    fi
+    cert=${T2_TEST_PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
+    [ -n "$cert" ] || cert=/etc/ssl/certs/ca-certificates.crt
+    [ -f "$cert" ] && build_args+=(--secret "id=pipcert,src=$cert")
+    t=$SECONDS
+    # --format docker keeps HEALTHCHECK (OCI image configs have no field for it).
+    pm build --format docker --network host --layers="$([ "${T2_TEST_LAYERS:-0}" = 1 ] && echo true || echo false)" \
+        --force-rm -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" .
+    BUILD_S=$((SECONDS - t))
+fi
+SIZE=$(pm image inspect --format '{{.Size}}' "$IMAGE")
+
+# --- 4. start -------------------------------------------------------------------------------------------
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+URL=http://127.0.0.1:$PORT
+
+start() { # name: run a container on the expert volume, wait until healthy; sets COLD_S
+    local name=$1 t0 code
+    CONTAINERS+=("$name")
+    t0=$(date +%s.%N)
+    # No healthcheck timer (podman runs it from systemd, absent here): the test runs the check itself.
+    pm run -d --name "$name" -p "127.0.0.1:$PORT:8000" -v "$VOLUME:/var/lib/t2serve/experts" \
+        -e T2_API_KEY=$KEY -e T2_ADMIN_API_KEY=$ADMIN_KEY --no-healthcheck "$IMAGE" >/dev/null
+    wait_healthy "$name" "$t0"
+}
+
+wait_healthy() { # name start-time
+    local name=$1 t0=$2 code
+    for _ in $(seq 600); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' "$URL/health" || true)
+        [ "$code" = 200 ] && break
+        [ "$(pm inspect --format '{{.State.Running}}' "$name")" = true ] || fail "$name exited before it was healthy"
+        if pm logs "$name" 2>&1 | grep -q "/health stays 503"; then fail "$name failed to start"; fi
+        sleep 0.25
+    done
+    [ "$code" = 200 ] || fail "$name not healthy after 150 s"
+    COLD_S=$(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$t0")
+    echo "$name healthy ${COLD_S} s after start"
+}
+
+http() { # method path key [curl args...]: prints the body, then the status code on the last line
+    local method=$1 path=$2 key=$3
+    shift 3
+    curl -sS -X "$method" -w '\n%{http_code}' -H "Authorization: Bearer $key" "$@" "$URL$path"
+}
+
+expect() { # status response: checks the status line, prints the body
+    local want=$1 got body
+    got=$(tail -n1 <<<"$2")
+    body=$(sed '$d' <<<"$2")
+    [ "$got" = "$want" ] || fail "expected HTTP $want, got $got: $body"
+    printf '%s' "$body"
+}
+
+json() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
+
+complete() { # model: greedy completion text of PROMPT
+    expect 200 "$(http POST /v1/completions $KEY -H 'Content-Type: application/json' \
+        -d "{\"model\": \"$1\", \"prompt\": \"$PROMPT\", \"max_tokens\": 24, \"temperature\": 0}")" |
+        json 'd["choices"][0]["text"]'
+}
+
+models() { expect 200 "$(http GET /v1/models $KEY)" | json '" ".join(m["id"] for m in d["data"])'; }
+
+log "start"
+COLD_START=""
+start "$RUN_ID-a"
+COLD_START=$COLD_S
+mapfile -d '' -t check < <(pm image inspect --format '{{json .HealthCheck}}' "$IMAGE" |
+    python3 -c 'import json, sys; t = json.load(sys.stdin)["Test"]; assert t[0] == "CMD"; print("\0".join(t[1:]), end="")') ||
+    fail "the image has no HEALTHCHECK"
+pm exec "$RUN_ID-a" "${check[@]}" || fail "the image's HEALTHCHECK fails on a healthy server"
+[ "$(pm exec "$RUN_ID-a" id -u)" = 10001 ] || fail "the server does not run as uid 10001"
+pm logs "$RUN_ID-a" 2>&1 | grep -q "SVD factors of .* loaded from" || fail "SVD factors were not loaded from the image"
+! pm logs "$RUN_ID-a" 2>&1 | grep -q "converting" || fail "the model was converted at start, not at build time"
+
+log "completion"
+expect 401 "$(curl -sS -w '\n%{http_code}' -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$BASE_MODEL\", \"prompt\": \"hi\"}" "$URL/v1/completions")" >/dev/null
+BASE_TEXT=$(complete "$BASE_MODEL")
+[ -n "$BASE_TEXT" ] || fail "empty completion"
+echo "base: $BASE_TEXT"
+curl -sSf "$URL/metrics" | grep -q '^t2_' || fail "/metrics has no t2_ series"
+
+# --- 5. expert ------------------------------------------------------------------------------------------
+log "expert upload"
+# An SVF expert for SmolLM2-135M's MLP matrices (30 layers; every one has 576 singular values), with
+# random z: greedy text visibly changes.
+python3 - "$WORK/expert.json" "$EXPERT" <<'EOF'
+import json, random, sys
+rng = random.Random(0)
+z = {f"model.layers.{i}.mlp.{p}": [round(rng.gauss(0.0, 2.0), 3) for _ in range(576)]
+     for i in range(30) for p in ("gate_proj", "up_proj", "down_proj")}
+json.dump({"name": sys.argv[2], "kind": "svf", "description": "docker/test.sh", "z": z}, open(sys.argv[1], "w"))
+EOF
+expect 403 "$(http POST /v1/experts $KEY -H 'Content-Type: application/json' --data-binary "@$WORK/expert.json")" >/dev/null
+expect 200 "$(http POST /v1/experts $ADMIN_KEY -H 'Content-Type: application/json' \
+    --data-binary "@$WORK/expert.json")" | json 'd["id"], d["version"], d["status"]'
+[[ " $(models) " == *" $EXPERT "* ]] || fail "$EXPERT not in /v1/models"
+EXPERT_TEXT=$(complete "$EXPERT")
+echo "expert: $EXPERT_TEXT"
+[ "$EXPERT_TEXT" != "$BASE_TEXT" ] || fail "the expert's greedy text equals the base model's"
+
+log "restart"
+t0=$(date +%s.%N)
+pm restart -t 60 "$RUN_ID-a" >/dev/null
+wait_healthy "$RUN_ID-a" "$t0"
+[[ " $(models) " == *" $EXPERT "* ]] || fail "$EXPERT not in /v1/models after a restart"
+[ "$(complete "$EXPERT")" = "$EXPERT_TEXT" ] || fail "the expert gives other text after a restart"
+echo "still listed and used"
+
+# --- 6. SIGTERM -----------------------------------------------------------------------------------------
+log "SIGTERM during a streaming request"
+curl -sS -N -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$EXPERT\", \"prompt\": \"$PROMPT\", \"max_tokens\": 200, \"temperature\": 0, \"stream\": true}" \
+    "$URL/v1/completions" >"$WORK/stream.txt" 2>"$WORK/stream.err" &
+stream_pid=$!
+for _ in $(seq 200); do grep -q '^data: {' "$WORK/stream.txt" && break; sleep 0.1; done
+grep -q '^data: {' "$WORK/stream.txt" || fail "no streamed chunk within 20 s"
+! grep -q '^data: \[DONE\]' "$WORK/stream.txt" || fail "the stream ended before SIGTERM: raise max_tokens"
+pm kill --signal TERM "$RUN_ID-a" >/dev/null
+before=$(grep -c '^data: {' "$WORK/stream.txt" || true)
+exit_code=$(timeout 60 podman --runtime runc wait "$RUN_ID-a") || fail "still running 60 s after SIGTERM"
+wait "$stream_pid" || true
+after=$(grep -c '^data: {' "$WORK/stream.txt" || true)
+# uvicorn lets a request in flight finish (up to 30 s), then cancels it; either ends the stream.
+if grep -q '^data: \[DONE\]' "$WORK/stream.txt"; then ending="finished with [DONE]"; else ending="cut off"; fi
+echo "exit code $exit_code; $before chunks streamed before SIGTERM, $after in all: the stream $ending"
+[ "$exit_code" = 0 ] || fail "exit code $exit_code after SIGTERM"
+pm logs "$RUN_ID-a" 2>&1 | grep -q "Finished server process" || fail "no orderly uvicorn shutdown in the logs"
+if pm logs "$RUN_ID-a" 2>&1 | grep -q Traceback; then fail "a traceback in the logs"; fi
+
+# --- 7. a new container on the same volume -----------------------------------------------------------------
+log "new container, same expert volume"
+pm rm "$RUN_ID-a" >/dev/null
+start "$RUN_ID-b"
+[ "$(complete "$EXPERT")" = "$EXPERT_TEXT" ] || fail "the expert is gone or different in a new container"
+pm stop -t 60 "$RUN_ID-b" >/dev/null
+[ "$(pm inspect --format '{{.State.ExitCode}}' "$RUN_ID-b")" = 0 ] || fail "exit code after stop"
+if pm logs "$RUN_ID-b" 2>&1 | grep -q Traceback; then fail "a traceback in the logs"; fi
+echo "expert served by a new container"
+
+log "PASS"
+printf 'image %s: %s MB (build %d s)\ncold start to healthy: %s s\ntotal: %d s\n' \
+    "$IMAGE" "$((SIZE / 1000000))" "$BUILD_S" "$COLD_START" "$((SECONDS - T0))"
