@@ -47,9 +47,9 @@ def evaluate(ctx: EvalContext, task: Task, strategy: str, *, split: str = "test"
         result["pass1"] = {"expected": task.category, **accuracy_cell(sum(c == task.category for c in chosen),
                                                                       len(chosen)),
                            "chosen": {c: chosen.count(c) for c in sorted(set(chosen))}}
-    result["samples"] = [{"id": examples[i].id, "correct": verdicts[i], "parsed": _jsonable(task.parse(examples[i], texts[i])),
-                          "reply": texts[i][:2000], "chosen": plan.chosen[i] if plan.chosen else None}
-                         for i in scored]
+    result["samples"] = [{"id": examples[i].id, "correct": verdicts[i], "reply": texts[i][:2000],
+                          "parsed": _jsonable(task.parse(examples[i], texts[i])),
+                          "chosen": plan.chosen[i] if plan.chosen else None} for i in scored]
     return result
 
 

@@ -7,8 +7,8 @@ That code talks to an asynchronous engine; ``SyncEngineAdapter`` gives it one ov
 engine the evaluation drives, so every example's pass 1 of one call shares engine batches.
 
 Few-shot shots: the first ``shots`` examples of the task's train split when it has one (ARC-Challenge),
-else of the evaluated split itself (MATH-500, HumanEval), and those are then left out of the score
-(``held_out``), so no shot is ever graded.
+else the last ``shots`` of its test split (MATH-500, HumanEval); a shot that is among the evaluated
+examples is left out of the score (``held_out``), so no shot is ever graded.
 """
 from __future__ import annotations
 
@@ -79,13 +79,14 @@ def _few_shot(ctx: EvalContext, task: Task, examples: list[Example]) -> Strategy
     from experts.cem import CEMConfig
     from experts.few_shot import FewShotSearch, FewShotSpec, Shot
 
-    names = [ctx.task_experts[t] for t in TRAINED_TASKS if ctx.task_experts.get(t) in ctx.experts]
+    names = list(dict.fromkeys(ctx.task_experts[t] for t in TRAINED_TASKS if ctx.task_experts.get(t) in ctx.experts))
     if len(names) < 2:
         raise StrategyUnavailable("few_shot needs at least two trained task experts (gsm8k, mbpp, arc-easy)")
     k = int(ctx.options.get("shots", 10))
     own = "train" in task.splits
-    pool = task.load(ctx.data, "train") if own else examples
-    shots = [Shot(e.question, e.reference) for e in pool[:k]]
+    pool = task.load(ctx.data, "train")[:k] if own else task.load(ctx.data, "test")[-k:]
+    shots = [Shot(e.question, e.reference) for e in pool]
+    shot_ids = {e.id for e in pool}
     cfg = CEMConfig(population=int(ctx.options.get("cem_population", 32)),
                     generations=int(ctx.options.get("cem_generations", 50)), seed=ctx.seed)
     spec = FewShotSpec(task.name, names, shots, cfg, fitness="loglik")
@@ -94,9 +95,9 @@ def _few_shot(ctx: EvalContext, task: Task, examples: list[Example]) -> Strategy
     result = asyncio.run(search.run())
     mix = search.adaptation(result.best, label=f"few_shot:{task.name}")
     return StrategyResult([mix] * len(examples), pass1_seconds=time.perf_counter() - t0,
-                          held_out=[] if own else list(range(min(k, len(examples)))),
+                          held_out=[i for i, e in enumerate(examples) if e.id in shot_ids],
                           notes={"experts": names, "alpha": result.best.tolist(), "fitness": result.best_fitness,
-                                 "shots": len(shots), "shots_from": "train" if own else "test (not scored)",
+                                 "shots": len(shots), "shots_from": "train" if own else "test (never scored)",
                                  "population": cfg.population, "generations": cfg.generations})
 
 

@@ -27,7 +27,7 @@ def format_cell(cell: dict | None) -> str:
     if not cell:
         return "—"
     if cell.get("error"):
-        return f"n/a ({cell['error']})"
+        return "n/a"
     if cell.get("accuracy") is None:
         return "— (n=0)"
     lo, hi = cell["ci95"]

@@ -22,8 +22,8 @@ UNSEEN = ("math500", "humaneval", "arc-challenge")
 COLUMNS = TRAINED + UNSEEN
 TITLES = {"gsm8k": "GSM8K", "mbpp": "MBPP", "arc-easy": "ARC-Easy", "math500": "MATH-500",
           "humaneval": "HumanEval", "arc-challenge": "ARC-Challenge"}
-ROWS = (("base", COLUMNS, "base"), ("expert", TRAINED, "SVF expert of that task"),
-        ("prompt", UNSEEN, "T² prompt"), ("cls_expert", UNSEEN, "T² cls-expert"), ("few_shot", UNSEEN, "T² few-shot"))
+ROWS = (("base", COLUMNS, "base"), ("expert", TRAINED, "SVF expert of that task"), ("prompt", UNSEEN, "T² prompt"),
+        ("cls_expert", UNSEEN, "T² cls-expert"), ("few_shot", UNSEEN, "T² few-shot"))
 
 
 def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | None = None, rows=ROWS,
@@ -51,7 +51,8 @@ def markdown(table: dict) -> str:
     labels = {r[0]: r[2] for r in ROWS}
     for strategy in table["rows"]:
         row = table["cells"].get(strategy, {})
-        lines.append(f"| {labels.get(strategy, strategy)} | " + " | ".join(format_cell(row.get(c)) for c in cols) + " |")
+        cells = " | ".join(format_cell(row.get(c)) for c in cols)
+        lines.append(f"| {labels.get(strategy, strategy)} | {cells} |")
     pass1 = [(s, c, table["cells"][s][c]["pass1"]) for s in PASS1 for c in cols
              if "pass1" in table["cells"].get(s, {}).get(c, {})]
     if pass1:
@@ -59,5 +60,9 @@ def markdown(table: dict) -> str:
                   "| strategy | task | accuracy | chosen |", "|---|---|---|---|"]
         for s, c, p in pass1:
             lines.append(f"| {labels.get(s, s)} | {TITLES.get(c, c)} | {format_cell(p)} | {p.get('chosen')} |")
+    missing = [f"- {labels.get(s, s)} on {TITLES.get(c, c)}: {cell['error']}"
+               for s in table["rows"] for c, cell in table["cells"].get(s, {}).items() if cell.get("error")]
+    if missing:
+        lines += ["", "Not evaluated (n/a):", *missing]
     lines += ["", "Accuracy in percent, [95% Wilson interval], n = examples (held-out test halves)."]
     return "\n".join(lines)

@@ -45,6 +45,12 @@ def pack(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id:
     return TokenBatch(ids.to(device), mask.to(device), scored.to(device))
 
 
+def _scored_hidden(body, batch: TokenBatch, pred: torch.Tensor) -> torch.Tensor:
+    """Hidden states (N, d) at the positions that predict a completion token."""
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.last_hidden_state[:, :-1][pred]
+
+
 def scored_logprobs(model, batch: TokenBatch, ref_model_ctx=None):
     """Log-probs of the completion tokens, and optionally the KL to the reference model.
 
@@ -57,11 +63,11 @@ def scored_logprobs(model, batch: TokenBatch, ref_model_ctx=None):
     pred = batch.scored[:, 1:]  # (B, T-1): position t predicts token t+1
     rows = torch.arange(batch.rows, device=pred.device)[:, None].expand_as(pred)[pred]  # (N,)
     targets = batch.input_ids[:, 1:][pred]  # (N,)
-    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, :-1][pred]  # (N, d)
+    h = _scored_hidden(body, batch, pred)  # (N, d)
     h_ref = None
     if ref_model_ctx is not None:
         with torch.no_grad(), ref_model_ctx:
-            h_ref = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, :-1][pred]
+            h_ref = _scored_hidden(body, batch, pred)
     logp_tok, kl_tok = [], []
     for s in range(0, h.shape[0], _HEAD_CHUNK):
         logp = F.log_softmax(head(h[s:s + _HEAD_CHUNK]).float(), dim=-1)  # (n, V)

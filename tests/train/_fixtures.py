@@ -23,7 +23,7 @@ def arc_record(i: int, stem: str, choices: list[str], key: str, numeric: bool = 
 
 ARC_QUESTIONS = [
     ("What do plants need from sunlight to make food?", ["heat", "light energy", "wind", "sound"], "B"),
-    ("Which object is a magnet most likely to pick up?", ["a paper clip", "a pencil", "a rubber band", "a coin of wood"], "A"),
+    ("Which object is a magnet most likely to pick up?", ["a paper clip", "a pencil", "a rubber band", "a cork"], "A"),
     ("What is the state of water at 120 degrees Celsius at sea level?", ["solid", "liquid", "gas", "plasma"], "C"),
     ("Which animal is a mammal?", ["frog", "shark", "eagle", "whale"], "D"),
     ("What causes day and night on Earth?", ["the Moon", "Earth's rotation", "clouds", "the seasons"], "B"),

@@ -24,8 +24,9 @@ def test_train_then_eval(tiny_llama_dir, tmp_path, capsys):
     assert res["n"] == 2 and res["strategy"] == "expert"
     assert "| arc-easy | expert |" in capsys.readouterr().out
     assert len((out / "arc-easy-expert.samples.jsonl").read_text().splitlines()) == 2
-    assert main(["eval", "--table", "--limit", "1", "--max-tokens", "2", "--expert", "mbpp=" + str(tmp_path / "run" / "expert.safetensors"),
-                 *common, "--out", str(out)]) == 0
+    expert_file = tmp_path / "run" / "expert.safetensors"
+    assert main(["eval", "--table", "--limit", "1", "--max-tokens", "2", "--expert", f"mbpp={expert_file}", *common,
+                 "--out", str(out), "--shots", "1", "--cem-population", "2", "--cem-generations", "1"]) == 0
     table = json.loads((out / "table.json").read_text())
     assert table["cells"]["expert"]["mbpp"]["n"] == 1 and "error" in table["cells"]["expert"]["gsm8k"]
     assert (out / "table.md").read_text().startswith("| | GSM8K | MBPP |")

@@ -62,18 +62,21 @@ def test_table_with_pass1_strategies(ctx, monkeypatch):
     assert "classifier" in cells["cls_expert"]["math500"]["error"]  # no classifier expert loaded
     assert "two trained task experts" in cells["few_shot"]["humaneval"]["error"]
     text = markdown(table)
-    assert "| base |" in text and "n/a (cls_expert needs" in text and "Pass-1 classification" in text
+    assert "| base |" in text and "| n/a |" in text and "Pass-1 classification" in text
+    assert "- T² cls-expert on MATH-500: cls_expert needs" in text
 
 
 def test_few_shot_mixes_the_task_experts_and_never_scores_its_shots(ctx, monkeypatch):
     short_replies(monkeypatch)
     arc = ctx.experts["arc-easy"]
     other = SVFExpert("gsm8k", {n: -v for n, v in arc.z.items()})
-    few = EvalContext(ctx.base, ctx.engine, {"arc-easy": arc, "gsm8k": other}, {"arc-easy": "reasoning", "gsm8k": "math"},
-                      {"arc-easy": "arc-easy", "gsm8k": "gsm8k"}, ctx.data,
+    few = EvalContext(ctx.base, ctx.engine, {"arc-easy": arc, "gsm8k": other},
+                      {"arc-easy": "reasoning", "gsm8k": "math"}, {"arc-easy": "arc-easy", "gsm8k": "gsm8k"}, ctx.data,
                       options={"shots": 1, "cem_population": 4, "cem_generations": 2})
-    res = evaluate(few, get_task("math500"), "few_shot")  # no train split: the shot comes from the test data
+    res = evaluate(few, get_task("math500"), "few_shot")  # no train split: the shot is the last test example
     assert res["held_out"] == 1 and res["n"] == 1 and res["notes"]["experts"] == ["gsm8k", "arc-easy"]
+    assert res["samples"][0]["id"] == "test/prealgebra/1.json"  # the other one, never graded
+    assert evaluate(few, get_task("math500"), "few_shot", limit=1)["held_out"] == 0  # the shot is outside
     assert len(res["notes"]["alpha"]) == 2 and all(0 <= a <= 1 for a in res["notes"]["alpha"])
     res = evaluate(few, get_task("arc-challenge"), "few_shot")  # shots from its train split: all test scored
     assert res["held_out"] == 0 and res["n"] == 2
