@@ -89,6 +89,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if loading is not None and not loading.done():
             loading.cancel()  # the loader thread itself finishes on its own; its result is dropped
             await asyncio.gather(loading, return_exceptions=True)
+        if state.jobs is not None:  # few-shot searches: stopped before the engine they run on
+            await state.jobs.cancel_all()
         if state.engine is not None:
             await state.engine.shutdown()
 
