@@ -21,6 +21,7 @@ HELP = {
     "targets": "adapted matrices: mlp | attn | all",
     "parametrization": "sakana (sigmoid + rescale, reference code) | direct (paper formula)",
     "objective": " | ".join(OBJECTIVES),
+    "baseline": "reinforce reward baseline: none (reference, r = ±1) | mean (r minus the batch mean)",
     "kl_coef": "λ of the KL(π_ref‖π) term (reference: 0, 0.1, 0.2, 0.3)",
     "rollout": " | ".join(ROLLOUTS),
     "micro_batch": "rows per forward/backward (memory only)",

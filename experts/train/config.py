@@ -8,9 +8,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 OBJECTIVES = ("reinforce", "next_token")
+BASELINES = ("none", "mean")
 ROLLOUTS = ("greedy", "sample")
 # Fields a resumed run must share with the run it continues (the others may change: paths, budgets).
-RECIPE_FIELDS = ("task", "targets", "parametrization", "objective", "kl_coef", "lr", "clip", "batch_size",
+RECIPE_FIELDS = ("task", "targets", "parametrization", "objective", "baseline", "kl_coef", "lr", "clip", "batch_size",
                  "rollout", "temperature", "top_p", "max_tokens", "train_limit", "val_limit", "seed")
 
 
@@ -25,6 +26,7 @@ class TrainConfig:
     targets: str = "mlp"  # mlp | attn | all
     parametrization: str = "sakana"  # sakana | direct
     objective: str = "reinforce"  # reinforce | next_token
+    baseline: str = "none"  # reinforce: "mean" uses r - mean(r) of the batch (reference: none, r = ±1)
     kl_coef: float = 0.0  # λ of the KL(π_ref ‖ π) term (reinforce only)
     lr: float = 2e-3
     clip: float = 1e-3  # max global gradient norm
@@ -52,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         if self.rollout not in ROLLOUTS:
             raise ValueError(f"rollout must be one of {ROLLOUTS}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}")
         if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 0 or self.val_every < 1:
             raise ValueError("batch_size, micro_batch, val_every must be >= 1 and epochs >= 0")
 

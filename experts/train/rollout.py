@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from adapters import Adaptation, SVFExpert
+from adapters import Adaptation, SVFExpert, SVFMixture
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -32,9 +32,15 @@ def make_engine(base, max_num_seqs: int, max_model_len: int, max_prefill_tokens:
     return LLMEngine(base.model, base.tokenizer, cfg, base.runtime)
 
 
+def expert_adaptation(z: Mapping[str, torch.Tensor], parametrization: str, name: str) -> Adaptation:
+    """One expert with weight 1, the weight on z's device (z may live on the GPU while training)."""
+    device = next(iter(z.values())).device
+    return Adaptation(svf=SVFMixture((SVFExpert(name, z, parametrization),), torch.ones(1, device=device)), label=name)
+
+
 def frozen_adaptation(z: Mapping[str, torch.Tensor], parametrization: str, name: str = "training") -> Adaptation:
     """An Adaptation over a detached copy of ``z`` (module name -> (k,))."""
-    return Adaptation.expert(SVFExpert(name, {n: v.detach().clone() for n, v in z.items()}, parametrization))
+    return expert_adaptation({n: v.detach().clone() for n, v in z.items()}, parametrization, name)
 
 
 def generate(engine: LLMEngine, prompts: Sequence[list[int]], adaptations: Sequence, params: Sequence[SamplingParams]

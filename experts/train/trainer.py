@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from adapters import Adaptation, SVFExpert
 from adapters.svf import init_z
 from experts.tasks import Example, get_task
 from experts.train import checkpoint
 from experts.train.config import TrainConfig
 from experts.train.objective import next_token_loss, pack, reinforce_loss, scored_logprobs
 from experts.train.output import EXPERT_FILE, put_in_store, write_expert_file
-from experts.train.rollout import frozen_adaptation, generate, make_engine
+from experts.train.rollout import expert_adaptation, frozen_adaptation, generate, make_engine
 from experts.train.runlog import CURVES_NAME, RunLog, plot_curves
 from server.engine.types import SamplingParams
 
@@ -85,7 +84,7 @@ class SVFTrainer:
                 raise ValueError(f"cannot resume {self.run_dir}: the recipe differs in {', '.join(diff)}")
             z0 = {n: state.z[n] for n in z0}  # checkpoint tensors come back in file order: use target order
         self.z = {n: torch.nn.Parameter(v.to(dev, torch.float32)) for n, v in z0.items()}
-        self.live = Adaptation.expert(SVFExpert(cfg.expert_name, self.z, cfg.parametrization))
+        self.live = expert_adaptation(self.z, cfg.parametrization, cfg.expert_name)
         self.opt = torch.optim.Adam(list(self.z.values()), lr=cfg.lr)
         self.step, self.best_val, self.best_step = 0, None, 0
         self.best_z = {n: v.detach().clone() for n, v in self.z.items()}
@@ -120,7 +119,7 @@ class SVFTrainer:
         idx = self._batch(step)
         exs, prompts = [self.train_set[i] for i in idx], [self.train_prompts[i] for i in idx]
         t0 = time.perf_counter()
-        rewards, acc = None, None
+        rewards, acc, advantages = None, None, None
         if cfg.objective == "reinforce":
             frozen = frozen_adaptation(self.z, cfg.parametrization)
             gens = generate(self.engine, prompts, [frozen] * len(idx), self._rollout_params(step, len(idx)))
@@ -128,12 +127,14 @@ class SVFTrainer:
             correct = self.task.score_many(exs, [g.text for g in gens])
             rewards = torch.tensor([1.0 if c else -1.0 for c in correct], device=self.base.device)
             acc = sum(correct) / len(correct)
+            if cfg.baseline == "mean":  # advantage: only better-than-average replies are pushed up
+                advantages = rewards - rewards.mean()
         else:
             enc = self.base.tokenizer
             replies = [enc.encode(e.reference, add_special_tokens=False)[:self.max_tokens - 1] + [self.eos_id]
                        for e in exs]
         gen_s = time.perf_counter() - t0
-        loss, kl_sum, grad_norm = self._backward(prompts, replies, rewards)
+        loss, kl_sum, grad_norm = self._backward(prompts, replies, rewards if advantages is None else advantages)
         t1 = time.perf_counter()
         self.step += 1
         return {"event": "step", "step": self.step, "epoch": step // self.steps_per_epoch,

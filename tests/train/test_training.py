@@ -68,7 +68,7 @@ def test_two_steps_lower_the_loss_and_store_a_valid_expert(base, data, tmp_path)
 def test_reinforce_with_kl_and_sampled_rollouts(base, data, tmp_path):
     run = tmp_path / "run"
     cfg = config(data, run, kl_coef=0.1, rollout="sample", max_steps=2, parametrization="direct",
-                 targets="mlp")
+                 targets="mlp", baseline="mean")
     SVFTrainer(cfg, base).run()
     recs = steps(run)
     step_recs = [r for r in recs if r["event"] == "step"]
