@@ -21,6 +21,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="gsm8k | mbpp | arc-easy | arc-challenge | math500 | humaneval | cls")
     p.add_argument("--strategy", default="base", help="base | expert | prompt | cls_expert | few_shot")
     p.add_argument("--table", action="store_true", help="evaluate the whole table (all tasks and strategies)")
+    p.add_argument("--rows", default=None, help="with --table: only these strategies (comma-separated); cells "
+                   "already in OUT/table.json are kept, so a table can be filled by several commands")
     p.add_argument("--data", required=True, help="data root in the layout of shared/data")
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--store", default=None, help="expert store folder to load experts from")
@@ -83,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from experts.eval.evaluate import evaluate
     from experts.eval.stats import format_cell
     from experts.eval.strategies import EvalContext
-    from experts.eval.table import markdown, run_table
+    from experts.eval.table import ROWS, markdown, run_table
     from experts.tasks import get_task
     from experts.train.model import load_base
     from experts.train.rollout import make_engine
@@ -106,7 +108,10 @@ def run_eval(args: argparse.Namespace) -> int:
         path.write_text("".join(json.dumps(s) + "\n" for s in res["samples"]))
 
     if args.table:
-        table = run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, on_cell=write_samples)
+        rows = [r for r in ROWS if args.rows is None or r[0] in args.rows.split(",")]
+        done = json.loads((out / "table.json").read_text())["cells"] if (out / "table.json").exists() else None
+        table = run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, rows=rows, on_cell=write_samples,
+                          done=done)
         table.update(model=base.name, limit=args.limit, max_tokens=args.max_tokens, experts=sorted(experts))
         text = markdown(table)
         (out / "table.json").write_text(json.dumps(table, indent=1))

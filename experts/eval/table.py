@@ -27,11 +27,17 @@ ROWS = (("base", COLUMNS, "base"), ("expert", TRAINED, "SVF expert of that task"
 
 
 def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | None = None, rows=ROWS,
-              on_cell=None) -> dict:
-    """Every cell of the table; ``on_cell(result)`` sees each full result as it finishes."""
-    cells: dict[str, dict[str, dict]] = {}
+              on_cell=None, done: dict | None = None) -> dict:
+    """Every cell of ``rows``; ``on_cell(result)`` sees each full result as it finishes.
+
+    ``done``: cells of an earlier run (``table["cells"]``) that are kept instead of recomputed (those
+    that were n/a are tried again), so a long table can be filled in several commands.
+    """
+    cells: dict[str, dict[str, dict]] = {s: dict(r) for s, r in (done or {}).items()}
     for strategy, columns, _ in rows:
         for task_name in columns:
+            if "accuracy" in cells.get(strategy, {}).get(task_name, {}):
+                continue
             try:
                 res = evaluate(ctx, get_task(task_name), strategy, limit=limit, max_tokens=max_tokens)
             except StrategyUnavailable as e:
@@ -42,7 +48,7 @@ def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | N
                 on_cell(res)
             cells.setdefault(strategy, {})[task_name] = {k: v for k, v in res.items() if k != "samples"}
             log.info("%s / %s: %s", strategy, task_name, format_cell(res))
-    return {"columns": list(COLUMNS), "rows": [r[0] for r in rows], "cells": cells}
+    return {"columns": list(COLUMNS), "rows": [r[0] for r in ROWS if r[0] in cells], "cells": cells}
 
 
 def markdown(table: dict) -> str:

@@ -121,7 +121,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> RunResul
 def run_many(sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int | None = None
              ) -> list[RunResult]:
     """``run_python`` over many programs, a few at a time (threads only wait on the children)."""
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
     if len(sources) <= 1 or workers == 1:
         return [run_python(s, limits) for s in sources]
     with ThreadPoolExecutor(workers) as pool:

@@ -30,3 +30,10 @@ def test_train_then_eval(tiny_llama_dir, tmp_path, capsys):
     table = json.loads((out / "table.json").read_text())
     assert table["cells"]["expert"]["mbpp"]["n"] == 1 and "error" in table["cells"]["expert"]["gsm8k"]
     assert (out / "table.md").read_text().startswith("| | GSM8K | MBPP |")
+    # Filling a table in parts: cells already there are kept, the rows asked for are (re)computed.
+    table["cells"]["base"]["gsm8k"]["correct"] = -1  # a marker: kept, not recomputed
+    (out / "table.json").write_text(json.dumps(table))
+    assert main(["eval", "--table", "--rows", "base", "--limit", "1", "--max-tokens", "2", *common,
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "table.json").read_text())
+    assert again["cells"]["base"]["gsm8k"]["correct"] == -1 and "expert" in again["cells"]
