@@ -30,16 +30,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=settings.shutdown_timeout)
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Convert/load the model once (fills the caches) and exit: used at image build time."""
+    """Convert/load the model and compute its SVD factors once (fills the caches), then exit: used at image
+    build time so a container starts without either."""
     from server.model_loader import load_model
+
+    from server.engine.async_engine import install_adapters
 
     settings = settings_from_args(args)
     loaded = load_model(settings)
+    install_adapters(loaded.model, settings)  # computes and caches the SVD factors of the targets
     print(f"ready: {loaded.name} from {loaded.path}")
     return 0
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
     log_level: str = "info"
+    shutdown_timeout: int = Field(25, ge=0, description="seconds in-flight requests get to finish after SIGTERM "
+                                  "before they are cancelled (keep below the orchestrator's grace period)")
 
     # --- scheduling and limits ---------------------------------------------------------------------
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together in one step")

@@ -17,6 +17,18 @@ from server.engine.types import (EngineDeadError, GenerationRequest, PromptTooLo
 log = logging.getLogger("t2serve.engine")
 
 
+def install_adapters(model, settings):
+    """Put the adaptive layers into `model` (SVD factors from the cache, computed once otherwise);
+    None when `adapt_targets` is "none"."""
+    if settings.adapt_targets == "none":
+        return None
+    from adapters.install import install
+
+    targets = settings.adapt_targets
+    targets = targets.split(",") if "," in targets else targets
+    return install(model, targets, svd_cache_dir=Path(settings.cache_dir) / "svd")
+
+
 class AsyncEngine:
     def __init__(self, llm: LLMEngine, model_name: str, max_waiting: int = 256):
         self.llm = llm
@@ -41,12 +53,8 @@ class AsyncEngine:
         from server.model_loader import load_model
 
         loaded = load_model(settings)
-        if adapt is None and settings.adapt_targets != "none":
-            from adapters.install import install
-
-            targets = settings.adapt_targets
-            targets = targets.split(",") if "," in targets else targets
-            adapt = install(loaded.model, targets, svd_cache_dir=Path(settings.cache_dir) / "svd")
+        if adapt is None:
+            adapt = install_adapters(loaded.model, settings)
         cfg = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                            max_prefill_tokens=settings.max_prefill_tokens)
         eng = cls(LLMEngine(loaded.model, loaded.tokenizer, cfg, adapt), loaded.name, settings.max_waiting)
