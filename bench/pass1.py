@@ -31,7 +31,9 @@ def labelled(data: Path, per_category: int, seed: int) -> list[tuple[str, str]]:
 
     rng = random.Random(seed)
     math_q = [r["question"] for r in jsonl(data / "gsm8k/test.jsonl")] + [r["problem"] for r in jsonl(data / "math500/test.jsonl")]
-    code_q = [r["text"] for r in jsonl(data / "mbpp/mbpp.jsonl")] + [r["prompt"] for r in jsonl(data / "humaneval/HumanEval.jsonl")]
+    # MBPP's test range (task ids 11-510) only: the classifier expert trains on the other ids.
+    code_q = [r["text"] for r in jsonl(data / "mbpp/mbpp.jsonl") if 11 <= r["task_id"] <= 510] + \
+        [r["prompt"] for r in jsonl(data / "humaneval/HumanEval.jsonl")]
     reas_q = []
     for r in jsonl(data / "arc/ARC-Challenge-Test.jsonl"):
         q = r["question"]
@@ -56,11 +58,14 @@ async def main_async(args) -> dict:
 
     from adapters import SVFExpert
     from experts.registry import ExpertRegistry
-    from server.config import Settings
     from server.engine.async_engine import AsyncEngine
     from server.engine.types import GenerationRequest, SamplingParams
 
-    settings = Settings(model=args.model, device=args.device, max_num_seqs=16, max_model_len=2048)
+    class settings:  # what AsyncEngine.from_settings reads (no pydantic-settings needed, e.g. on a GPU box)
+        model, device, dtype, served_model_name, threads = args.model, args.device, "auto", None, None
+        cache_dir = Path.home() / ".cache" / "t2serve"
+        adapt_targets, max_num_seqs, max_model_len, max_prefill_tokens, max_waiting = "mlp", 16, 2048, 4096, 100000
+
     engine = AsyncEngine.from_settings(settings)
     engine.start()
     reg = ExpertRegistry()
