@@ -3,7 +3,10 @@
 # transformers but no gguf package and no network:
 #   call 1 carries .carry/p1 (first half of the SmolLM2 GGUF) and copies it to /root;
 #   call 2 carries .carry/p2, .whl (the gguf wheel) and .carry/data (ARC-Easy train, for cem) and runs
-#   `bash bench/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem (default: all of them).
+#   `bash bench/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem classifier
+#   (default: profile engine adapt cem). `classifier` trains the pass-1 classifier expert (next-token)
+#   and measures dispatch accuracy of `prompt` and `cls_expert` on held-out questions (.carry/data holds
+#   gsm8k/ mbpp/ humaneval/ arc/ math500/ from the benchmark data).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -28,6 +31,11 @@ for s in $stages; do
     adapt)
       step python3 bench/adapt.py --device cuda --shape llama3-8b --out "$OUT/adapt_llama3_8b_h100.json"
       step python3 bench/adapt.py --device cuda --model "$FOLDER" --out "$OUT/adapt_smollm2_h100.json" ;;
+    classifier)
+      step python3 -m experts.train classifier --data .carry/data --model "$FOLDER" --run-dir "$OUT/runs/classifier" \
+        --objective next_token --batch-size 256 --micro-batch 128 --epochs 3 --val-every 5
+      step python3 bench/pass1.py --data .carry/data --model "$FOLDER" --device cuda --per-category 50 --timed 2 \
+        --classifier "$OUT/runs/classifier/expert.safetensors" --out "$OUT/pass1_h100.json" ;;
     cem) step python3 bench/cem.py --data .carry/data --model "$FOLDER" --device cuda --generations 50 --out "$OUT/cem_h100.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
