@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import engine_settings, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 
 
 def arc_shots(data: Path, n: int):
@@ -43,12 +43,7 @@ async def run(args) -> dict:
     from experts.few_shot import FewShotSearch, FewShotSpec
     from server.engine.async_engine import AsyncEngine
 
-    class S:  # the few settings AsyncEngine.from_settings reads (no pydantic-settings needed)
-        model, device, dtype, served_model_name, threads = args.model, args.device, "auto", None, None
-        cache_dir = Path.home() / ".cache" / "t2serve"
-        adapt_targets, max_num_seqs, max_model_len, max_prefill_tokens, max_waiting = "mlp", args.max_num_seqs, 1024, 4096, 100000
-
-    engine = AsyncEngine.from_settings(S)
+    engine = AsyncEngine.from_settings(engine_settings(args.model, args.device, args.max_num_seqs, 1024))
     engine.start()
     g = torch.Generator().manual_seed(0)
     experts = [SVFExpert(f"e{k}", {t.name: 2.0 + torch.randn(t.rank, generator=g) for t in engine.runtime.targets})

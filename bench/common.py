@@ -49,6 +49,16 @@ def machine() -> dict:
     return info
 
 
+def engine_settings(model: str | None, device: str, max_num_seqs: int, max_model_len: int):
+    """The settings AsyncEngine.from_settings reads, without pydantic-settings (absent on some GPU boxes)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, device=device, dtype="auto", served_model_name=None, threads=None,
+                           cache_dir=Path.home() / ".cache" / "t2serve", adapt_targets="mlp",
+                           max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=4096,
+                           max_waiting=100_000)
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

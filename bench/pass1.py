@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import engine_settings, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 
 
 def labelled(data: Path, per_category: int, seed: int) -> list[tuple[str, str]]:
@@ -61,12 +61,7 @@ async def main_async(args) -> dict:
     from server.engine.async_engine import AsyncEngine
     from server.engine.types import GenerationRequest, SamplingParams
 
-    class settings:  # what AsyncEngine.from_settings reads (no pydantic-settings needed, e.g. on a GPU box)
-        model, device, dtype, served_model_name, threads = args.model, args.device, "auto", None, None
-        cache_dir = Path.home() / ".cache" / "t2serve"
-        adapt_targets, max_num_seqs, max_model_len, max_prefill_tokens, max_waiting = "mlp", 16, 2048, 4096, 100000
-
-    engine = AsyncEngine.from_settings(settings)
+    engine = AsyncEngine.from_settings(engine_settings(args.model, args.device, 16, 2048))
     engine.start()
     reg = ExpertRegistry()
     for cat in ("math", "code", "reasoning"):
