@@ -46,17 +46,26 @@ def post(srv, **body):
         return c.post("/v1/completions", json={"prompt": TEXT, "max_tokens": 8, "temperature": 0, **body})
 
 
+def run_strategy(srv, strategy: str):
+    """(response, its `adaptation` report) of one request with pass-1 `strategy`."""
+    r = post(srv, adaptation={"strategy": strategy})
+    assert r.status_code == 200, r.text
+    return r, r.json()["adaptation"]
+
+
+def assert_probs(info: dict, want: dict[str, float]) -> None:
+    for k, v in want.items():
+        assert abs(info["weights"][k] - v) < 1e-4
+
+
 def test_prompt_strategy_scores_like_a_full_forward_and_routes(pass1_server, tiny_llama_dir):
     srv, experts, _ = pass1_server
-    r = post(srv, adaptation={"strategy": "prompt"})
-    assert r.status_code == 200, r.text
-    info = r.json()["adaptation"]
+    r, info = run_strategy(srv, "prompt")
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     want = reference_probs(base, tok, ["code", "math"])
     assert set(info["weights"]) == {"code", "math", "other"}
-    for k, v in want.items():
-        assert abs(info["weights"][k] - v) < 1e-4
+    assert_probs(info, want)
     assert info["strategy"] == "prompt" and info["chosen"] == max(want, key=want.get)
     assert info["pass1_ms"] > 0
     expected_expert = {"math": "m", "code": "c", "other": None}[info["chosen"]]
@@ -68,15 +77,12 @@ def test_prompt_strategy_scores_like_a_full_forward_and_routes(pass1_server, tin
 
 def test_cls_expert_applies_the_classifier_in_pass1(pass1_server, tiny_llama_dir):
     srv, experts, _ = pass1_server
-    r = post(srv, adaptation={"strategy": "cls_expert"})
-    assert r.status_code == 200, r.text
-    info = r.json()["adaptation"]
+    r, info = run_strategy(srv, "cls_expert")
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     with_clf = reference_probs(reference_model(tiny_llama_dir, [(experts["clf"], 1.0)]), tok, ["code", "math"])
     base = reference_probs(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(),
                            tok, ["code", "math"])
-    for k, v in with_clf.items():
-        assert abs(info["weights"][k] - v) < 1e-4
+    assert_probs(info, with_clf)
     assert max(abs(with_clf[k] - base[k]) for k in base) > 1e-3  # the classifier really changed pass 1
     assert info["strategy"] == "cls_expert" and info["chosen"] == max(with_clf, key=with_clf.get)
 
