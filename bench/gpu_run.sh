@@ -3,10 +3,14 @@
 # transformers but no gguf package and no network:
 #   call 1 carries .carry/p1 (first half of the SmolLM2 GGUF) and copies it to /root;
 #   call 2 carries .carry/p2, .whl (the gguf wheel) and .carry/data (ARC-Easy train, for cem) and runs
-#   `bash bench/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem classifier
+#   `bash bench/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem classifier experts table
 #   (default: profile engine adapt cem). `classifier` trains the pass-1 classifier expert (next-token)
 #   and measures dispatch accuracy of `prompt` and `cls_expert` on held-out questions (.carry/data holds
-#   gsm8k/ mbpp/ humaneval/ arc/ math500/ from the benchmark data).
+#   gsm8k/ mbpp/ humaneval/ arc/ math500/ from the benchmark data). `experts` trains the GSM8K, MBPP and
+#   ARC-Easy SVF experts (next-token, best checkpoint by validation accuracy) into /root/store and fills
+#   the trained tasks' cells of the results table; `table` fills the rest (a later call on the same warm
+#   machine: the store and the table live under /root, every finished cell is saved at once, so a call
+#   that runs out of time is continued by the next one).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -36,6 +40,20 @@ for s in $stages; do
         --objective next_token --batch-size 256 --micro-batch 128 --epochs 3 --val-every 5
       step python3 bench/pass1.py --data .carry/data --model "$FOLDER" --device cuda --per-category 50 --timed 2 \
         --classifier "$OUT/runs/classifier/expert.safetensors" --out "$OUT/pass1_h100.json" ;;
+    experts)
+      for spec in "gsm8k 128 64 60 20 150" "mbpp 64 32 36 6 90" "arc-easy 128 64 54 9 300"; do
+        set -- $spec
+        step python3 -m experts.train svf --task "$1" --data .carry/data --model "$FOLDER" --run-dir "$OUT/runs/$1" \
+          --store /root/store --objective next_token --batch-size "$2" --micro-batch "$3" --max-steps "$4" \
+          --val-every "$5" --val-limit "$6" --max-num-seqs 256
+      done
+      step timeout 240 python3 -m experts.eval --table --rows base,expert --data .carry/data --model "$FOLDER" \
+        --store /root/store --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
+      cp -r /root/table "$OUT/" ;;
+    table)
+      step timeout 540 python3 -m experts.eval --table --data .carry/data --model "$FOLDER" --store /root/store \
+        --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
+      cp -r /root/table "$OUT/" ;;
     cem) step python3 bench/cem.py --data .carry/data --model "$FOLDER" --device cuda --generations 50 --out "$OUT/cem_h100.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

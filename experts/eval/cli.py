@@ -110,12 +110,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.table:
         rows = [r for r in ROWS if args.rows is None or r[0] in args.rows.split(",")]
         done = json.loads((out / "table.json").read_text())["cells"] if (out / "table.json").exists() else None
-        table = run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, rows=rows, on_cell=write_samples,
-                          done=done)
-        table.update(model=base.name, limit=args.limit, max_tokens=args.max_tokens, experts=sorted(experts))
-        text = markdown(table)
-        (out / "table.json").write_text(json.dumps(table, indent=1))
-        (out / "table.md").write_text(text + "\n")
+
+        def save(table: dict) -> str:
+            table.update(model=base.name, limit=args.limit, max_tokens=args.max_tokens, experts=sorted(experts))
+            text = markdown(table)
+            (out / "table.json").write_text(json.dumps(table, indent=1))
+            (out / "table.md").write_text(text + "\n")
+            return text
+
+        text = save(run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, rows=rows, on_cell=write_samples,
+                              done=done, on_table=save))
     else:
         task = get_task(args.task)
         res = evaluate(ctx, task, args.strategy, split=args.split, limit=args.limit, max_tokens=args.max_tokens)

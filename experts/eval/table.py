@@ -27,8 +27,10 @@ ROWS = (("base", COLUMNS, "base"), ("expert", TRAINED, "SVF expert of that task"
 
 
 def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | None = None, rows=ROWS,
-              on_cell=None, done: dict | None = None) -> dict:
-    """Every cell of ``rows``; ``on_cell(result)`` sees each full result as it finishes.
+              on_cell=None, done: dict | None = None, on_table=None) -> dict:
+    """Every cell of ``rows``; ``on_cell(result)`` sees each full result as it finishes and
+    ``on_table(table)`` the table so far after each cell (to save it: a long run that is stopped keeps
+    its finished cells).
 
     ``done``: cells of an earlier run (``table["cells"]``) that are kept instead of recomputed (those
     that were n/a are tried again), so a long table can be filled in several commands.
@@ -48,6 +50,12 @@ def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | N
                 on_cell(res)
             cells.setdefault(strategy, {})[task_name] = {k: v for k, v in res.items() if k != "samples"}
             log.info("%s / %s: %s", strategy, task_name, format_cell(res))
+            if on_table:
+                on_table(_table(cells))
+    return _table(cells)
+
+
+def _table(cells: dict) -> dict:
     return {"columns": list(COLUMNS), "rows": [r[0] for r in ROWS if r[0] in cells], "cells": cells}
 
 
