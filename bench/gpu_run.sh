@@ -41,7 +41,7 @@ for s in $stages; do
       step python3 bench/pass1.py --data .carry/data --model "$FOLDER" --device cuda --per-category 50 --timed 2 \
         --classifier "$OUT/runs/classifier/expert.safetensors" --out "$OUT/pass1_h100.json" ;;
     experts)
-      for spec in "gsm8k 128 64 60 20 150" "mbpp 64 32 36 6 90" "arc-easy 128 64 54 9 300"; do
+      for spec in "gsm8k 128 64 40 10 150" "mbpp 64 32 36 6 90" "arc-easy 128 64 54 9 300"; do
         set -- $spec
         step python3 -m experts.train svf --task "$1" --data .carry/data --model "$FOLDER" --run-dir "$OUT/runs/$1" \
           --store /root/store --objective next_token --batch-size "$2" --micro-batch "$3" --max-steps "$4" \
