@@ -16,10 +16,20 @@ against the served model again: experts for other weights or other matrices stay
 
 Consistency: registry entries are replaced whole, so a request that already resolved its Adaptation
 keeps the tensors of the version it started with; a deleted or replaced expert is gone from the
-registry before the call returns. One lock serialises commits (they take milliseconds; mixtures make
-names depend on each other, so a per-name lock would not be enough). Several server processes sharing
-one folder would need that lock to become a file lock (fcntl on ``.lock``) plus a reload on change:
-not done yet.
+registry before the call returns. One lock serialises writes (they take milliseconds; mixtures make
+names depend on each other, so a per-name lock would not be enough).
+
+Several processes (server replicas, ``t2serve experts`` and training tools) may share one folder,
+local or on a shared volume (``store_lock.py``):
+- Every write (and the recovery at start) holds the file lock ``.lock`` from staging to announcement,
+  catches up with the folder first (``refresh``), numbers the version after the newest on disk, and ends
+  by adding one to ``.generation``. Staging inside the lock lets recovery remove whatever it finds in
+  ``.incoming``: no live writer has files there while another process holds the lock.
+- Readers never lock: ``refresh`` (run by ``StoreWatcher`` every ``store_poll_interval``) reads the
+  generation and, when it moved, each name's newest record; a version is published only when its tensor
+  file matches the record's size and sha256, so a half-written or concurrently replaced file is never
+  served (it is retried at the next poll, the copy in memory kept meanwhile). A name whose folder is
+  gone is dropped: requests already running finish with their copy, new ones get 404.
 """
 from __future__ import annotations
 
@@ -28,9 +38,9 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +51,7 @@ from experts.base_model import BaseModelInfo
 from experts.errors import ExpertError, not_found
 from experts.records import NAME_RE, ExpertRecord, check_name
 from experts.registry import ExpertRegistry
+from experts.store_lock import Generation, StoreLock
 from experts.tensor_files import read_safetensors, to_safetensors
 from experts.validation import (ExpertDraft, PreparedExpert, draft_from_record, mix_components, prepare,
                                 with_version_id)
@@ -50,6 +61,7 @@ log = logging.getLogger("t2serve.experts")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _VERSION_RE = re.compile(r"v(\d{6,})\.(json|safetensors)")
 INCOMING = ".incoming"
+MAX_FAILED_SCANS = 3  # re-reads of an unreadable newest version before waiting for the next change
 
 
 @dataclass(frozen=True)
@@ -75,14 +87,18 @@ def _file(directory: Path, version: int, ext: str) -> Path:
 
 class ExpertStore:
     def __init__(self, root: str | os.PathLike, registry: ExpertRegistry | None = None,
-                 base: BaseModelInfo | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES):
+                 base: BaseModelInfo | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 lock_timeout: float = 30.0):
         self.root = Path(root)
         self.registry = registry if registry is not None else ExpertRegistry()
         self.base = base
         self.max_bytes = max_bytes
-        self._lock = threading.RLock()
+        self._lock = StoreLock(self.root, lock_timeout)
+        self._generation = Generation(self.root)
+        self._seen = None  # the generation this view reflects (None: never read)
+        self._failed_scans = 0  # consecutive scans that left an unreadable version behind
         self._experts: dict[str, StoredExpert] = {}
-        self._next_version: dict[str, int] = {}
+        self._next_version: dict[str, int] = {}  # per name: never hand out a lower number again
         self._recover = True
 
     # --- reading -------------------------------------------------------------------------------------
@@ -103,7 +119,7 @@ class ExpertStore:
 
     def read_file(self, name: str) -> tuple[ExpertRecord, bytes]:
         """The current version's record and tensor file bytes (export, download)."""
-        with self._lock:  # not while a replacement removes the file
+        with self._synced():  # not while a replacement, here or in another process, removes the file
             s = self._experts.get(name)
             if s is None:
                 raise not_found(name)
@@ -123,12 +139,12 @@ class ExpertStore:
             raise too_large(len(data), self.max_bytes)
         sha = hashlib.sha256(data).hexdigest()
         with_version_id(prepared, sha)
-        tmp = write_temp(self.root / INCOMING, data, prefix=draft.name + ".")
-        try:
-            with self._lock:
+        with self._synced():
+            tmp = write_temp(self.root / INCOMING, data, prefix=draft.name + ".")
+            try:
                 return self._commit(prepared, tmp, sha, len(data))
-        finally:
-            tmp.unlink(missing_ok=True)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _commit(self, prepared: PreparedExpert, tmp: Path, sha: str, size: int) -> StoredExpert:
         name = prepared.draft.name
@@ -141,7 +157,7 @@ class ExpertStore:
         if not directory.exists():
             directory.mkdir(parents=True)
             fsync_dir(self.root)
-        version = self._next_version.get(name, 1)
+        version = max(self._next_version.get(name, 1), max(self._versions(directory), default=0) + 1)
         record = prepared.record(version=version, sha256=sha, size=size, created=int(time.time()),
                                  base=self.base, parametrization=parametrization, targets=targets)
         # No fsync of the folder for this rename: the record's atomic write below fsyncs the same folder,
@@ -153,11 +169,12 @@ class ExpertStore:
         self._publish(stored)
         self._refresh_dependents(name)
         self._remove_versions(directory, keep=version)
+        self._announce()
         log.info("expert %s v%d stored (%s, %d bytes)", name, version, record.kind, size)
         return stored
 
     def delete(self, name: str) -> StoredExpert:
-        with self._lock:
+        with self._synced():
             stored = self._experts.get(name)
             if stored is None:
                 raise not_found(name)
@@ -168,6 +185,7 @@ class ExpertStore:
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             os.replace(self.root / name, trash)  # one atomic step: gone from disk for any restart
             fsync_dir(self.root)
+            self._announce()
             self.registry.remove(name)
             self._experts = {k: v for k, v in self._experts.items() if k != name}
             self._next_version.pop(name, None)
@@ -181,12 +199,14 @@ class ExpertStore:
         """Recover the folder after any crash and publish every valid expert (see the module docstring).
         ``recover=False`` only reads (tools that run beside a server must not remove its files in flight)."""
         self._recover = recover
-        with self._lock:
+        # Recovery removes files, so it waits for any writer of another process to finish; reading does not.
+        with self._lock.exclusive() if recover else self._lock.thread_lock:
             self.root.mkdir(parents=True, exist_ok=True)
+            seen = self._generation.read()  # before reading: a write after this is seen at the next poll
             if recover:
                 self._sweep()
             found = []
-            for directory in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for directory in self._name_dirs():
                 if not NAME_RE.fullmatch(directory.name):
                     log.warning("ignoring %s: not an expert name", directory)
                     continue
@@ -195,6 +215,9 @@ class ExpertStore:
                     found.append(item)
             for record, tensors in sorted(found, key=lambda rt: rt[0].kind == "mixture"):  # parts first
                 self._publish(self._validated(record, tensors))
+            self._seen = seen
+            if recover:
+                self._announce()  # recovery may have removed files: the others look again
             ready = sum(s.ready for s in self._experts.values())
             log.info("%d expert(s) loaded from %s (%d ready)", len(self._experts), self.root, ready)
             return self.list()
@@ -205,14 +228,26 @@ class ExpertStore:
                 shutil.rmtree(p, ignore_errors=True)
         shutil.rmtree(self.root / INCOMING, ignore_errors=True)
 
-    def _load_name(self, directory: Path) -> tuple[ExpertRecord, dict] | None:
+    def _versions(self, directory: Path) -> dict[int, set[str]]:
+        """Version number -> the extensions present ({"json", "safetensors"} for a complete one)."""
         versions: dict[int, set[str]] = {}
-        for p in directory.iterdir():
+        try:
+            entries = list(directory.iterdir())
+        except FileNotFoundError:  # deleted meanwhile, or not created yet
+            return versions
+        for p in entries:
             m = _VERSION_RE.fullmatch(p.name)
             if m:
                 versions.setdefault(int(m.group(1)), set()).add(m.group(2))
-            elif p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and self._recover:
+            elif p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and self._recover and self._lock.held:
                 p.unlink(missing_ok=True)  # an atomic write that never finished
+        return versions
+
+    def _name_dirs(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _load_name(self, directory: Path) -> tuple[ExpertRecord, dict] | None:
+        versions = self._versions(directory)
         self._next_version[directory.name] = max(versions, default=0) + 1  # never reuse a number
         chosen = None
         for v in sorted(versions, reverse=True):
@@ -261,6 +296,75 @@ class ExpertStore:
             m = _VERSION_RE.fullmatch(p.name)
             if m and int(m.group(1)) != keep:
                 p.unlink(missing_ok=True)
+
+    # --- other processes sharing the folder ----------------------------------------------------------
+
+    @contextmanager
+    def _synced(self):
+        """Exclusive access to the folder, with this view caught up with it first."""
+        with self._lock.exclusive():
+            self.refresh()
+            yield
+
+    def _announce(self) -> None:
+        """Tell the other processes that the folder changed (the caller holds the lock)."""
+        new = self._generation.bump()
+        if self._seen == new - 1:  # this view was current; one behind stays behind (read again later)
+            self._seen = new
+
+    def refresh(self, force: bool = False) -> bool:
+        """Catch up with what other processes wrote: when the generation moved since the last look (or
+        with ``force``), publish new and replaced versions and drop deleted names. True if anything
+        changed. Cheap when nothing did: one small file read."""
+        with self._lock.thread_lock:
+            generation = self._generation.read()  # before the records: a later write moves it again
+            if generation == self._seen and not force:
+                return False
+            changed, complete = self._rescan()
+            if complete or self._failed_scans + 1 >= MAX_FAILED_SCANS:
+                self._seen, self._failed_scans = generation, 0
+            else:
+                self._failed_scans += 1  # the next call reads the folder again
+            return changed
+
+    def _rescan(self) -> tuple[bool, bool]:
+        """(anything changed, every name read completely). Only the newest committed version of each name
+        counts; when it cannot be read (replaced or deleted while read, or damaged), the copy in memory
+        stays until a later scan succeeds."""
+        listed = {d.name: d for d in self._name_dirs() if NAME_RE.fullmatch(d.name)}
+        gone = [n for n in self._experts if n not in listed and not (self.root / n).is_dir()]
+        fresh: list[tuple[ExpertRecord, dict]] = []
+        complete = True
+        for name, directory in listed.items():
+            committed = [v for v, exts in self._versions(directory).items() if "json" in exts]
+            current = self._experts.get(name)
+            if not committed:  # being created (or re-created after a delete): its writer announces it
+                complete = complete and current is None
+                continue
+            v = max(committed)
+            self._next_version[name] = max(self._next_version.get(name, 1), v + 1)
+            try:
+                record = ExpertRecord.from_json(_file(directory, v, "json").read_bytes())
+                if current is not None and current.record == record:
+                    continue
+                fresh.append(self._read_version(directory, v))
+            except (ExpertError, OSError) as e:
+                complete = False
+                log.info("expert %s v%d not read yet (%s)", name, v, getattr(e, "message", e))
+        for name in gone:
+            self.registry.remove(name)
+            self._experts = {k: v for k, v in self._experts.items() if k != name}
+            self._next_version.pop(name, None)
+            log.info("expert %s deleted by another process", name)
+        for record, tensors in sorted(fresh, key=lambda rt: rt[0].kind == "mixture"):  # parts first
+            self._publish(self._validated(record, tensors))
+            try:
+                self._refresh_dependents(record.name)
+            except ExpertError as e:  # a mixture whose new parts are not all read yet
+                complete = False
+                log.info("mixtures of %s not re-mixed yet (%s)", record.name, e.message)
+            log.info("expert %s v%d loaded (written by another process)", record.name, record.version)
+        return bool(gone or fresh), complete
 
     # --- the registry and mixtures -------------------------------------------------------------------
 

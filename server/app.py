@@ -56,15 +56,19 @@ def attach_experts(state: ServerState, engine: Any) -> None:
     from experts.base_model import BaseModelInfo
     from experts.registry import ExpertRegistry
     from experts.store import ExpertStore
+    from experts.store_watcher import StoreWatcher
     from server.api.adaptation import AdaptationResolver as ExpertResolver
 
     if state.store is None:
         given = state.registry is not None
         registry = state.registry if given else ExpertRegistry()
-        store = ExpertStore(state.settings.resolved_expert_dir(), registry, BaseModelInfo.from_engine(engine),
-                            max_bytes=state.settings.max_expert_bytes)
+        settings = state.settings
+        store = ExpertStore(settings.resolved_expert_dir(), registry, BaseModelInfo.from_engine(engine),
+                            max_bytes=settings.max_expert_bytes, lock_timeout=settings.store_lock_timeout)
         if not given:
             store.load()
+            if settings.store_poll_interval > 0:  # replicas sharing the folder: serve each other's writes
+                state.store_watcher = StoreWatcher(store, settings.store_poll_interval).start()
         state.registry, state.store = registry, store
         log.info("%d expert(s) registered", len(registry))
     if state.resolve_adaptation is base_weights:
@@ -89,6 +93,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if loading is not None and not loading.done():
             loading.cancel()  # the loader thread itself finishes on its own; its result is dropped
             await asyncio.gather(loading, return_exceptions=True)
+        if state.store_watcher is not None:
+            await asyncio.to_thread(state.store_watcher.stop)
         if state.jobs is not None:  # few-shot searches: stopped before the engine they run on
             await state.jobs.cancel_all()
         if state.engine is not None:

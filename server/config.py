@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
     expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
+    store_poll_interval: float = Field(1.0, ge=0, description="seconds between checks of the expert store for "
+                                       "changes by other replicas sharing it: they are served within this plus "
+                                       "the time to read the expert (0: never check; one server per store)")
+    store_lock_timeout: float = Field(30.0, gt=0, description="seconds an expert upload or deletion waits for "
+                                      "another replica's write to the shared store before answering 503")
     engine: Literal["native", "vllm"] = "native"
     default_strategy: Literal["none", "prompt", "cls_expert"] = Field(
         "none", description="pass-1 strategy for requests that name none: none | prompt | cls_expert")

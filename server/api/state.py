@@ -29,6 +29,7 @@ class ServerState:
     resolve_adaptation: AdaptationResolver = base_weights
     registry: Any = None  # experts.registry.ExpertRegistry once the model is loaded
     store: Any = None  # experts.store.ExpertStore that writes to the registry (once the model is loaded)
+    store_watcher: Any = None  # experts.store_watcher.StoreWatcher: other replicas' writes to a shared store
     jobs: Any = None  # experts.jobs.JobBoard of background adaptation jobs (created on first use)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 

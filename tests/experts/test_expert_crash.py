@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from experts.store import ExpertStore
+from experts.store_lock import CONTROL_FILES
 from experts.validation import ExpertDraft
 from tests.experts._helpers import as_lists, random_z
 from tests.http._live import wait_for_health
@@ -77,7 +78,8 @@ def test_sigkill_at_each_step_of_a_write(tmp_path, point, name, expect):
     if name == "y":  # the other expert is untouched
         assert torch.equal(store.registry.get("x").expert.z["m"], torch.full((4,), 1.0))
     # Only committed versions remain, one per name, and nothing else.
-    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if p.is_file() and p.name not in CONTROL_FILES)
     want = sorted(f"{n}/v{s.record.version:06d}.{ext}" for n, s in got.items() for ext in ("json", "safetensors"))
     assert left == want
 
@@ -143,5 +145,5 @@ def test_server_killed_during_uploads_restarts_with_every_acknowledged_upload(ex
         stop.set()
         server.kill()
         server.wait(30)
-    left = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    left = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.name not in CONTROL_FILES]
     assert len(left) == 2 * len(cards)  # one record and one tensor file per expert, no leftovers

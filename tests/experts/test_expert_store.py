@@ -13,6 +13,7 @@ from adapters.adaptation import Adaptation, SVFMixture
 from experts.errors import ExpertError
 from experts.registry import ExpertRegistry
 from experts.store import ExpertStore
+from experts.store_lock import CONTROL_FILES
 from experts.validation import ExpertDraft
 from tests.experts._helpers import random_z
 
@@ -93,7 +94,7 @@ def test_recovery_removes_leftovers_and_falls_back(tmp_path, base_mlp):
     got = {s.name: s for s in reopened.load()}
     assert set(got) == {"math", "code"} and got["code"].record.version == 1
     assert files(tmp_path, "math") == ["v000001.json", "v000001.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "math"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in CONTROL_FILES) == ["code", "math"]
     assert reopened.put(svf("code", random_z(base_mlp, 3))).record.version == 3  # numbers are never reused
 
 

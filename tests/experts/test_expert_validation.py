@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from experts.store_lock import CONTROL_FILES
 from tests.experts._helpers import as_lists, post_files, post_json, random_z
 from tests.http._live import assert_error_shape, serve
 
@@ -142,7 +143,7 @@ def test_refused_with_a_named_problem(srv, z, case):
         assert c.get("/v1/experts").json()["data"] == []
     assert len(srv.state.registry) == 0
     root = srv.state.settings.resolved_expert_dir()
-    assert [p.name for p in root.iterdir() if p.name != ".incoming"] == []
+    assert [p.name for p in root.iterdir() if p.name not in (".incoming", *CONTROL_FILES)] == []
     assert list((root / ".incoming").iterdir()) == [] if (root / ".incoming").exists() else True
 
 
