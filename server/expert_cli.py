@@ -5,7 +5,8 @@ server (``--url``, with ``--admin-key``): the server imports and serves them at 
 server, loads the model named by the settings flags (for the target matrices and the fingerprint)
 and writes into the expert folder; a server reads that folder when it starts. Both go through the
 same upload code as ``POST /v1/experts``. ``export`` writes a stored expert in another format.
-Writing to a folder a running server also writes is not safe yet (one process per folder, for now).
+Writing to a folder that running servers use is safe: writers lock it, and the servers serve the new
+expert within ``store_poll_interval``.
 """
 from __future__ import annotations
 
