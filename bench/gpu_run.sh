@@ -43,17 +43,38 @@ for s in $stages; do
     experts)
       for spec in "gsm8k 128 64 40 10 150" "mbpp 64 32 36 6 90" "arc-easy 128 64 54 9 300"; do
         set -- $spec
-        step python3 -m experts.train svf --task "$1" --data .carry/data --model "$FOLDER" --run-dir "$OUT/runs/$1" \
+        step python3 -m experts.train svf --task "$1" --data .carry/data --model "$FOLDER" --run-dir "/root/runs/$1" \
           --store /root/store --objective next_token --batch-size "$2" --micro-batch "$3" --max-steps "$4" \
           --val-every "$5" --val-limit "$6" --max-num-seqs 256
       done
       step timeout 240 python3 -m experts.eval --table --rows base,expert --data .carry/data --model "$FOLDER" \
         --store /root/store --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
-      cp -r /root/table "$OUT/" ;;
+      (cd /root && tar -czf "$OUT/results.tgz" table store runs) ;;
+    experts-rl)
+      # REINFORCE (sampled rollouts, mean baseline) for the tasks whose next-token expert did not beat the
+      # base; a new version goes into the store only if a trained step beat step 0 (the base) on
+      # validation (--store-when improved). Continues the store and table of .carry/prev.
+      [ -d .carry/prev ] && { mkdir -p /root/store /root/table; cp -rn .carry/prev/store/. /root/store/; cp -rn .carry/prev/table/. /root/table/; }
+      for spec in "arc-easy 256 128 27 3 300 32" "mbpp 64 64 18 6 90 320"; do
+        set -- $spec
+        step timeout 280 python3 -m experts.train svf --task "$1" --data .carry/data --model "$FOLDER" \
+          --run-dir "/root/runs/rl-$1" --store /root/store --objective reinforce --baseline mean --rollout sample \
+          --temperature 0.7 --batch-size "$2" --micro-batch "$3" --max-steps "$4" --val-every "$5" --val-limit "$6" \
+          --max-tokens "$7" --max-num-seqs 256 --store-when improved || true
+      done
+      python3 - <<'PY'
+import json, pathlib
+p = pathlib.Path("/root/table/table.json")
+if p.exists():
+    t = json.loads(p.read_text()); t["cells"].pop("expert", None); p.write_text(json.dumps(t))
+PY
+      step timeout 150 python3 -m experts.eval --table --rows base,expert --data .carry/data --model "$FOLDER" \
+        --store /root/store --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
+      (cd /root && tar -czf "$OUT/results.tgz" table store runs) ;;
     table)
       step timeout 540 python3 -m experts.eval --table --data .carry/data --model "$FOLDER" --store /root/store \
         --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
-      cp -r /root/table "$OUT/" ;;
+      (cd /root && tar -czf "$OUT/results.tgz" table store) ;;
     cem) step python3 bench/cem.py --data .carry/data --model "$FOLDER" --device cuda --generations 50 --out "$OUT/cem_h100.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -17,6 +17,8 @@ HELP = {
     "run_dir": "folder for checkpoint, log.jsonl, curves.png and expert.safetensors (default runs/<name>)",
     "model": "Hugging Face folder or .gguf file (default: the embedded SmolLM2)",
     "store": "expert store folder to put the trained expert in (e.g. ~/.cache/t2serve/experts)",
+    "store_when": "always | improved (put the expert in --store only if a trained step beat step 0, "
+                  "i.e. the base, on validation)",
     "name": "expert name (default: the task name; 'classifier' for cls)",
     "targets": "adapted matrices: mlp | attn | all",
     "parametrization": "sakana (sigmoid + rescale, reference code) | direct (paper formula)",

@@ -22,6 +22,7 @@ class TrainConfig:
     run_dir: str  # checkpoint, JSONL log, learning curves, best z
     model: str | None = None  # HF folder or .gguf; None = the embedded SmolLM2
     store: str | None = None  # expert store folder the result is written to (None: only the run dir)
+    store_when: str = "always"  # always | improved: only when a trained step beat the starting point on validation
     name: str | None = None  # expert name (default: the task name; "classifier" for cls)
     targets: str = "mlp"  # mlp | attn | all
     parametrization: str = "sakana"  # sakana | direct
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"rollout must be one of {ROLLOUTS}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}")
+        if self.store_when not in ("always", "improved"):
+            raise ValueError("store_when must be 'always' or 'improved'")
         if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 0 or self.val_every < 1:
             raise ValueError("batch_size, micro_batch, val_every must be >= 1 and epochs >= 0")
 

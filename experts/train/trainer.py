@@ -221,7 +221,8 @@ class SVFTrainer:
                 "base_model": self.base.name}
         write_expert_file(self.run_dir / EXPERT_FILE, cfg.expert_name, z, cfg.parametrization, meta)
         stored = None
-        if cfg.store:
+        improved = self.best_val is not None and self.best_step > 0
+        if cfg.store and (cfg.store_when == "always" or improved):
             desc = (f"SVF expert for {self.task.name} ({cfg.objective}, {cfg.targets}, step {self.best_step} of "
                     f"{self.step}, validation accuracy {self.best_val})")
             stored = put_in_store(Path(cfg.store), self.base, cfg.expert_name, z, cfg.parametrization,
