@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: serve test install install-dev bench clean
+.PHONY: serve test reliability install install-dev bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)
+
+# The reliability suite alone (also part of `make test`), its report written to results/reliability.json.
+reliability: install-dev
+	T2_REL_REPORT=results/reliability.json $(PY) -m pytest -q -m reliability tests/reliability $(ARGS)
 
 bench: install
 	$(PY) bench/engine.py

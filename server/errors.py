@@ -6,6 +6,7 @@ parameters, malformed JSON and unsatisfiable prompts are all 400, as OpenAI answ
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -64,9 +65,24 @@ def from_engine_error(exc: EngineError) -> APIError:
     return APIError(500, f"Engine error: {exc}", type="server_error", code="engine_error")
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON escaped to ASCII: a message that quotes the request (a model name, a field's value) may
+    hold a lone surrogate, which UTF-8 cannot encode; escaped, it is still valid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return ErrorJSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _unparsable_body(cause: BaseException | None) -> APIError:
+    """FastAPI's 400 for a JSON body that json.loads could not take for a reason other than syntax."""
+    why = {UnicodeDecodeError: "it is not valid UTF-8",
+           RecursionError: "it is nested too deeply"}.get(type(cause), "it could not be parsed")
+    return invalid_request(f"Malformed JSON in the request body: {why}.", code="invalid_json")
 
 
 # --- pydantic validation errors -------------------------------------------------------------------
@@ -125,9 +141,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown routes (404), wrong methods (405) and the like.
+        # Unknown routes (404), wrong methods (405), bodies FastAPI could not parse (400) and the like.
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         err = APIError(exc.status_code, str(exc.detail), type=type_)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            err = _unparsable_body(exc.__cause__)
         resp = error_response(err)
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v

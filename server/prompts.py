@@ -12,6 +12,16 @@ from typing import Any
 from server.errors import invalid_request
 
 
+def check_text(text: str, param: str) -> str:
+    """``text`` if UTF-8 can encode it; JSON escapes can smuggle in lone surrogates, which it cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise invalid_request(f"'{param}' is not valid Unicode text: it holds a lone surrogate "
+                              f"(\\u{ord(text[e.start]):04x}) at character {e.start}.", param=param) from None
+    return text
+
+
 def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]:
     """Token ids of every prompt in a completions request (one list per prompt)."""
     if isinstance(prompt, str):
@@ -29,7 +39,7 @@ def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]
         if isinstance(p, str):
             if not p:
                 raise invalid_request(f"'{where}' must not be an empty string.", param=where)
-            ids = tokenizer.encode(p)
+            ids = tokenizer.encode(check_text(p, where))
         else:
             ids = list(p)
             if not ids:
@@ -47,6 +57,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_request("This model has no chat template; use /v1/completions instead.",
                               param="messages", code="chat_template_missing")
+    for i, m in enumerate(messages):
+        check_text(m["content"], f"messages.{i}.content")
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # templates reject conversations with raise_exception(...)

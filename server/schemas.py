@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 FinishReason = Literal["stop", "length"]
+# The engine keeps these numbers in int64 tensors and generators: larger ones are refused here, not there.
+INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -2**63, 2**63 - 1
 
 
 class _Request(BaseModel):
@@ -36,8 +38,10 @@ class _SamplingRequest(_Request):
     n: int = Field(1, ge=1, description="Choices to generate for each prompt.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="Extension: sample among the k most likely tokens; 0 or -1 = off.")
-    seed: int | None = Field(None, description="Same seed, prompt and parameters give the same tokens.")
+    top_k: int = Field(0, ge=-1, le=INT32_MAX,
+                       description="Extension: sample among the k most likely tokens; 0 or -1 = off.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
+                             description="Same seed, prompt and parameters give the same tokens.")
     stop: str | list[str] | None = Field(None, description="Strings that end generation (not returned).")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -89,6 +89,8 @@ class AdaptationResolver:
         if unknown:
             raise _bad(f"unknown field(s) in 'adaptation': {', '.join(sorted(unknown))}")
         strategy = spec.get("strategy")
+        if strategy is not None and not isinstance(strategy, str):
+            raise _bad(f"'strategy' must be a string, got {type(strategy).__name__}")
         if self.is_expert(model):
             if spec.get("experts") is not None:
                 raise _bad("`model` already names an expert; do not also give 'adaptation.experts'")

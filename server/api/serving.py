@@ -34,6 +34,15 @@ def check_limits(body: Any, settings: Settings) -> None:
                               param="stop")
 
 
+def check_capacity(prompts: int, n: int, settings: Settings) -> None:
+    """A request with more sequences than the engine can ever hold is refused for good (400), not told to
+    retry later (429) as one that only meets a busy server is."""
+    most = settings.max_num_seqs + settings.max_waiting
+    if prompts * n > most:
+        raise invalid_request(f"This request makes {prompts * n} sequences ({prompts} prompt(s) x n={n}); this "
+                              f"server holds at most {most} at a time.", param="n" if prompts == 1 else "prompt")
+
+
 @dataclass
 class StartedRun:
     model: str  # served model name, as answered
@@ -68,6 +77,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     check_limits(body, settings)
     # Tokenizing a large prompt takes a while: keep it off the event loop.
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
+    check_capacity(len(prompts), body.n, settings)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
                                   prompt_param=prompt_param, param=max_param) for p in prompts]
     adaptations, report = await decide_adaptations(state, body, prompts, texts or [None] * len(prompts))

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+# Below this temperature a row is greedy: dividing logits by a (float32) temperature this small makes
+# them infinite, and the probabilities NaN.
+MIN_TEMPERATURE = 1e-6
+
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus with -inf.
@@ -18,6 +22,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     # Keep a token if the mass strictly before it is below top_p (the top token is always kept).
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False  # even for a top_p that float32 rounds to 0
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
@@ -26,11 +31,11 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """Next token per row. logits: (B, V); temperature/top_k/top_p: (B,); generators: one per row.
 
-    Rows with temperature 0 (or top_k 1) take the argmax. A row with its own generator draws from it
-    alone, so its tokens do not depend on what else is in the batch.
+    Rows with temperature 0 (or below MIN_TEMPERATURE) or top_k 1 take the argmax. A row with its own
+    generator draws from it alone, so its tokens do not depend on what else is in the batch.
     """
     logits = logits.float()
-    greedy = (temperature <= 0) | (top_k == 1)
+    greedy = (temperature < MIN_TEMPERATURE) | (top_k == 1)
     out = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return out
