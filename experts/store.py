@@ -200,7 +200,7 @@ class ExpertStore:
         ``recover=False`` only reads (tools that run beside a server must not remove its files in flight)."""
         self._recover = recover
         # Recovery removes files, so it waits for any writer of another process to finish; reading does not.
-        with self._lock.exclusive() if recover else self._lock.thread_lock:
+        with self._lock.exclusive(patient=True) if recover else self._lock.thread_lock:
             self.root.mkdir(parents=True, exist_ok=True)
             seen = self._generation.read()  # before reading: a write after this is seen at the next poll
             if recover:

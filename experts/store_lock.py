@@ -11,6 +11,7 @@ committed changes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from filelock import FileLock, Timeout
 
 from experts.atomic import atomic_write
 from experts.errors import ExpertError
+
+log = logging.getLogger("t2serve.experts")
 
 LOCK_FILE = ".lock"
 GENERATION_FILE = ".generation"
@@ -38,14 +41,19 @@ class StoreLock:
         self._file = FileLock(self.root / LOCK_FILE, timeout=timeout, thread_local=False)
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, patient: bool = False) -> Iterator[None]:
+        """``patient``: wait as long as it takes (a server's start), logging once past the timeout."""
         with self.thread_lock:
             self.root.mkdir(parents=True, exist_ok=True)
             try:
                 self._file.acquire(poll_interval=0.01)
             except Timeout as e:
-                raise ExpertError(f"Another server holds the expert store lock for more than {self.timeout:g} s; "
-                                  "retry shortly.", code="store_busy", status=503) from e
+                if not patient:
+                    raise ExpertError(f"Another server holds the expert store lock for more than {self.timeout:g} "
+                                      "s; retry shortly.", code="store_busy", status=503) from e
+                log.warning("waiting for the lock of %s, held by another process for %g s already", self.root,
+                            self.timeout)
+                self._file.acquire(timeout=-1, poll_interval=0.05)
             try:
                 yield
             finally:

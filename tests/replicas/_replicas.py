@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
@@ -13,6 +12,7 @@ from typing import Iterator
 
 import httpx
 
+from bench.balancer import free_port
 from server.config import Settings
 from tests.http._live import wait_for_health
 
@@ -38,12 +38,6 @@ def serve_flags(settings: Settings) -> list[str]:
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
     return flags
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

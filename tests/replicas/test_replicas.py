@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
+from bench.balancer import haproxy, round_robin
 from tests.experts._helpers import as_lists, random_z
 from tests.http._live import assert_error_shape, wait_for_health
-from tests.replicas._balancer import round_robin
-from tests.replicas._replicas import ROOT, free_port, replicas
+from tests.replicas._replicas import replicas
 
 POLL = 1.0  # the default store_poll_interval
 BOUND = POLL + 1.0  # what the tests allow: one interval, plus reading the expert on a busy 2-core machine
@@ -183,22 +182,9 @@ def test_both_replicas_serve_behind_haproxy_with_the_compose_config(pair, folder
     """docker/haproxy.cfg as the compose file runs it, with the two loopback replicas in place of the
     servers that Docker's DNS names."""
     a, b = pair
-    port, stats = free_port(), free_port()
-    config = (ROOT / "docker" / "haproxy.cfg").read_text()
-    config = config.replace("bind :8000", f"bind 127.0.0.1:{port}").replace("bind :8404", f"bind 127.0.0.1:{stats}")
-    config = config.replace(" resolvers docker resolve-prefer ipv4 init-addr none", "")
-    config = config.replace("server-template replica 16 t2serve:8000",
-                            f"server a 127.0.0.1:{a.port}\n    server b 127.0.0.1:{b.port}")
-    (folder / "haproxy.cfg").write_text(config)
     before = [served_completions(r) for r in pair]
-    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(folder / "haproxy.cfg")], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with haproxy([("127.0.0.1", a.port), ("127.0.0.1", b.port)], folder) as url:
         wait_for_health(url, timeout=30)
         through(url, "haproxy", base_mlp)
-    finally:
-        proxy.terminate()
-        proxy.wait(30)
     after = [served_completions(r) for r in pair]
     assert all(x - y >= 3 for x, y in zip(after, before))  # least connections: both take a share

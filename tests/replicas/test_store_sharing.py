@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experts.errors import ExpertError
 from experts.atomic import write_temp
+from experts.errors import ExpertError
 from experts.store import INCOMING, ExpertStore
 from experts.store_watcher import StoreWatcher
 from experts.validation import ExpertDraft
@@ -154,7 +154,7 @@ def test_writers_exclude_each_other_across_processes_and_a_dead_holder_frees_the
 
 def test_recovery_at_start_waits_for_a_writer_of_another_process(pair, tmp_path, base_mlp):
     a, _ = pair
-    starting = ExpertStore(tmp_path, base=base_mlp)
+    starting = ExpertStore(tmp_path, base=base_mlp, lock_timeout=0.1)  # a start waits past the timeout
     with a._lock.exclusive():  # a is in the middle of a write: its tensors are staged
         staged = write_temp(tmp_path / INCOMING, b"tensors", prefix="x.")
         loader = threading.Thread(target=starting.load)

@@ -1,0 +1,148 @@
+"""Throughput of N server replicas sharing one expert store behind a load balancer, against one replica
+alone (the baseline, measured in the same run).
+
+Each replica is ``t2serve serve`` in a process of its own on a device of its own (``--devices cuda:0,cuda:1``:
+one GPU each); all share one ``--expert-dir``. The balancer is HAProxy with the compose file's
+``docker/haproxy.cfg`` when ``haproxy`` is on PATH, otherwise the loopback round-robin balancer of
+``bench/balancer.py`` (the JSON says which). ``--experts`` random SVF experts are uploaded to the first
+replica before the others start; requests cycle through the base model and those experts (mixed
+adaptations in every batch). The load is closed-loop: ``--concurrency`` clients per replica, each sending
+its next completion (``--max-tokens``, temperature 0, distinct prompts) when the previous one answers;
+``--requests`` per replica. Throughput = generated tokens / wall time.
+
+    python bench/replicas.py --model FOLDER --devices cuda:0,cuda:1 --out OUT/replicas.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.balancer import free_port, haproxy, round_robin  # noqa: E402
+from bench.common import machine, print_table, write_json  # noqa: E402
+from bench.store import http, mlp_ranks, smollm2_folder, wait_ready  # noqa: E402
+
+
+@contextmanager
+def replica(args, device: str, store: Path, log: Path) -> Iterator[str]:
+    """A server on ``device``, healthy when the block starts (its log in ``log``)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(args.model), "--cache-dir", str(args.cache_dir),
+           "--expert-dir", str(store), "--port", str(port), "--device", device, "--log-level", "warning",
+           "--max-num-seqs", str(args.max_num_seqs), *args.serve_arg]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc)
+        except (RuntimeError, TimeoutError):
+            print(log.read_text()[-4000:], file=sys.stderr)
+            raise
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def load(url: str, models: list[str], clients: int, total: int, max_tokens: int) -> dict:
+    """Closed-loop load on ``url``; generated tokens per second and latencies."""
+    counter, lock, tokens, latencies = iter(range(total)), threading.Lock(), [], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            body = {"model": models[i % len(models)], "prompt": f"Request {i}: tell me about the number {i}.",
+                    "max_tokens": max_tokens, "temperature": 0}
+            t0 = time.perf_counter()
+            r = http(url + "/v1/completions", "POST", json.dumps(body).encode(), "application/json")
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens.append(r["usage"]["completion_tokens"])
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": total, "clients": clients, "wall_s": wall, "tokens": sum(tokens),
+            "tokens_per_s": sum(tokens) / wall, "p50_latency_s": latencies[len(latencies) // 2],
+            "p95_latency_s": latencies[int(0.95 * (len(latencies) - 1))]}
+
+
+def upload_experts(url: str, model: Path, n: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(n):
+        z = {name: torch.randn(k, generator=g).tolist() for name, k in mlp_ranks(model).items()}
+        names.append(http(url + "/v1/experts", "POST", json.dumps({"name": f"e{i}", "z": z}).encode(),
+                          "application/json")["id"])
+    return names
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="Hugging Face folder (default: the embedded SmolLM2)")
+    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "t2serve")
+    ap.add_argument("--devices", default="cuda:0,cuda:1", help="one per replica, comma-separated")
+    ap.add_argument("--concurrency", type=int, default=32, help="clients per replica")
+    ap.add_argument("--requests", type=int, default=256, help="requests per replica")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--experts", type=int, default=3, help="SVF experts the requests cycle through (with the base)")
+    ap.add_argument("--serve-arg", action="append", default=[], help="more `t2serve serve` arguments")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    args.model = args.model or smollm2_folder()
+    devices = args.devices.split(",")
+    n = len(devices)
+    rows, result = [], {"machine": machine(), "devices": devices, "args": {k: str(v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory() as work, ExitStack() as stack:
+        work = Path(work)
+        store = work / "store"
+        urls = [stack.enter_context(replica(args, devices[0], store, work / "replica0.log"))]
+        models = [http(urls[0] + "/v1/models")["data"][0]["id"], *upload_experts(urls[0], args.model, args.experts)]
+        load(urls[0], models, args.concurrency, args.concurrency, args.max_tokens)  # warm-up
+        one = load(urls[0], models, args.concurrency, args.requests, args.max_tokens)
+        rows.append({"setup": "1 replica", **one})
+        urls += [stack.enter_context(replica(args, d, store, work / f"replica{i}.log"))
+                 for i, d in enumerate(devices[1:], 1)]
+        backends = [("127.0.0.1", int(u.rsplit(":", 1)[1])) for u in urls]
+        kind = "haproxy" if shutil.which("haproxy") else "loopback round robin"
+        url = stack.enter_context(haproxy(backends, work) if shutil.which("haproxy") else round_robin(backends))
+        load(url, models, n * args.concurrency, n * args.concurrency, args.max_tokens)  # warm-up
+        many = load(url, models, n * args.concurrency, n * args.requests, args.max_tokens)
+        rows.append({"setup": f"{n} replicas ({kind})", **many})
+        result.update(balancer=kind, one=one, many=many, speedup=many["tokens_per_s"] / one["tokens_per_s"])
+    print_table(rows, ["setup", "requests", "clients", "tokens", "wall_s", "tokens_per_s", "p50_latency_s",
+                       "p95_latency_s"])
+    print(f"speedup: {result['speedup']:.2f}x with {n} replicas")
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
