@@ -82,7 +82,8 @@ def _api_error(e: ExpertError, upload: Upload | None = None) -> APIError:
         param = "file" if upload.multipart else ("weights" if upload.meta.kind == "mixture" else "z")
     elif param and upload is not None and upload.multipart and param not in (*FILE_FIELDS, "metadata"):
         param = f"metadata.{param}"  # metadata fields of a multipart upload
-    return APIError(e.status, e.message, param=param, code=e.code)
+    kind = "server_error" if e.status >= 500 else "invalid_request_error"  # 503 store_busy: retry later
+    return APIError(e.status, e.message, type=kind, param=param, code=e.code)
 
 
 def _name(name: str) -> str:

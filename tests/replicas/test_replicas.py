@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from bench.balancer import haproxy, round_robin
+from experts.store_lock import StoreLock
 from tests.experts._helpers import as_lists, random_z
-from tests.http._live import assert_error_shape, wait_for_health
+from tests.http._live import assert_error_shape, serve, wait_for_health
 from tests.replicas._replicas import replicas
 
 POLL = 1.0  # the default store_poll_interval
@@ -188,3 +189,18 @@ def test_both_replicas_serve_behind_haproxy_with_the_compose_config(pair, folder
         through(url, "haproxy", base_mlp)
     after = [served_completions(r) for r in pair]
     assert all(x - y >= 3 for x, y in zip(after, before))  # least connections: both take a share
+
+
+def test_a_write_that_waits_too_long_for_another_answers_503(pair, folder, expert_settings, base_mlp):
+    """A third replica (in this process) joins the pair's store; while another writer holds the lock
+    past its timeout, its uploads and deletions answer 503 store_busy, and succeed once the lock is free."""
+    settings = expert_settings(expert_dir=folder / "store", store_lock_timeout=0.2, threads=1)
+    with serve(settings) as third, third.client() as c:
+        assert c.get("/v1/experts/math").json()["version"] == 2  # written by the others before it started
+        with StoreLock(folder / "store").exclusive():
+            for r in (c.post("/v1/experts", json={"name": "busy", "z": as_lists(random_z(base_mlp, 9))}),
+                      c.delete("/v1/experts/math")):
+                err = assert_error_shape(r, 503)
+                assert err["code"] == "store_busy" and err["type"] == "server_error"
+        assert c.post("/v1/experts", json={"name": "busy", "z": as_lists(random_z(base_mlp, 9))}).status_code == 200
+    within_bound("upload", lambda: card(pair[0], "busy") is not None)
