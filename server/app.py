@@ -67,6 +67,10 @@ def attach_experts(state: ServerState, engine: Any) -> None:
                             max_bytes=settings.max_expert_bytes, lock_timeout=settings.store_lock_timeout)
         if not given:
             store.load()
+            if settings.shipped_experts:
+                from experts.shipped import install_shipped
+
+                install_shipped(store)
             if settings.store_poll_interval > 0:  # replicas sharing the folder: serve each other's writes
                 state.store_watcher = StoreWatcher(store, settings.store_poll_interval).start()
         state.registry, state.store = registry, store

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     engine: Literal["native", "vllm"] = "native"
     default_strategy: Literal["none", "prompt", "cls_expert"] = Field(
         "none", description="pass-1 strategy for requests that name none: none | prompt | cls_expert")
+    shipped_experts: bool = Field(True, description="put the experts shipped for the served model (the embedded "
+                                  "SmolLM2's GSM8K, MBPP, ARC-Easy and classifier experts) into the store at start, "
+                                  "once; deleting one later keeps it deleted")
     adapt_targets: str = Field("mlp", description="matrices experts adapt: mlp | attn | all | none | comma-separated module names")
     threads: int | None = Field(None, description="torch intra-op threads on CPU (default: torch's choice)")
 
