@@ -71,7 +71,7 @@ class BaseModelInfo:
         """From a running engine: its model (for the fingerprint) and its adaptation runtime's targets."""
         runtime = getattr(engine, "runtime", None)
         targets = tuple(getattr(runtime, "targets", ()) or ())
-        model = getattr(getattr(engine, "llm", None), "model", None)
+        model = getattr(engine, "model", None)
         if model is None:
             return cls(engine.model_name, None, targets)
         return cls.from_model(model, engine.model_name, targets)

@@ -18,6 +18,7 @@ from server.api import api_router
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.state import AdaptationResolver, ServerState, base_weights
 from server.config import Settings
+from server.engine.interface import check_engine_available, load_engine
 from server.errors import install_error_handlers
 
 log = logging.getLogger("t2serve.http")
@@ -30,10 +31,8 @@ and `top_k`. Errors always have the shape `{"error": {"message", "type", "param"
 
 
 async def _load_engine(state: ServerState) -> None:
-    from server.engine.async_engine import AsyncEngine
-
     try:
-        engine = await asyncio.to_thread(AsyncEngine.from_settings, state.settings)
+        engine = await asyncio.to_thread(load_engine, state.settings)
     except Exception as e:
         log.exception("loading the model failed; /health stays 503")
         state.load_error = f"{type(e).__name__}: {e}"
@@ -110,6 +109,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, *,
     """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one.
     ``registry`` (an ExpertRegistry) replaces the one loaded from the expert directory."""
     settings = settings or Settings()
+    if engine is None:
+        check_engine_available(settings)  # e.g. --engine vllm without vLLM: one clear error now, not at load
     state = ServerState(settings, engine=engine, resolve_adaptation=resolve_adaptation or base_weights,
                         registry=registry)
     app = FastAPI(title="t2serve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)

@@ -69,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.engine.interface import EngineUnavailableError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EngineUnavailableError as e:  # a setup problem: one line saying what to do, no traceback
+        print(f"t2serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.interface import VLLM_LORA_RANKS
 
 
 def default_cache_dir() -> Path:
@@ -27,7 +29,9 @@ class Settings(BaseSettings):
                                        "the time to read the expert (0: never check; one server per store)")
     store_lock_timeout: float = Field(30.0, gt=0, description="seconds an expert upload or deletion waits for "
                                       "another replica's write to the shared store before answering 503")
-    engine: Literal["native", "vllm"] = "native"
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="native: the built-in engine (CPU or one GPU, exact per-row mixtures) | vllm: vLLM "
+        "(the [vllm] extra and a CUDA GPU; paged attention, CUDA graphs, tensor parallelism)")
     default_strategy: Literal["none", "prompt", "cls_expert"] = Field(
         "none", description="pass-1 strategy for requests that name none: none | prompt | cls_expert")
     shipped_experts: bool = Field(True, description="put the experts shipped for the served model (the embedded "
@@ -55,6 +59,28 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
     max_stop: int = Field(16, ge=0, description="most stop strings per request")
+
+    # --- the vllm engine --------------------------------------------------------------------------
+    vllm_svf_mode: Literal["swap", "lora"] = Field(
+        "swap", description="how vLLM serves SVF experts: swap (merged weights swapped in, requests grouped by "
+        "adaptation; exact) | lora (the weight change truncated to a LoRA within vllm_lora_error_budget, mixed "
+        "batches; falls back to swap when the rank needed exceeds vllm_lora_max_rank)")
+    vllm_lora_error_budget: float = Field(
+        0.1, gt=0, le=1, description="lora mode: largest relative Frobenius error per matrix, |dW - dW_k| / |dW|")
+    vllm_lora_max_rank: int = Field(
+        64, description="largest LoRA rank vLLM serves (SAPT bundles need tasks x r): 8 16 32 64 128 256 320 512")
+    vllm_max_loras: int = Field(8, ge=1, description="distinct LoRA adapters vLLM runs in one batch")
+    vllm_max_adapters: int = Field(32, ge=1, description="adapter folders kept, one per distinct mixture (LRU)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spreads the model over")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, lt=1, description="share of GPU memory vLLM takes")
+    vllm_enforce_eager: bool = Field(False, description="vLLM without CUDA graphs (faster start, slower decode)")
+
+    @field_validator("vllm_lora_max_rank")
+    @classmethod
+    def _lora_rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return v
 
     def resolved_expert_dir(self) -> Path:
         return self.expert_dir or (self.cache_dir / "experts")

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import AsyncIterator
 
+from server.engine.interface import stream_outputs
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.types import (EngineDeadError, GenerationRequest, PromptTooLongError, QueueFullError,
                                  RequestOutput)
@@ -38,6 +39,7 @@ class AsyncEngine:
         self.eos_token_ids = llm.eos_token_ids
         self.max_waiting = max_waiting
         self.runtime = llm.runner.adapt  # the adaptation runtime (validates and plans adaptations)
+        self.model = llm.model  # the base model (server.engine.interface.Engine)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req, q, loop) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -109,22 +111,13 @@ class AsyncEngine:
         self._streams[request.request_id] = (loop, q)
         self._inbox.put(("add", request))
         self._wake.set()
-        return self._stream(request.request_id, q)
+        return stream_outputs(q, lambda finished: self._closed(request.request_id, finished))
 
-    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                out: RequestOutput = await q.get()
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+    def _closed(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._inbox.put(("abort", request_id))
+            self._wake.set()
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
