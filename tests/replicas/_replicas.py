@@ -13,8 +13,8 @@ from typing import Iterator
 import httpx
 
 from bench.balancer import free_port
+from bench.store import wait_ready
 from server.config import Settings
-from tests.http._live import wait_for_health
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,8 @@ def replica(settings: Settings, log: Path) -> Iterator[Replica]:
     """One server process; stopped with SIGTERM (then SIGKILL) when the block ends."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "server.cli", "serve", *serve_flags(settings), "--port", str(port)]
+    cmd = [sys.executable, "-m", "server.cli", "serve", *serve_flags(settings), "--port", str(port),
+           "--log-level", "warning"]  # no access log: what the log holds is what went wrong
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -66,7 +67,7 @@ def replicas(settings: Settings, n: int, log_dir: Path) -> Iterator[list[Replica
         started = [stack.enter_context(replica(settings, log_dir / f"replica{i}.log")) for i in range(n)]
         for r in started:
             try:
-                wait_for_health(r.url, timeout=180)
-            except TimeoutError:
-                raise RuntimeError(f"{r.url} never became healthy:\n{r.log.read_text()[-4000:]}") from None
+                wait_ready(r.url, r.process, timeout=300)
+            except (RuntimeError, TimeoutError) as e:
+                raise RuntimeError(f"{r.url}: {e}\n{r.log.read_text()[-4000:]}") from None
         yield started
