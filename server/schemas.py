@@ -18,7 +18,8 @@ INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -2**63, 2**63 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a value is taken only as the type the schema documents (no true for 1, no "2" for 2).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _not_supported(name: str, value: Any, ok: Any) -> Any:
@@ -129,6 +130,8 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
@@ -136,7 +139,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     # Clients send back assistant messages as they received them (with refusal, annotations, ...):
     # fields we do not use are ignored here rather than rejected.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None

@@ -16,7 +16,7 @@ from typing import Any
 from adapters.adaptation import Adaptation
 from experts.dispatch import Decision, Dispatcher
 from experts.registry import ExpertRegistry
-from server.errors import invalid_request
+from server.errors import invalid_request, model_not_found
 
 STRATEGIES = ("none", "prompt", "cls_expert", "sapt")
 
@@ -58,6 +58,7 @@ class AdaptationResolver:
         self.registry = registry
         self.runtime = runtime  # AdaptationRuntime of the engine's model (validates targets)
         self.default_strategy = default_strategy
+        self.model_name = getattr(engine, "model_name", None)  # the served base model's name
         self.dispatcher = Dispatcher(engine, registry) if engine is not None else None
         self.store = None  # experts.store.ExpertStore: SAPT bundles live there, not in the registry
 
@@ -72,8 +73,8 @@ class AdaptationResolver:
                 raise _bad(f"this adaptation does not fit the served model: {e}") from e
         return adaptation
 
-    def _entry(self, name: str):
-        entry = self.registry.get(name)
+    def _entry(self, name: str, entry=None):
+        entry = entry or self.registry.get(name)
         if entry is None:
             raise _bad(f"unknown expert: {name}", code="expert_not_found")
         if entry.meta.get("kind", "svf") not in ("svf", "mixture"):
@@ -91,10 +92,15 @@ class AdaptationResolver:
         strategy = spec.get("strategy")
         if strategy is not None and not isinstance(strategy, str):
             raise _bad(f"'strategy' must be a string, got {type(strategy).__name__}")
-        if self.is_expert(model):
+        # One registry read: an expert deleted since the route checked `model` must not turn into the base
+        # weights answered under the expert's name.
+        named = self.registry.get(model) if model is not None else None
+        if named is None and model not in (None, self.model_name) and self.model_name is not None:
+            raise model_not_found(model)
+        if named is not None:
             if spec.get("experts") is not None:
                 raise _bad("`model` already names an expert; do not also give 'adaptation.experts'")
-            entry = self._entry(model)
+            entry = self._entry(model, named)
             return Decision("expert", self._check(Adaptation.expert(entry.expert)), chosen=[model], expert=model,
                             weights={model: 1.0})
         if spec.get("task") is not None:

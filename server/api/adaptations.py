@@ -20,24 +20,24 @@ router = APIRouter(tags=["adaptations"])
 
 
 class Example(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1, max_length=20_000)
     answer: str = Field(min_length=1, max_length=20_000)
 
 
 class CEMSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     population: int = Field(32, ge=2, le=256)
     elite_ratio: float = Field(0.2, gt=0, le=1)
     generations: int = Field(50, ge=1, le=500)
     init_std: float = Field(0.5, gt=0, le=10)
-    clamp: tuple[float, float] = (0.0, 1.0)
+    clamp: list[float] = Field([0.0, 1.0], min_length=2, max_length=2, description="[low, high] bounds of α")
     per_matrix: bool = False  # α per expert × matrix (K × M) instead of per expert (K)
     seed: int = 0
 
 
 class AdaptationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     task: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     experts: list[str] = Field(min_length=1, max_length=16)
     examples: list[Example] = Field(min_length=1, max_length=64)

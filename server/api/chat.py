@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import require_api_key
 from server.api.generation import Choice
-from server.api.serving import ERROR_RESPONSES, answer, start_run, stream_events
+from server.api.serving import answer, generation_responses, start_run, stream_events
 from server.prompts import chat_prompt_ids
 from server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                             ChatCompletionRequest, ChatCompletionResponse, ChatDelta)
@@ -18,7 +18,8 @@ def template_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=generation_responses(ChatCompletionChunk),
              summary="Answer a conversation (OpenAI Chat Completions)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     messages = template_messages(body)

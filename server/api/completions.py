@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import require_api_key
 from server.api.generation import Choice
-from server.api.serving import ERROR_RESPONSES, answer, start_run, stream_events
+from server.api.serving import answer, generation_responses, start_run, stream_events
 from server.prompts import completion_prompt_ids
 from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 
@@ -21,7 +21,8 @@ def prompt_texts(prompt) -> list[str | None]:
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses=generation_responses(CompletionResponse),
              summary="Complete a prompt (OpenAI Completions)")
 async def create_completion(body: CompletionRequest, request: Request):
     started = await start_run(request, body, lambda tok: completion_prompt_ids(tok, body.prompt), body.max_tokens,

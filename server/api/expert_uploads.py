@@ -37,7 +37,7 @@ MAX_FILES = 2 * 64 + 4  # sapt_reference: two files per task, 64 tasks
 class ExpertUpload(BaseModel):
     """An expert to store (a new name, or a new version of an existing one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(..., max_length=64, description="expert name: letters, digits, '.', '_', '-'")
     kind: Literal["svf", "mixture", "sapt"] = "svf"

@@ -24,6 +24,31 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 
 
+def _inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` put in place (a response's schema cannot hold ``$defs``)."""
+    schema = model.model_json_schema(mode="serialization")
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+def generation_responses(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The generation routes' answers: one JSON body, or with `stream: true` Server-Sent Events whose
+    data are ``chunk`` objects (or an error object) and finally `[DONE]` (an OpenAPI 3.1 event schema)."""
+    event_data = {"anyOf": [{"const": "[DONE]"}, {
+        "type": "string", "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_inlined(chunk), _inlined(ErrorResponse)]}}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": event_data}}
+    return {200: {"content": {"text/event-stream": {"schema": event}}}, **ERROR_RESPONSES}
+
+
 def check_limits(body: Any, settings: Settings) -> None:
     """Limits of the running server that the schema cannot know (before any tokenization work)."""
     if body.n > settings.max_n:

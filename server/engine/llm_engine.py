@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from server.engine.sequence import Detokenizer, Sequence, Status
 from server.engine.types import GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
 
 log = logging.getLogger("t2serve.engine")
+TTFT_SAMPLES = 4096
 
 
 @dataclass
@@ -44,7 +46,8 @@ class EngineCounters:
     finished: int = 0
     aborted: int = 0
     step_seconds: float = 0.0
-    ttft_seconds: list[float] = field(default_factory=list)  # drained by the metrics collector
+    # The most recent times to first token (bounded: one sample per request would grow without end).
+    ttft_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_SAMPLES))
 
 
 def eos_ids(model, tokenizer) -> list[int]:
