@@ -57,17 +57,27 @@ def save(run_dir: Path, state: TrainState) -> None:
             p.unlink(missing_ok=True)
 
 
-def load(run_dir: Path) -> TrainState | None:
-    """The committed checkpoint of ``run_dir``, or None if there is none."""
-    index_path = run_dir / INDEX
+def read_committed(run_dir: Path, index_name: str, fmt: str) -> tuple[dict, bytes] | None:
+    """(index, tensor file bytes) of a committed checkpoint: the JSON index names the tensor file and its
+    sha256, which is checked. None if there is no index."""
+    index_path = run_dir / index_name
     if not index_path.exists():
         return None
     index = json.loads(index_path.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{index_path} is not a {FORMAT} index")
+    if index.get("format") != fmt:
+        raise ValueError(f"{index_path} is not a {fmt} index")
     data = (run_dir / index["file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != index["sha256"]:
-        raise ValueError(f"{index['file']} does not match the sha256 in {INDEX}")
+        raise ValueError(f"{index['file']} does not match the sha256 in {index_name}")
+    return index, data
+
+
+def load(run_dir: Path) -> TrainState | None:
+    """The committed checkpoint of ``run_dir``, or None if there is none."""
+    found = read_committed(run_dir, INDEX, FORMAT)
+    if found is None:
+        return None
+    index, data = found
     groups: dict[str, dict[str, torch.Tensor]] = {"z": {}, "exp_avg": {}, "exp_avg_sq": {}, "best": {}}
     for key, t in st_load(data).items():
         prefix, _, name = key.partition("/")

@@ -1,4 +1,5 @@
-"""Command line of training: ``t2serve train svf|classifier`` and ``python -m experts.train svf|classifier``.
+"""Command line of training: ``t2serve train svf|classifier|sapt`` and ``python -m experts.train svf|classifier|sapt``
+(``sapt``: ``experts/sapt/cli.py``).
 
 Flags are generated from ``TrainConfig`` (one flag per field, ``--batch-size`` for ``batch_size``), so
 the two entry points and the config can never disagree. Imports nothing from the server's settings.
@@ -38,20 +39,28 @@ def _type(annotation: str):
     return int if "int" in annotation else float if "float" in annotation else str
 
 
-def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:
-    for f in fields(TrainConfig):
-        if f.name == "task" and not with_task:
+def add_config_flags(p: argparse.ArgumentParser, config_cls, helps: dict[str, str], skip: tuple[str, ...] = (),
+                     optional: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass (``--batch-size`` for ``batch_size``); fields without a
+    default are required unless named in ``optional``."""
+    for f in fields(config_cls):
+        if f.name in skip:
             continue
-        required = f.default is MISSING and f.name not in ("run_dir",)
+        required = f.default is MISSING and f.name not in optional
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_type(str(f.type)), required=required,
-                       default=None if f.default is MISSING else f.default, help=HELP.get(f.name))
+                       default=None if f.default is MISSING else f.default, help=helps.get(f.name))
+
+
+def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:
+    add_config_flags(p, TrainConfig, HELP, skip=() if with_task else ("task",), optional=("run_dir",))
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.add_argument("--log-level", default="info")
 
 
 def add_subcommand(sub) -> None:
     """Register ``train`` (with ``svf`` and ``classifier``) on a subparsers object."""
-    train = sub.add_parser("train", help="train an SVF expert (REINFORCE or next-token) or the classifier expert")
+    train = sub.add_parser("train", help="train an SVF expert (REINFORCE or next-token), the classifier expert, "
+                           "or a SAPT bundle (continual learning)")
     _add_kinds(train.add_subparsers(dest="kind", required=True))
 
 
@@ -62,6 +71,9 @@ def _add_kinds(kinds) -> None:
     cls = kinds.add_parser("classifier", help="train the pass-1 classifier expert (= train svf --task cls)")
     add_train_flags(cls, with_task=False)
     cls.set_defaults(func=run_train, task="cls")
+    from experts.sapt.cli import add_sapt_parser
+
+    add_sapt_parser(kinds)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -83,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experts.train", description="Train Transformer² SVF experts")
+    p = argparse.ArgumentParser(prog="python -m experts.train", description="Train Transformer² SVF experts and SAPT bundles")
     _add_kinds(p.add_subparsers(dest="kind", required=True))
     args = p.parse_args(argv)
     return args.func(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 OBJECTIVES = ("reinforce", "next_token")
 BASELINES = ("none", "mean")
@@ -15,8 +16,28 @@ RECIPE_FIELDS = ("task", "targets", "parametrization", "objective", "baseline", 
                  "rollout", "temperature", "top_p", "max_tokens", "train_limit", "val_limit", "seed")
 
 
+class RunConfig:
+    """JSON round trip and the resume check, for the config dataclasses of training runs."""
+
+    recipe_fields: ClassVar[tuple[str, ...]] = ()  # fields a resumed run must share with the run it continues
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def recipe_mismatch(self, other) -> list[str]:
+        """Names of recipe fields that differ (a run can only be resumed with the same recipe)."""
+        return [f for f in self.recipe_fields if getattr(self, f) != getattr(other, f)]
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
+    recipe_fields: ClassVar[tuple[str, ...]] = RECIPE_FIELDS
+
     task: str
     data: str  # data root (layout of shared/data) or the task's own folder
     run_dir: str  # checkpoint, JSONL log, learning curves, best z
@@ -65,15 +86,3 @@ class TrainConfig:
     @property
     def expert_name(self) -> str:
         return self.name or ("classifier" if self.task in ("cls", "classifier") else self.task)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def recipe_mismatch(self, other: "TrainConfig") -> list[str]:
-        """Names of recipe fields that differ (a run can only be resumed with the same recipe)."""
-        return [f for f in RECIPE_FIELDS if getattr(self, f) != getattr(other, f)]

@@ -37,18 +37,25 @@ def read_expert_file(path: str | Path) -> tuple[SVFExpert, dict[str, str]]:
     return SVFExpert(meta.get("name") or Path(path).stem, z, meta.get("parametrization", "sakana")), meta
 
 
-def put_in_store(store_dir: Path, base, name: str, z: Mapping[str, torch.Tensor], parametrization: str,
-                 category: str, description: str) -> str:
-    """Store ``z`` as the next version of ``name``; returns where it went."""
+def put_draft(store_dir: Path, base, draft) -> str:
+    """Store an ``ExpertDraft`` as the next version of its name, validated against the loaded base model;
+    returns where it went."""
     from experts.base_model import BaseModelInfo
     from experts.store import ExpertStore
-    from experts.validation import ExpertDraft
 
     info = BaseModelInfo.from_model(base.model, base.name, targets=base.runtime.targets)
     store = ExpertStore(store_dir, base=info)
     store.load(recover=False)  # next version number; never sweeps files a running server may be writing
+    stored = store.put(draft)
+    return f"{store_dir}/{draft.name} v{stored.record.version}"
+
+
+def put_in_store(store_dir: Path, base, name: str, z: Mapping[str, torch.Tensor], parametrization: str,
+                 category: str, description: str) -> str:
+    """Store ``z`` as the next version of ``name``; returns where it went."""
+    from experts.validation import ExpertDraft
+
     tensors = {n: v.detach().to("cpu", torch.float32) for n, v in z.items()}
-    stored = store.put(ExpertDraft(name=name, kind="svf", tensors=tensors, category=category,
-                                   description=description[:1000], parametrization=parametrization,
-                                   targets=tuple(tensors), source="training"))
-    return f"{store_dir}/{name} v{stored.record.version}"
+    return put_draft(store_dir, base, ExpertDraft(name=name, kind="svf", tensors=tensors, category=category,
+                                                  description=description[:1000], parametrization=parametrization,
+                                                  targets=tuple(tensors), source="training"))
