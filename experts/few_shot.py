@@ -84,11 +84,20 @@ class FewShotSearch:
             raise RuntimeError(f"fitness evaluation failed: {getattr(last, 'error', None)}")
         return last
 
-    async def _loglik(self, a: Adaptation) -> list[float]:
+    async def _loglik(self, adaptations: list[Adaptation]) -> list[list[float]]:
+        """Mean per-token log-likelihood of every shot's answer under every adaptation: (P, shots).
+
+        Requests go in shot-major order (shot 0 of every member, then shot 1, ...): the engine admits in
+        arrival order, so each prefill batch holds copies of one or two shots, rows of (nearly) equal
+        length, and little of the batch is padding.
+        """
         reqs = [GenerationRequest(f"cem-{next(_ids)}", p + ans, SamplingParams(max_tokens=1), a,
-                                  score=ScoreSpec(continuation_start=len(p))) for p, ans in self._shots]
+                                  score=ScoreSpec(continuation_start=len(p)))
+                for p, ans in self._shots for a in adaptations]
         outs = await asyncio.gather(*(self._run(r) for r in reqs))
-        return [o.scores.continuation_logprob / o.scores.continuation_tokens for o in outs]
+        ll = [o.scores.continuation_logprob / o.scores.continuation_tokens for o in outs]
+        P = len(adaptations)
+        return [ll[i::P] for i in range(P)]
 
     async def _exact(self, a: Adaptation) -> list[float]:
         tok = self.engine.tokenizer
@@ -105,7 +114,7 @@ class FewShotSearch:
     async def fitness(self, population: torch.Tensor) -> torch.Tensor:
         """(P, *shape) α -> (P,) fitness; all members' requests are in flight together."""
         adaptations = [self.adaptation(alpha) for alpha in population]
-        ll = await asyncio.gather(*(self._loglik(a) for a in adaptations))
+        ll = await self._loglik(adaptations)
         scores = torch.tensor([sum(x) / len(x) for x in ll], dtype=torch.float64)
         if self.spec.fitness == "exact_match":
             acc = await asyncio.gather(*(self._exact(a) for a in adaptations))
