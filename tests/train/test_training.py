@@ -117,3 +117,18 @@ def test_resume_equals_uninterrupted(base, data, tmp_path, monkeypatch):
         assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga), group
     assert (a.best_val, a.best_step) == (b.best_val, b.best_step)
     assert steps(whole) == steps(parts)  # same losses, rewards, KL, grad norms, validation, in the same order
+
+
+def test_store_when_improved_keeps_an_unimproved_expert_out_of_the_store(base, data, tmp_path):
+    from experts.store import ExpertStore
+
+    with pytest.raises(ValueError):
+        config(data, tmp_path / "bad", store_when="sometimes")
+    run = tmp_path / "run"
+    # lr 0: no trained step can beat step 0 (the base) on validation, so nothing is stored.
+    cfg = config(data, run, objective="next_token", train_limit=2, max_steps=1, lr=0.0, store=str(tmp_path / "store"),
+                 name="arc-same", store_when="improved")
+    summary = SVFTrainer(cfg, base).run()
+    assert summary["best_step"] == 0 and summary["stored"] is None
+    assert (run / "expert.safetensors").exists()
+    assert not (tmp_path / "store").exists() or ExpertStore(tmp_path / "store").load() == []
