@@ -232,6 +232,9 @@ BASE_TEXT=$(complete "$BASE_MODEL")
 [ -n "$BASE_TEXT" ] || fail "empty completion"
 echo "base: $BASE_TEXT"
 curl -sSf "$URL/metrics" >"$WORK/metrics" && grep -q '^t2_' "$WORK/metrics" || fail "/metrics has no t2_ series"
+for shipped in gsm8k mbpp arc-easy; do  # experts/builtin/, installed at first start on the embedded model
+    [[ " $(models) " == *" $shipped "* ]] || fail "shipped expert $shipped not in /v1/models"
+done
 
 # --- 5. expert ------------------------------------------------------------------------------------------
 log "expert upload"
