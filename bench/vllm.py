@@ -1,0 +1,322 @@
+"""Native engine vs the vLLM engine: throughput and time to first token, base and mixed workloads.
+
+One engine and one shape per run (each in its own process, so that one GPU serves one engine at a time),
+then ``--summarize`` puts the runs side by side. The stream of bench/engine.py: 64 requests (prompts of
+8-256 tokens, 16-128 new tokens, greedy, EOS ignored) all sent at t=0 through the engine contract
+(``generate``), as the HTTP layer does. Workloads:
+  base       every request on the base model
+  mixed      request i carries mixture i % 5: the base model or one of 4 SAPT mixtures (one bundle of 4
+             tasks, r=8, on q_proj and v_proj: on vLLM, 4 LoRA adapters of rank 32)
+  mixed-svf  (smollm2) the base model or one of the 4 SVF experts shipped for SmolLM2; on vLLM in swap
+             mode, requests grouped by expert (swaps counted), plus the LoRA rank each expert would need
+             for lora mode's error budget
+Shapes: ``smollm2`` (the model at --model), ``llama3-8b`` (random weights: the native engine builds the
+model in memory, vLLM gets a config-only folder written here and random weights of its own).
+Peak GPU memory: torch's peak for the native engine; the device's memory in use (all processes,
+sampled) for both, vLLM's including the KV cache it reserves up front.
+
+    python bench/vllm.py --engine native --shape smollm2 --model FOLDER --out results/vllm/native_smollm2.json
+    python bench/vllm.py --engine vllm --shape llama3-8b --model FOLDER --out results/vllm/vllm_llama3_8b.json
+    python bench/vllm.py --summarize results/vllm/*.json --out results/vllm/summary.json
+Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import machine, print_table, write_json  # noqa: E402
+from bench.engine import workload  # noqa: E402
+from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, tie_word_embeddings=False)
+SAPT_TARGETS = ("q_proj", "v_proj")
+SHIPPED = ["gsm8k", "mbpp", "arc-easy", "classifier"]
+ATTENTION = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.25, 0.25, 0.25, 0.25]]
+
+
+class MemorySampler:
+    """Peak memory in use on the device (all processes), sampled every 50 ms while running."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def mb(self) -> float | None:
+        return self.peak / 2**20 if self.peak else None
+
+
+# --- adaptations ------------------------------------------------------------------------------------
+
+def sapt_mixtures(targets: dict[str, tuple[int, int]], d_model: int):
+    from adapters import Adaptation, SAPTBundle
+
+    torch.manual_seed(0)
+    bundle = SAPTBundle(targets, d_model=d_model, num_tasks=4, rank=8, alpha=32)
+    with torch.no_grad():
+        for task in bundle.tasks:
+            for B in task.B:
+                B.normal_(0, 0.02)
+    bundle.requires_grad_(False)
+    return [Adaptation.sapt_weights(bundle, torch.tensor(a), label=f"sapt{i}") for i, a in enumerate(ATTENTION)]
+
+
+def shipped_experts():
+    from adapters import Adaptation
+    from experts.train.output import read_expert_file
+
+    root = Path(__file__).resolve().parent.parent / "experts" / "builtin"
+    return [Adaptation.expert(read_expert_file(root / f"{name}.safetensors")[0]) for name in SHIPPED]
+
+
+def sapt_target_shapes(runtime) -> dict[str, tuple[int, int]]:
+    return {t.name: (t.out_features, t.in_features) for t in runtime.targets if t.name.endswith(SAPT_TARGETS)}
+
+
+def placeholder_runtime(model):
+    """Adaptive layers on the SAPT targets without an SVD (hours for an 8B model on the bench's clock):
+    SAPT rows never read the factors, so zero-width ones stand in for them."""
+    from adapters.layer import ActiveTable, AdaptiveLinear
+    from adapters.runtime import AdaptationRuntime
+    from adapters.svd_cache import SVDFactors
+    from adapters.targets import find_targets
+
+    slot = ActiveTable()
+    for t in find_targets(model, list(SAPT_TARGETS)):
+        w = model.get_submodule(t.name).weight
+        factors = SVDFactors(w.new_zeros(t.out_features, 0), torch.zeros(t.rank, device=w.device),
+                             w.new_zeros(0, t.in_features))
+        parent, _, child = t.name.rpartition(".")
+        setattr(model.get_submodule(parent), child, AdaptiveLinear(model.get_submodule(t.name), t, factors, slot))
+    return AdaptationRuntime(model)
+
+
+# --- engines ----------------------------------------------------------------------------------------
+
+def native_engine(args):
+    from adapters import install
+    from bench.engine import load
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.llm_engine import EngineConfig, LLMEngine
+
+    model, tok, engine_tok, name, _ = load(SimpleNamespace(model=args.model, device="cuda", shape=args.shape))
+    if args.shape == "llama3-8b":
+        runtime = placeholder_runtime(model)
+    else:
+        runtime = install(model, "all", Path(args.cache_dir) / "svd", progress=False)
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=4096)
+    engine = AsyncEngine(LLMEngine(model, engine_tok, cfg, runtime), name, max_waiting=100_000)
+    engine.start()
+    adaptations = {"mixed": sapt_mixtures(sapt_target_shapes(runtime), model.config.hidden_size)}
+    if args.shape == "smollm2":
+        adaptations["mixed-svf"] = shipped_experts()
+    return engine, tok, adaptations
+
+
+def llama3_8b_folder(tokenizer_src: str, out: Path) -> Path:
+    """A config-only Hugging Face folder of the Llama-3-8B shape (vLLM draws random weights for it)."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    LlamaConfig(**LLAMA3_8B, architectures=["LlamaForCausalLM"]).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(out)
+    return out
+
+
+def vllm_engine(args):
+    from transformers import AutoConfig
+
+    from server.engine.vllm_backend.engine import VLLMEngine, VLLMOptions
+
+    common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
+                  enforce_eager=args.eager, lora_max_rank=64, max_loras=8, svf_mode="swap",
+                  lora_modules=list(SAPT_TARGETS))  # LoRA only where adapters go (SVF is swapped in)
+    if args.shape == "llama3-8b":
+        folder = llama3_8b_folder(args.model, Path(args.cache_dir) / "llama3-8b-shape")
+        opts = VLLMOptions(model=str(folder), served_name="llama3-8b-shape", host_model=False, load_format="dummy",
+                           detokenize=False, adapt_targets="none", **common)
+    else:
+        opts = VLLMOptions(model=args.model, served_name="smollm2", adapt_targets="all", **common)
+    t0 = time.perf_counter()
+    engine = VLLMEngine.from_options(opts)
+    start_s = time.perf_counter() - t0
+    cfg = AutoConfig.from_pretrained(opts.model)
+    targets = {f"model.layers.{i}.self_attn.{p}": shape for i in range(cfg.num_hidden_layers)
+               for p, shape in (("q_proj", (cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads),
+                                            cfg.hidden_size)),
+                                ("v_proj", (cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads),
+                                            cfg.hidden_size)))}
+    adaptations = {"mixed": sapt_mixtures(targets, cfg.hidden_size)}
+    if args.shape == "smollm2":
+        adaptations["mixed-svf"] = shipped_experts()
+    return engine, engine.tokenizer, adaptations, start_s
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+async def serve(engine, reqs, kinds) -> dict:
+    """Send every request at once; wall time, generated tokens, time to first token of each."""
+    t0 = time.perf_counter()
+    ttft: list[float] = []
+
+    async def one(i, ids, max_tokens):
+        n, first = 0, None
+        req = GenerationRequest(f"b{time.monotonic_ns()}-{i}", list(ids),
+                                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                                kinds[i % len(kinds)])
+        async for out in engine.generate(req):
+            if out.error:
+                raise RuntimeError(out.error)
+            if out.token_ids and first is None:
+                first = time.perf_counter() - t0
+            n += len(out.token_ids)
+        ttft.append(first)
+        return n
+
+    tokens = sum(await asyncio.gather(*(one(i, ids, mt) for i, (ids, mt) in enumerate(reqs))))
+    wall = time.perf_counter() - t0
+    q = sorted(ttft)
+    return {"seconds": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50_s": statistics.median(q),
+            "ttft_p90_s": q[int(0.9 * (len(q) - 1))], "ttft_max_s": q[-1]}
+
+
+def run(args) -> dict:
+    result = {"engine": args.engine, "shape": args.shape, "machine": machine(), "args": vars(args)}
+    sampler = MemorySampler().__enter__()
+    if args.engine == "native":
+        engine, tok, adaptations = native_engine(args)
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        engine, tok, adaptations, result["start_s"] = vllm_engine(args)
+        print(f"vLLM engine up in {result['start_s']:.1f} s", flush=True)
+    reqs = workload(tok, args.requests, args.seed)
+    workloads = {"base": [None], **{k: [None, *v] for k, v in adaptations.items()}}
+    rows = []
+    try:
+        for name, kinds in workloads.items():
+            asyncio.run(serve(engine, reqs[: 2 * len(kinds)], kinds))  # warm-up: every adapter built and loaded
+            swaps = engine.stats().get("swaps", 0)
+            r = asyncio.run(serve(engine, reqs, kinds))
+            r.update(workload=name, swaps=engine.stats().get("swaps", 0) - swaps)
+            rows.append(r)
+            print(f"{args.engine} {args.shape} {name}: {r['tok_s']:.0f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s",
+                  flush=True)
+            write_json(args.out, {**result, "rows": rows})  # partial results survive a timeout
+        if args.engine == "vllm" and "mixed-svf" in adaptations:
+            result["svf_as_lora"] = lora_ranks(engine, adaptations["mixed-svf"])
+    finally:
+        sampler.__exit__()
+        result["memory"] = {"device_peak_mb": sampler.mb,
+                            "torch_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if args.engine == "native" else None}
+        result["rows"] = rows
+        write_json(args.out, result)
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    return result
+
+
+def lora_ranks(engine, experts) -> list[dict]:
+    """For each expert: the LoRA rank lora mode would need within its budget, and the error at the largest rank."""
+    router = engine.router
+    mode, out = router.svf_mode, []
+    router.svf_mode = "lora"
+    try:
+        for a in experts:
+            rep = engine.adapter_report(a)
+            out.append({"expert": a.label, "budget": rep["budget"], "rank_needed": rep["rank"],
+                        "max_rank": rep["max_rank"], "served_by": rep["svf"]})
+    finally:
+        router.svf_mode = mode
+    return out
+
+
+def summarize(paths: list[str], out: str | None) -> dict:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows, by = [], {}
+    for r in runs:
+        for w in r.get("rows", []):
+            by[(r["engine"], r["shape"], w["workload"])] = w
+            rows.append({"engine": r["engine"], "shape": r["shape"], "workload": w["workload"],
+                         "tok_s": w["tok_s"], "seconds": w["seconds"], "ttft_p50_s": w["ttft_p50_s"],
+                         "ttft_p90_s": w["ttft_p90_s"], "swaps": w.get("swaps", 0),
+                         "device_peak_mb": r.get("memory", {}).get("device_peak_mb")})
+    print_table(rows, ["engine", "shape", "workload", "tok_s", "seconds", "ttft_p50_s", "ttft_p90_s", "swaps",
+                       "device_peak_mb"])
+    goals = {}
+    v, n = by.get(("vllm", "llama3-8b", "mixed")), by.get(("native", "llama3-8b", "mixed"))
+    if v and n:
+        goals["vllm_over_native_8b_mixed"] = v["tok_s"] / n["tok_s"]
+    for shape in ("llama3-8b", "smollm2"):
+        m, b = by.get(("vllm", shape, "mixed")), by.get(("vllm", shape, "base"))
+        if m and b:
+            goals[f"vllm_mixed_overhead_{shape}"] = 1 - m["tok_s"] / b["tok_s"]
+    if "vllm_over_native_8b_mixed" in goals:
+        print(f"\nvLLM / native, 8B mixed: {goals['vllm_over_native_8b_mixed']:.2f}x (goal >= 3)")
+    for shape in ("llama3-8b", "smollm2"):
+        if f"vllm_mixed_overhead_{shape}" in goals:
+            print(f"vLLM mixed-adaptation overhead vs its base, {shape}: "
+                  f"{100 * goals[f'vllm_mixed_overhead_{shape}']:.1f}% (goal <= 20%)")
+    summary = {"rows": rows, "goals": goals, "runs": paths,
+               "svf_as_lora": [r["svf_as_lora"] for r in runs if "svf_as_lora" in r],
+               "vllm_start_s": {r["shape"]: r["start_s"] for r in runs if "start_s" in r}}
+    write_json(out, summary)
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["native", "vllm"])
+    ap.add_argument("--shape", choices=["smollm2", "llama3-8b"], default="smollm2")
+    ap.add_argument("--model", help="SmolLM2 Hugging Face folder (its tokenizer serves the 8B shape too)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together, both engines")
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--gpu-memory", type=float, default=0.8, help="vLLM's share of the GPU memory")
+    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "t2serve"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, args.out)
+        return
+    if args.engine is None or args.model is None:
+        ap.error("--engine and --model are needed (or --summarize)")
+    if not torch.cuda.is_available():
+        ap.error("this benchmark needs a CUDA GPU")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
