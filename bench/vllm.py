@@ -136,7 +136,9 @@ def native_engine(args):
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=4096)
     engine = AsyncEngine(LLMEngine(model, engine_tok, cfg, runtime), name, max_waiting=100_000)
     engine.start()
-    adaptations = {"mixed": sapt_mixtures(sapt_target_shapes(runtime), model.config.hidden_size)}
+    mixtures = sapt_mixtures(sapt_target_shapes(runtime), model.config.hidden_size)
+    mixtures[0].sapt.bundle.to("cuda")  # next to the model: no upload of the blocks when a batch is planned
+    adaptations = {"mixed": mixtures}
     if args.shape == "smollm2":
         adaptations["mixed-svf"] = shipped_experts()
     return engine, tok, adaptations

@@ -391,7 +391,7 @@ class VLLMEngine:
                 await self.router.release(route)
 
     def _prompt(self, ids: list[int], salt: str | None) -> dict:
-        prompt: dict = {"prompt_token_ids": list(ids)}
+        prompt: dict = {"type": "token", "prompt_token_ids": list(ids)}  # vLLM's TokensInput: no re-rendering
         if salt is not None:  # blocks computed under swapped weights are never reused under others
             prompt["cache_salt"] = salt
         return prompt
