@@ -97,3 +97,15 @@ def test_failed_build_leaves_nothing_and_a_gone_caller_keeps_the_build(tmp_path)
 
     cache = asyncio.run(main())
     assert "slow" in cache and cache.get("slow").refs == 0  # built once, kept for the next request
+
+
+def test_folders_of_engines_whose_process_is_gone_are_removed(tmp_path):
+    import os
+
+    from server.engine.vllm_backend.engine import remove_stale_runs
+
+    gone, mine = tmp_path / "run-999999999-abc", tmp_path / f"run-{os.getpid()}-abc"
+    for d in (gone, mine):
+        (d / "adapters").mkdir(parents=True)
+    remove_stale_runs(tmp_path)
+    assert not gone.exists() and mine.exists()

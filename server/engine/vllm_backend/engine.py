@@ -168,6 +168,20 @@ def _eos_ids(model, tokenizer, folder: str) -> list[int]:
     return eos_ids(model, tokenizer)
 
 
+def remove_stale_runs(root: Path) -> None:
+    """Delete the adapter and swap folders of engines whose process is gone (``run-<pid>-...``)."""
+    for d in root.glob("run-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+            continue  # alive (or this process): keep
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
 def _finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "length", "abort") else "stop"
 
@@ -221,7 +235,7 @@ class VLLMEngine:
         return engine
 
     def boot(self, timeout: float | None = None) -> None:
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        remove_stale_runs(self.scratch.parent)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout)

@@ -83,6 +83,9 @@ class WeightSwapper:
         except BaseException:
             os.unlink(tmp)
             raise
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the GPU memory is vLLM's: give the merge's back
         return Path(tmp)
 
     async def __call__(self, key: str | None, adaptation: Any) -> None:
