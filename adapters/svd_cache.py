@@ -9,7 +9,9 @@ keyed by a fingerprint of the weights and the target set, and reused on the next
 - A file is trusted only if its header names the same key and targets and the sha256 of its tensor
   bytes matches the header; anything else (partial write, bit rot, shape change) is rebuilt with a
   warning. Writes go to a temp file, are fsync'ed and then renamed, so a crash never leaves a
-  half-written file under the real name.
+  half-written file under the real name. A writer holds a file lock per key (``.<key>.lock``), so
+  processes starting together compute the factors once, and it removes temp files of its key that a
+  killed writer left behind.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -37,6 +40,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 FORMAT = "t2serve-svd/1"
+_TMP_SUFFIX = ".tmp"
 _SAMPLE = 4096  # values per matrix in the fingerprint
 
 
@@ -106,7 +110,7 @@ def _digest(tensors: Iterable[torch.Tensor]) -> str:
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -159,6 +163,24 @@ def _progress(items: Sequence, enabled: bool, desc: str):
     return items
 
 
+def _cached(path: Path, key: str, targets: Sequence[Target], weights: Sequence[torch.Tensor], warn: bool = True):
+    """The factors stored at ``path`` if it holds a trustworthy file, else None."""
+    if not path.exists():
+        return None
+    try:
+        factors = _read(path, key, targets, weights)
+    except CacheError as e:
+        if warn:
+            log.warning("SVD cache %s is corrupt or partial (%s); recomputing", path, e)
+        return None
+    log.info("SVD factors of %d matrices loaded from %s", len(targets), path)
+    return factors
+
+
+def _compute(targets: Sequence[Target], weights: Sequence[torch.Tensor], progress: bool) -> dict[str, SVDFactors]:
+    return {t.name: thin_svd(w) for t, w in _progress(list(zip(targets, weights)), progress, "SVD of target matrices")}
+
+
 def load_or_compute(
     model: nn.Module,
     targets: Sequence[Target],
@@ -170,18 +192,22 @@ def load_or_compute(
     weights = [weight_matrix(m.weight, t.kind) for m, t in zip(_modules(model, targets), targets)]
     key = cache_key(weights_fingerprint(weights), targets)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            factors = _read(path, key, targets, weights)
-            log.info("SVD factors of %d matrices loaded from %s", len(targets), path)
+    if path is None:
+        return _compute(targets, weights, progress)
+    factors = _cached(path, key, targets, weights)  # no lock for reading: the folder may be read-only
+    if factors is not None:
+        return factors
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per key: servers starting together compute the factors once, and a writer that holds
+    # the lock knows that any temporary file of this key was left by a writer that died (SIGKILL).
+    with FileLock(path.parent / f".{key}.lock"):
+        factors = _cached(path, key, targets, weights, warn=False)  # written while we waited for the lock?
+        if factors is not None:
             return factors
-        except CacheError as e:
-            log.warning("SVD cache %s is corrupt or partial (%s); recomputing", path, e)
-    factors = {
-        t.name: thin_svd(w)
-        for t, w in _progress(list(zip(targets, weights)), progress, "SVD of target matrices")
-    }
-    if path is not None:
+        for leftover in path.parent.glob(f"{path.name}.*{_TMP_SUFFIX}"):
+            log.warning("removing %s, left by an interrupted write", leftover)
+            leftover.unlink(missing_ok=True)
+        factors = _compute(targets, weights, progress)
         tensors: dict[str, torch.Tensor] = {}
         for t in targets:
             f = factors[t.name]

@@ -3,7 +3,7 @@
 A GGUF file is dequantised once into a plain Hugging Face folder under the cache directory (the
 dequantisation takes ~35 s; the folder then reloads in about a second). The folder is written to a
 temporary directory and renamed into place, so a start that is killed half-way never leaves a cache
-that looks complete.
+that looks complete; the next conversion (under a file lock per model) removes what it left.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 log = logging.getLogger("t2serve.model")
 
@@ -78,9 +79,22 @@ def gguf_to_hf_folder(gguf: Path, cache_dir: Path) -> Path:
     target = cache_dir / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / _COMPLETE_MARK).exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter per model: a second server starting meanwhile waits and then uses its folder; and the
+    # holder of the lock knows that any temporary folder of this model belongs to a killed converter.
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / _COMPLETE_MARK).exists():
+            return target
+        for leftover in target.parent.glob(f".{target.name}.*"):
+            if leftover.is_dir():
+                log.warning("removing %s, left by an interrupted conversion", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        return _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a Hugging Face folder (once; ~35 s on 2 CPU cores)", gguf.name)
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
