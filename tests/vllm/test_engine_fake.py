@@ -233,3 +233,10 @@ def test_leaving_a_stream_aborts_and_releases_its_adapter(engine, ref, adaptatio
     assert not first.finished
     assert engine._pending == 0 and engine.gate.active == 0
     assert all(a.refs == 0 for a in engine.cache._entries.values())
+
+
+def test_the_http_edge_refuses_a_sapt_bundle_above_the_largest_lora_rank(engine, ref):
+    bundle = SAPTBundle({t.name: (t.out_features, t.in_features) for t in ref.runtime.targets
+                         if t.name.endswith("q_proj")}, d_model=64, num_tasks=9, rank=8)  # rank 72 > 64
+    with pytest.raises(ValueError, match="vllm_lora_max_rank"):
+        engine.runtime.validate(Adaptation.sapt_weights(bundle, torch.full((9,), 1 / 9)))
