@@ -25,6 +25,7 @@ Cost model (what plan decides, per target layer):
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -93,6 +94,10 @@ class AdaptationRuntime:
             self._sigma_flat = torch.cat([layer.S for layer in self.layers]).to(self.dtype)  # (Σk,)
         self._resolved: OrderedDict[str, _Resolved] = OrderedDict()
         self._merged: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        # The experts each cached key was computed from, weakly: once one is gone from everywhere (deleted
+        # or replaced, and no request holds it), its entries are dropped at the next plan instead of
+        # holding their memory (a merged copy is the size of the target matrices) until the LRU evicts.
+        self._sources: dict[str, tuple[weakref.ref, ...]] = {}
 
     # --- engine API --------------------------------------------------------------------------------
 
@@ -119,6 +124,7 @@ class AdaptationRuntime:
 
     def plan(self, rows: Sequence[Adaptation | None]) -> StepTable | None:
         """Table for a batch whose row i carries ``rows[i]``; ``None`` when no row is adapted."""
+        self._drop_unloaded()
         if all(r is None for r in rows):
             return None
         if not self.layers:
@@ -168,6 +174,7 @@ class AdaptationRuntime:
     def clear_caches(self) -> None:
         self._resolved.clear()
         self._merged.clear()
+        self._sources.clear()
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -205,9 +212,18 @@ class AdaptationRuntime:
             res = _Resolved(flat_hp.to(self.dtype), flat_hp, frozenset(self._index[n] for n in scales))
         if cacheable:
             self._resolved[key] = res
+            self._sources[key] = tuple(weakref.ref(e) for e in a.svf.experts)
             while len(self._resolved) > self.max_resolved:
                 self._resolved.popitem(last=False)
         return res
+
+    def _drop_unloaded(self) -> None:
+        """Forget cached scales and merged weights whose experts no longer exist (see ``_sources``)."""
+        for key in [k for k, refs in self._sources.items() if any(r() is None for r in refs)
+                    or (k not in self._resolved and k not in self._merged)]:
+            del self._sources[key]
+            self._resolved.pop(key, None)
+            self._merged.pop(key, None)
 
     def _plan_factored(self, table: StepTable, idx: list[int], resolved: list[_Resolved | None]) -> None:
         flats = [self._sigma_flat] + [self._sigma_flat if r is None else r.flat for r in resolved]
