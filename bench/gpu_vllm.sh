@@ -65,7 +65,7 @@ fi
 FOLDER=${FOLDER:-$(cat /root/smollm2_folder.txt 2>/dev/null)}
 [ -n "$FOLDER" ] && [ -f "$FOLDER/config.json" ] || { echo "FOLDER is not a Hugging Face folder: '$FOLDER'"; exit 2; }
 export T2_GPU_MODEL=$FOLDER T2_GPU_OUT=$OUT
-BENCH=(python3 bench/vllm.py --model "$FOLDER")
+BENCH=(python3 bench/vllm_bench.py --model "$FOLDER")
 VLLM_UP=1
 
 for s in ${*:-smoke tests bench8b benchsmol}; do
@@ -90,5 +90,5 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
     esac
 done
 runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json 2>/dev/null)
-[ -n "$runs" ] && python3 bench/vllm.py --summarize $runs --out "$OUT/vllm_summary.json" | tee "$OUT/summary.txt"
+[ -n "$runs" ] && python3 bench/vllm_bench.py --summarize $runs --out "$OUT/vllm_summary.json" | tee "$OUT/summary.txt"
 echo "total $((SECONDS - T0)) s"

@@ -15,9 +15,9 @@ model in memory, vLLM gets a config-only folder written here and random weights 
 Peak GPU memory: torch's peak for the native engine; the device's memory in use (all processes,
 sampled) for both, vLLM's including the KV cache it reserves up front.
 
-    python bench/vllm.py --engine native --shape smollm2 --model FOLDER --out results/vllm/native_smollm2.json
-    python bench/vllm.py --engine vllm --shape llama3-8b --model FOLDER --out results/vllm/vllm_llama3_8b.json
-    python bench/vllm.py --summarize results/vllm/*.json --out results/vllm/summary.json
+    python bench/vllm_bench.py --engine native --shape smollm2 --model FOLDER --out results/vllm/native_smollm2.json
+    python bench/vllm_bench.py --engine vllm --shape llama3-8b --model FOLDER --out results/vllm/vllm_llama3_8b.json
+    python bench/vllm_bench.py --summarize results/vllm/*.json --out results/vllm/summary.json
 Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
 """
 from __future__ import annotations
