@@ -4,7 +4,7 @@ environment) and its report (the figures every part adds, written as JSON and pr
 Budget variables (defaults keep the whole suite within a few minutes on 2 CPU cores):
     T2_REL_LOAD_SECONDS    measured load phase, after a warm-up phase as long     (default 8)
     T2_REL_CLIENTS         concurrent load clients                                (default 8)
-    T2_REL_CHURN_OPS       expert uploads/replacements/deletions of the churn     (default 2000)
+    T2_REL_CHURN_OPS       expert uploads/replacements/deletions attempted        (default 2500)
     T2_REL_FUZZ_EXAMPLES   fuzzed cases per API operation and generation mode     (default 10)
     T2_REL_KILL_CYCLES     SIGKILL/restart cycles of a real server under writes   (default 3)
     T2_REL_REPORT          where the JSON report goes (default: pytest's temporary folder)
@@ -36,7 +36,7 @@ class Budget:
     @classmethod
     def from_env(cls) -> "Budget":
         return cls(load_seconds=float(_env_int("T2_REL_LOAD_SECONDS", 8)), clients=_env_int("T2_REL_CLIENTS", 8),
-                   churn_ops=_env_int("T2_REL_CHURN_OPS", 2000), fuzz_examples=_env_int("T2_REL_FUZZ_EXAMPLES", 10),
+                   churn_ops=_env_int("T2_REL_CHURN_OPS", 2500), fuzz_examples=_env_int("T2_REL_FUZZ_EXAMPLES", 10),
                    kill_cycles=_env_int("T2_REL_KILL_CYCLES", 3))
 
 

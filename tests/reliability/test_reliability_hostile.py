@@ -174,6 +174,7 @@ def test_lying_safetensors_headers_are_refused(srv, client, report, case):
     report.add("hostile.cases")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocols 3-5
 def test_pickle_payloads_never_run(srv, client, report, tmp_path):
     marker = tmp_path / "payload-ran"
     formats = ("safetensors", "policy_params", "learnable_params")
