@@ -58,7 +58,8 @@ def managing_requests(srv) -> dict:
 
 def test_inference_key_cannot_manage_experts(srv, report):
     with srv.client() as c:
-        assert c.post("/v1/experts", json={"name": "kept", "z": expert_z(srv)}, headers=auth(ADMIN_KEY)).status_code == 200
+        kept = c.post("/v1/experts", json={"name": "kept", "z": expert_z(srv)}, headers=auth(ADMIN_KEY))
+        assert kept.status_code == 200, kept.text
         for what, send in managing_requests(srv).items():
             err = assert_error_shape(send(c, auth(USER_KEY)), 403)
             assert err["code"] == "admin_key_required" and err["type"] == "permission_error", what
@@ -118,8 +119,8 @@ def test_no_key_or_expert_data_in_logs_or_errors(srv, caplog, report):
             c.post("/v1/experts", json={"name": "x", "z": z}, headers=auth(USER_KEY)),
             c.post("/v1/experts", json={"name": "x", "z": z}, headers=auth(WRONG_KEY)),
             c.post("/v1/experts", json={"name": "x", "z": bad_shape}, headers=auth(ADMIN_KEY)),
-            c.post("/v1/experts", content=('{"name": "x", "z": {"%s": %s}}' % (first, nan[first])).replace("nan", "NaN"),
-                   headers={**auth(ADMIN_KEY), "content-type": "application/json"}),
+            c.post("/v1/experts", headers={**auth(ADMIN_KEY), "content-type": "application/json"},
+                   content=('{"name": "x", "z": {"%s": %s}}' % (first, nan[first])).replace("nan", "NaN")),
             c.post("/v1/experts", json={"name": "x", "z": z, "base_fingerprint": "0" * 64}, headers=auth(ADMIN_KEY)),
             c.post("/v1/experts", json={"name": "../x", "z": z}, headers=auth(ADMIN_KEY)),
             c.post("/v1/completions", json={"prompt": "x", "model": "x", "adaptation": {"experts": {"kept": MARK}}},

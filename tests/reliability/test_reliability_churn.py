@@ -1,9 +1,10 @@
 """Expert churn: thousands of uploads, replacements and deletions (T2_REL_CHURN_OPS; four writers making
 the store calls the expert routes make, one in 20 through HTTP itself) while clients keep generating
-with the churned experts (by name, through a mixture, as an explicit mixture, streamed or not). Every answer is exactly what one complete version produces (greedy output known in
-advance): no request sees a half-loaded expert. Afterwards the experts that were replaced or deleted
-are gone from memory (no object of theirs is alive, nor anything the runtime derived from them),
-process memory is back near its baseline and the store folder holds the survivors only."""
+with the churned experts (by name, through a mixture, as an explicit mixture, streamed or not). Every
+answer is exactly what one complete version produces (greedy output known in advance): no request
+sees a half-loaded expert. Afterwards the experts that were replaced or deleted are gone from memory
+(no object of theirs is alive, nor anything the runtime derived from them), process memory is back
+near its baseline and the store folder holds the survivors only."""
 from __future__ import annotations
 
 import asyncio
@@ -82,7 +83,7 @@ def test_churn_while_serving(churn_server, budget, report):
         rss_before = rss_mb()
 
     # Every expert object the registry ever serves, to check afterwards that the replaced ones are gone.
-    registry, real_put = srv.state.registry, srv.state.registry.put
+    registry, real_put, lock = srv.state.registry, srv.state.registry.put, threading.Lock()
 
     def tracked_put(expert, meta=None):
         with lock:
@@ -92,7 +93,6 @@ def test_churn_while_serving(churn_server, budget, report):
     registry.put = tracked_put
     done = threading.Event()
     seen: list[tuple[int, str, dict]] = []
-    lock = threading.Lock()
 
     def requester(seed: int) -> None:
         rng = random.Random(seed)
@@ -190,7 +190,8 @@ def test_churn_while_serving(churn_server, budget, report):
     assert leaked == 0
     assert not stale  # scales and merged weights of unloaded experts left memory too
     assert rss_mb() - rss_before < RSS_LIMIT_MB
-    assert [s.name for s in srv.state.store.list()] == ["keeper"] and list(srv.state.registry.entries())[0].name == "keeper"
+    assert [s.name for s in srv.state.store.list()] == ["keeper"]
+    assert [e.name for e in srv.state.registry.entries()] == ["keeper"]
     root = srv.state.store.root
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["keeper"]
     assert errors == 0

@@ -227,4 +227,6 @@ def test_server_killed_again_and_again_under_writes(tmp_path, zygote, tiny_llama
                   and not p.name.startswith("."))
     want = sorted(f"{n}/v{v:06d}.{ext}" for n, v in ledger.acked.items() for ext in ("json", "safetensors"))
     assert left == want
-    assert not [p for p in experts.iterdir() if p.name.startswith(".trash") or p.name == ".incoming" and any(p.iterdir())]
+    staged = experts / ".incoming"
+    assert not [p for p in experts.iterdir() if p.name.startswith(".trash")]
+    assert not (staged.exists() and any(staged.iterdir()))
