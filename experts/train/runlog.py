@@ -69,8 +69,9 @@ def plot_curves(records: list[dict], out: Path) -> bool:
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="loss")
-    if any(r.get("kl") for r in steps):
-        ax_loss.plot([r["step"] for r in steps], [r["kl"] for r in steps], label="KL")
+    kl = [r for r in steps if r.get("kl") is not None]  # (SAPT's phases log no KL on some steps)
+    if any(r["kl"] for r in kl):
+        ax_loss.plot([r["step"] for r in kl], [r["kl"] for r in kl], label="KL")
     ax_loss.set(xlabel="step", title="objective")
     ax_loss.legend()
     fig.tight_layout()
