@@ -44,10 +44,12 @@ def train_steps(base, bundle: SAPTBundle, opt: torch.optim.Optimizer, steps: int
                 next_batch: Callable[[int], tuple[list[list[int]], list[list[int]]]],
                 attention: Callable[[list[list[int]]], torch.Tensor] | None,
                 extra_loss: Callable[[int], tuple[torch.Tensor, dict]] | None = None,
-                on_step: Callable[[dict], None] | None = None) -> None:
+                on_step: Callable[[dict], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> None:
     """``steps`` Adam steps.  ``next_batch(step)`` -> (prompts, replies); ``attention(prompts)`` -> (B, T)
     differentiable weights (None: weight 1 on a one-task bundle); ``extra_loss(step)`` -> (loss, fields)
-    added once per step (ARM); ``on_step(record)`` receives loss and timing of each step."""
+    added once per step (ARM); ``on_step(record)`` receives loss and timing of each step; ``after_step()``
+    runs after each optimizer step (constraints on the parameters)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     for step in range(steps):
         t0 = time.perf_counter()
@@ -67,6 +69,8 @@ def train_steps(base, bundle: SAPTBundle, opt: torch.optim.Optimizer, steps: int
             record.update(fields)
         grad = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
+        if after_step is not None:
+            after_step()
         record.update(step=step + 1, grad_norm=float(grad), step_s=round(time.perf_counter() - t0, 3), rows=len(prompts))
         if on_step is not None:
             on_step(record)

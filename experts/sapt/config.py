@@ -1,7 +1,11 @@
 """Settings of a SAPT continual-learning run (REFERENCE.md §2), with defaults sized for SmolLM2-135M and
 the generated tasks of ``experts/tasks/synthetic.py`` on one GPU. The reference's LoRA shape (q_proj and
-v_proj, r = 8, alpha 32) and query projection (h = 100) are kept; the learning rates are higher than
-the reference's 5e-5 for LLaMA because each task gets only ~100 steps here.
+v_proj, r = 8, alpha 32), query projection (h = 100) and key init (uniform in [-1, 1]) are kept; the
+learning rates are higher than the reference's 5e-5 for LLaMA because each task gets only ~100 steps here.
+
+Two training details are ours (both measured on the generated tasks, see ``learner.py``): the query
+projection's first layer is kept orthogonal to the pooled bare chat template, and ARM's weight ramps
+in over the first ``arm_warmup`` of each task.
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from experts.train.config import RunConfig
 METHODS = ("sapt", "sapt_noarm", "seqlora", "single")
 ROUTED = ("sapt", "sapt_noarm")  # methods whose blocks are mixed by the shared attention
 # Fields a resumed run must share with the run it continues (the others may change: paths, budgets).
-RECIPE_FIELDS = ("method", "rank", "lora_alpha", "lora_targets", "hidden", "lr", "router_lr", "batch_size", "steps",
-                 "kl_ratio", "arm_batch", "pseudo_fraction", "min_pseudo", "generator_steps", "generator_lr",
+RECIPE_FIELDS = ("method", "rank", "lora_alpha", "lora_targets", "hidden", "lr", "router_lr", "key_init", "batch_size", "steps",
+                 "kl_ratio", "arm_warmup", "arm_batch", "pseudo_fraction", "min_pseudo", "generator_steps", "generator_lr",
                  "train_limit", "seed")
 
 
@@ -32,12 +36,14 @@ class SAPTConfig(RunConfig):
     lora_alpha: float = 32.0  # LoRA scaling alpha / r
     lora_targets: str = "q_proj,v_proj"  # matrices that get a LoRA block (module names or suffixes)
     hidden: int = 100  # h of the query projection
-    lr: float = 1e-3  # Adam, LoRA blocks
+    lr: float = 2e-3  # Adam, LoRA blocks
     router_lr: float = 1e-3  # Adam, the new key and the shared query projection
     batch_size: int = 32  # examples per optimizer step
     micro_batch: int = 32  # rows per forward/backward (memory only)
     steps: int = 100  # optimizer steps per task
+    key_init: float = 1.0  # new keys uniform in [-key_init, key_init] (reference: 1); 0: the bundle's N(0, 1/d)
     kl_ratio: float = 1.0  # ARM: weight of KL(stored attention ‖ attention on pseudo-inputs)
+    arm_warmup: float = 0.5  # ARM's weight ramps from 0 to kl_ratio over this fraction of a task's steps
     arm_batch: int = 32  # pseudo-inputs per step in the ARM term
     pseudo_fraction: float = 0.02  # pseudo-inputs kept per task, as a fraction of its training examples
     min_pseudo: int = 32  # ... but at least this many

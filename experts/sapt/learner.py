@@ -28,7 +28,8 @@ from experts.sapt.blocks import adam, train_steps
 from experts.sapt.config import SAPTConfig
 from experts.sapt.data import TaskData, TaskPool, derive_seed
 from experts.sapt.evaluate import Evaluator
-from experts.sapt.routing import arm_kl, pad_to, prompt_attention
+from experts.tasks import render_prompt
+from experts.sapt.routing import arm_kl, pad_to, project_out, prompt_attention, shared_direction
 from experts.sapt_tensors import bundle_from_tensors, bundle_tensors
 
 log = logging.getLogger("t2serve.sapt")
@@ -55,6 +56,7 @@ class SequenceLearner:
         self.rows: list[dict[str, float]] = []  # per learned task: scores on the evaluated tasks after it
         self.attention: list[dict[str, list[float]] | None] = []  # per learned task: mean attention per test set
         self.global_step = 0
+        self.shared_dir: torch.Tensor | None = None  # (d,) the bare template's pooled direction; router layer 1 ⟂ it
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -63,7 +65,8 @@ class SequenceLearner:
         return {"tensors": bundle_tensors(self.bundle) if self.bundle is not None else {},
                 "learned": list(self.learned), "mean_attn": [v.tolist() for v in self.mean_attn],
                 "pseudo": copy.deepcopy(self.pseudo), "rows": copy.deepcopy(self.rows),
-                "attention": copy.deepcopy(self.attention), "global_step": self.global_step}
+                "attention": copy.deepcopy(self.attention), "global_step": self.global_step,
+                "shared_dir": None if self.shared_dir is None else self.shared_dir.tolist()}
 
     def restore(self, snap: dict) -> "SequenceLearner":
         if snap["tensors"]:
@@ -76,6 +79,7 @@ class SequenceLearner:
         self.rows = copy.deepcopy(snap["rows"])
         self.attention = copy.deepcopy(snap["attention"])
         self.global_step = snap["global_step"]
+        self.shared_dir = None if snap.get("shared_dir") is None else torch.tensor(snap["shared_dir"])
         return self
 
     # --- learning one task ---------------------------------------------------------------------------
@@ -88,16 +92,38 @@ class SequenceLearner:
                                 rank=cfg.rank, alpha=cfg.lora_alpha, hidden=cfg.hidden, bundle_id=f"train-{cfg.seed}")
         return bundle.to(self.base.device)
 
+    def _constrain_router(self) -> None:
+        """Keep the query projection's first layer orthogonal to the pooled embeddings of the bare chat
+        template (an empty user turn).
+
+        Max-pooled embeddings of chat prompts are dominated by what every prompt contains (the template,
+        its system prompt): prompts of different tasks are ~0.99 cosine-similar. Gradients on the first
+        layer (outer products with its input) then mostly move that shared component, and the router
+        needs ~100 steps before it starts telling tasks apart (measured on the generated tasks: reverse
+        vs upper routing stayed at chance for 60 Adam steps of a direct classification loss). With the
+        layer blind to the template's direction (projected out at the start and after every optimizer
+        step) the same loss separates them in 10 steps. The direction depends on the model and its
+        template only, never on task data; serving is unchanged (the constraint lives in the weights)."""
+        tok = self.base.tokenizer
+        self.shared_dir = shared_direction(self.base.model, [render_prompt(tok, [{"role": "user", "content": ""}])])
+        project_out(self.bundle.query_proj.down.weight, self.shared_dir)
+
     def _add_block(self, task_index: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, task_index, 2))
-            return self.bundle.add_task()
+            task = self.bundle.add_task()
+            if self.cfg.key_init > 0:  # the reference code draws keys uniform in [-1, 1]
+                with torch.no_grad():
+                    task.key.copy_(torch.empty(task.key.shape).uniform_(-self.cfg.key_init, self.cfg.key_init))
+        return task
 
     def learn(self, name: str, task_index: int, *, make_pseudo: bool = True) -> None:
         """Train task ``name`` (at position ``task_index`` of the sequence) and do ARM's bookkeeping."""
         cfg, data = self.cfg, self.pool.get(name)
         if cfg.method == "single" or self.bundle is None:
             self.bundle = self._new_bundle(task_index)
+            if cfg.routed:
+                self._constrain_router()
         if cfg.routed or self.bundle.num_tasks == 0:
             self._add_block(task_index)
         bundle = self.bundle.requires_grad_(False)
@@ -107,7 +133,12 @@ class SequenceLearner:
         for p in block + router:
             p.requires_grad_(True)
         opt = adam([(block, cfg.lr), (router, cfg.router_lr)])
-        attention = (lambda prompts: prompt_attention(self.base.model, bundle, prompts)) if cfg.routed else None
+        seen: list[float] = []  # the new block's weight on this step's training prompts (for the log)
+
+        def attention(prompts):
+            a = prompt_attention(self.base.model, bundle, prompts)
+            seen.append(float(a[:, -1].detach().mean()))
+            return a
         extra = self._arm_term(task_index) if cfg.arm and any(self.pseudo) else None
         log.info("[%s seed %d] task %d/%d %s: %d steps of %d, %d blocks%s", cfg.method, cfg.seed, task_index + 1,
                  len(cfg.task_list), name, cfg.steps, cfg.batch_size, bundle.num_tasks,
@@ -118,13 +149,17 @@ class SequenceLearner:
             return [data.train_prompts[i] for i in idx], [data.train_replies[i] for i in idx]
 
         def on_step(rec: dict):
+            if seen:
+                rec["attn_new"] = sum(seen) / len(seen)
+                seen.clear()
             self.global_step += 1
             self.on_record({"event": "step", "method": cfg.method, "seed": cfg.seed, "task": name,
                             "task_index": task_index, "task_step": rec["step"], "task_steps": cfg.steps,
                             **rec, "step": self.global_step})
 
-        train_steps(self.base, bundle, opt, cfg.steps, cfg.batch_size, cfg.micro_batch, next_batch, attention,
-                    extra, on_step)
+        keep_blind = (lambda: project_out(bundle.query_proj.down.weight, self.shared_dir)) if cfg.routed else None
+        train_steps(self.base, bundle, opt, cfg.steps, cfg.batch_size, cfg.micro_batch, next_batch,
+                    attention if cfg.routed else None, extra, on_step, keep_blind)
         bundle.requires_grad_(False)
         self.learned.append(name)
         if cfg.routed:
@@ -138,13 +173,19 @@ class SequenceLearner:
         pool = [(j, p) for j, prompts in enumerate(self.pseudo) for p in prompts]
         stored = torch.stack([pad_to(v, bundle.num_tasks) for v in self.mean_attn])  # (T_old, T)
 
+        warmup = max(1, round(cfg.arm_warmup * cfg.steps))
+
         def term(step: int):
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, task_index, 3, step))
             pick = torch.randint(len(pool), (min(cfg.arm_batch, len(pool)),), generator=g).tolist()
             tasks = torch.tensor([pool[i][0] for i in pick])
             q = prompt_attention(self.base.model, bundle, [pool[i][1] for i in pick])  # (B, T)
             kl = arm_kl(stored[tasks].to(q.device, q.dtype), q)
-            return cfg.kl_ratio * kl, {"kl": float(kl.detach())}
+            # Ramped in: the new block starts at B = 0, so at first only ARM would move the router, and it
+            # would route every input away from the new block before that block learned anything.
+            weight = cfg.kl_ratio * min(1.0, (step + 1) / warmup)
+            return weight * kl, {"kl": float(kl.detach()), "kl_weight": weight,
+                                 "attn_new_on_old": float(q[:, -1].detach().mean())}
 
         return term
 

@@ -24,6 +24,9 @@ def format_record(r: dict) -> str | None:
     if r["event"] in ("step", "generator"):
         what = "task" if r["event"] == "step" else "generator of"
         kl = f" kl {r['kl']:.4f}" if r.get("kl") is not None else ""
+        if r.get("attn_new") is not None:  # routing: the new block's weight on new / on old tasks' inputs
+            kl += f" | new block {r['attn_new']:.2f}" + (f" (old inputs {r['attn_new_on_old']:.2f})"
+                                                         if r.get("attn_new_on_old") is not None else "")
         return (f"{head} {what} {r['task_index'] + 1} {r['task']} step {r['task_step']}/{r['task_steps']}: "
                 f"loss {r['loss']:.4f}{kl} grad {r['grad_norm']:.2e} ({r['step_s']:.2f}s)")
     return None

@@ -2,7 +2,8 @@
 softmax the server's ``sapt`` strategy applies to one prompt (``server.api.adaptation.sapt_attention``),
 here for a right-padded batch of prompts (padding is masked, so each row's weights equal its own).
 
-Also the ARM term and the bundle copies that evaluation serves.
+Also the ARM term, the bundle copies that evaluation serves, and the constraint that keeps the query
+projection's first layer blind to the component all prompts share.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from adapters.sapt import SAPTBundle
+from adapters.sapt import SAPTBundle, pool_query
 from experts.sapt_tensors import bundle_from_tensors, bundle_tensors
 
 
@@ -42,6 +43,22 @@ def batched_attention(model, bundle: SAPTBundle, prompts: Sequence[list[int]], c
     """``prompt_attention`` without gradients, in chunks: (N, T) float32 on the CPU."""
     parts = [prompt_attention(model, bundle, prompts[s:s + chunk]).float().cpu() for s in range(0, len(prompts), chunk)]
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def shared_direction(model, prompts: Sequence[list[int]]) -> torch.Tensor:
+    """(d,) unit vector along the mean masked max-pooled embedding of ``prompts``."""
+    emb = model.get_input_embeddings()
+    ids, mask = pad_prompts(prompts, emb.weight.device)
+    mean = pool_query(emb(ids).float(), mask).mean(0)
+    return (mean / mean.norm()).cpu()
+
+
+@torch.no_grad()
+def project_out(weight: torch.Tensor, direction: torch.Tensor) -> None:
+    """weight (h, d) <- weight − (weight u) uᵀ: its rows become orthogonal to the unit vector u (d,)."""
+    u = direction.to(weight.device, weight.dtype)
+    weight -= torch.outer(weight @ u, u)
 
 
 def arm_kl(stored: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ def test_keys_grow_and_old_blocks_and_keys_stay_bitwise_frozen(tiny_cfg, tiny_ba
             assert all(torch.equal(a, b) for a, b in zip(old, _frozen_part(bundle.tasks[j]))), f"task {j} changed"
         assert any(B.abs().max() > 0 for B in bundle.tasks[-1].B)  # the new block trained (B starts at 0)
         query = bundle.query_proj.down.weight.detach().clone()
+        assert (query @ learner.shared_dir).abs().max() < 1e-5  # blind to what all prompts share
         if i >= 1:  # the shared query projection keeps learning (a single task gets attention 1 whatever it does)
             assert not torch.equal(query, query_before)
         query_before = query
@@ -91,7 +92,8 @@ def test_two_task_run_lowers_the_loss(tiny_cfg):
     for task in ("reverse", "upper"):
         losses = [r["loss"] for r in recs if r["event"] == "step" and r["task"] == task]
         assert len(losses) == 12
-        assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, (task, losses)
+        # the new block starts at a share of the mixture (~1/4 here), so its task learns more slowly
+        assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, (task, losses)
 
 
 def test_resume_continues_the_sequence_exactly(tiny_cfg, tmp_path):
