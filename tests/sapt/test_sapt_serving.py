@@ -62,6 +62,7 @@ def test_compare_command_writes_the_table_matrices_and_heat_map(tiny_llama_dir, 
     printed = capsys.readouterr().out
     assert "| SAPT w/o ARM |" in printed and "| SeqLoRA |" in printed and "attention heat map" in printed
     res = json.loads((out / "sapt_compare.json").read_text())
+    assert res["peak_rss_mb"] > 0 and res["peak_gpu_mb"] is None  # memory reported (CPU run)
     run = res["runs"][0]
     assert res["seeds"] == [3] and set(run["methods"]) == {"sapt", "sapt_noarm", "seqlora"}
     for m in run["methods"].values():
