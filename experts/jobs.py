@@ -1,4 +1,4 @@
-"""Background jobs with progress (few-shot CEM searches): started by a request, polled by id.
+"""Background jobs with progress (few-shot CEM searches, SAPT training): started by a request, polled by id.
 
 Jobs run as asyncio tasks on the server's event loop; their heavy work is engine requests, which run
 on the engine thread, so the loop stays free. Finished jobs are kept (bounded) for their results.
@@ -70,6 +70,19 @@ class JobBoard:
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+    def running(self, kind: str) -> Job | None:
+        """A queued or running job of this kind, if any."""
+        return next((j for j in self._jobs.values() if j.kind == kind and j.status in ("queued", "running")), None)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job (its work stops what it started); False if it had ended."""
+        job = self._jobs.get(job_id)
+        if job is None or job._task is None or job._task.done():
+            return False
+        job._task.cancel()
+        await asyncio.gather(job._task, return_exceptions=True)
+        return True
 
     def running_for(self, task: str) -> Job | None:
         return next((j for j in self._jobs.values() if j.task == task and j.status in ("queued", "running")), None)

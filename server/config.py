@@ -39,6 +39,8 @@ class Settings(BaseSettings):
                                   "once; deleting one later keeps it deleted")
     adapt_targets: str = Field("mlp", description="matrices experts adapt: mlp | attn | all | none | comma-separated module names")
     threads: int | None = Field(None, description="torch intra-op threads on CPU (default: torch's choice)")
+    train_data_dir: Path | None = Field(None, description="data root (layout of shared/data) for training jobs "
+                                        "started through the API on tasks read from files; generated tasks need none")
 
     # --- HTTP ------------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -15,9 +15,9 @@ from fastapi import APIRouter
 
 
 def api_router() -> APIRouter:
-    from server.api import adaptations, chat, completions, experts, health, metrics, models
+    from server.api import adaptations, chat, completions, experts, health, metrics, models, training
 
     router = APIRouter()
-    for module in (completions, chat, models, experts, adaptations, health, metrics):
+    for module in (completions, chat, models, experts, adaptations, training, health, metrics):
         router.include_router(module.router)
     return router

@@ -1,0 +1,144 @@
+"""SAPT training through the API: POST /v1/training/sapt starts ``train sapt`` as a child process of the
+server (never in the server process; see ``experts.sapt.job``) and returns its job at once;
+GET /v1/training/{id} reports progress and the result; DELETE /v1/training/{id} stops it. The bundle goes
+into this server's expert store under ``name`` and is served by the ``sapt`` strategy when the job is done.
+One training at a time: it takes the machine's cores (or GPU) next to the server's own work."""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.api.adaptations import _jobs
+from server.api.auth import require_admin_key, require_read_key
+from server.api.serving import ERROR_RESPONSES
+from server.api.state import ready_engine, server_state
+from server.errors import APIError, invalid_request
+
+router = APIRouter(tags=["training"])
+KIND = "sapt_train"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class SAPTTraining(BaseModel):
+    """What ``train sapt`` takes, bounded; defaults are its own (``experts/sapt/config.py``)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=64, pattern=NAME, description="bundle name in the expert store")
+    tasks: list[str] = Field(min_length=1, max_length=16, description="task names in learning order")
+    steps: int | None = Field(None, ge=1, le=100_000, description="optimizer steps per task")
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    micro_batch: int | None = Field(None, ge=1, le=1024)
+    rank: int | None = Field(None, ge=1, le=64)
+    lora_targets: str = Field("q_proj,v_proj", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.,]+$",
+                              description="matrices with LoRA blocks; the server must adapt them")
+    lr: float | None = Field(None, gt=0, le=1)
+    router_lr: float | None = Field(None, gt=0, le=1)
+    kl_ratio: float | None = Field(None, ge=0, le=100, description="ARM's weight; 0 disables ARM")
+    generator_steps: int | None = Field(None, ge=0, le=100_000)
+    train_limit: int | None = Field(None, ge=1, le=10_000_000)
+    test_limit: int | None = Field(None, ge=1, le=100_000)
+    eval_every_task: int | None = Field(None, ge=0, le=1, description="1: score the learned tasks after each")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+def _check_targets(engine, lora_targets: str) -> None:
+    """Every matrix the bundle would put a LoRA block on must be one the server adapts, or the store would
+    refuse the bundle after the whole training. Names are matched as training matches them: the module's
+    full name or a dotted suffix of it."""
+    from adapters.targets import target_kind
+
+    served = {t.name for t in getattr(getattr(engine, "runtime", None), "targets", ()) or ()}
+    patterns = [p for p in lora_targets.split(",") if p]
+    matches = lambda name, p: name == p or name.endswith("." + p)  # noqa: E731
+    wanted: set[str] = set()
+    for p in patterns:
+        hits = {name for name, m in engine.model.named_modules()
+                if matches(name, p) and (name in served or target_kind(m) is not None)}
+        if not hits:
+            raise invalid_request(f"lora_targets: {p!r} names no linear layer of the model", param="lora_targets")
+        wanted |= hits
+    missing = sorted(wanted - served)
+    if missing:
+        raise invalid_request(f"this server does not adapt {missing[0]} (and {len(missing) - 1} more) named by "
+                              "lora_targets: start it with --adapt-targets attn or all, or name adapted matrices",
+                              param="lora_targets", code="targets_not_adapted")
+
+
+@router.post("/v1/training/sapt", status_code=202, responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+             dependencies=[Depends(require_admin_key)], summary="Start SAPT training of a task sequence")
+async def create_training(body: SAPTTraining, request: Request) -> dict:
+    from experts.sapt.job import SAPTJobSpec, run_sapt_job
+    from experts.tasks import get_task
+    from experts.tasks.synthetic import SyntheticTask
+    from server.model_loader import resolve_dtype, resolve_model_folder
+
+    engine, state = ready_engine(request), server_state(request)
+    settings = state.settings
+    if state.store is None or getattr(engine, "model", None) is None:
+        raise APIError(503, "training needs the native engine and an open expert store", type="server_error",
+                       code="training_unavailable")
+    if len(set(body.tasks)) != len(body.tasks):
+        raise invalid_request("tasks names a task twice", param="tasks")
+    for name in body.tasks:
+        try:
+            task = get_task(name)
+        except ValueError as e:
+            raise invalid_request(str(e), param="tasks", code="unknown_task") from e
+        if not isinstance(task, SyntheticTask) and settings.train_data_dir is None:
+            raise invalid_request(f"task {name!r} reads its data from files: start the server with "
+                                  "--train-data-dir", param="tasks", code="no_training_data")
+    _check_targets(engine, body.lora_targets)
+    existing = state.registry.get(body.name)
+    if existing is not None and existing.meta.get("kind") != "sapt":
+        raise invalid_request(f"{body.name!r} names an expert that is not a SAPT bundle", param="name")
+    jobs = _jobs(request)
+    if jobs.running(KIND) is not None:
+        raise APIError(409, "a training job is already running", code="job_running")
+    folder, _ = await asyncio.to_thread(resolve_model_folder, settings.model, settings.cache_dir)
+    options = body.model_dump(exclude={"name", "tasks"}, exclude_none=True)
+    device = engine.model.device
+    dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
+
+    def spec_for(job_id: str) -> SAPTJobSpec:
+        return SAPTJobSpec(name=body.name, tasks=list(body.tasks), model=str(folder), device=str(device), dtype=dtype,
+                           store=str(settings.resolved_expert_dir()), run_dir=str(settings.cache_dir / "training" / job_id),
+                           options=options, data=None if settings.train_data_dir is None else str(settings.train_data_dir),
+                           threads=settings.threads)
+
+    async def work(job) -> dict:
+        spec = spec_for(job.id)
+        job.progress = {"tasks": len(spec.tasks), "phase": "starting", "run_dir": spec.run_dir}
+
+        def progress(p: dict) -> None:
+            job.progress = {**p, "run_dir": spec.run_dir}
+
+        summary = await run_sapt_job(spec, progress)
+        await asyncio.to_thread(state.store.refresh, True)  # served now, not at the watcher's next look
+        stored = state.store.get(body.name)
+        return {"expert": body.name, "version": None if stored is None else stored.record.version,
+                "tasks": summary["tasks"], "seconds": summary["seconds"], "metrics": summary.get("metrics"),
+                "matrix": summary.get("matrix"), "attention": summary.get("attention"), "run_dir": spec.run_dir}
+
+    job = jobs.start(KIND, body.name, work)
+    return job.view()
+
+
+@router.get("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_read_key)],
+            summary="Progress and result of a training job")
+async def get_training(job_id: str, request: Request) -> dict:
+    job = _jobs(request).get(job_id)
+    if job is None or job.kind != KIND:
+        raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")
+    return job.view()
+
+
+@router.delete("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
+               summary="Stop a training job")
+async def cancel_training(job_id: str, request: Request) -> dict:
+    jobs = _jobs(request)
+    job = jobs.get(job_id)
+    if job is None or job.kind != KIND:
+        raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")
+    cancelled = await jobs.cancel(job_id)
+    return {**job.view(), "cancelled": cancelled}
