@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from experts.memory import peak_gpu_mb, peak_rss_mb  # noqa: F401  (re-exported to the benchmarks)
 
 
 def sync(device: torch.device) -> None:
@@ -28,18 +28,6 @@ class Timer:
     def __exit__(self, *exc):
         sync(self.device)
         self.seconds = time.perf_counter() - self.t0
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / (1024 * 1024)
-
-
-def peak_gpu_mb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def machine() -> dict:

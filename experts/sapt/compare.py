@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
+from experts.memory import peak_gpu_mb, peak_rss_mb
 from experts.sapt.config import SAPTConfig
 from experts.sapt.learner import SequenceLearner
 from experts.sapt.metrics import all_metrics, lower_triangle
@@ -115,7 +112,8 @@ def run_compare(cfg: SAPTConfig, seeds: list[int], out_dir: str | Path, base=Non
     drew = plot_attention(panels, tasks, heatmap)
     result = {"tasks": tasks, "seeds": seeds, "config": json.loads(cfg.to_json()), "runs": runs, "summary": summary,
               "heatmap": str(heatmap) if drew else None, "seconds": round(time.perf_counter() - t_start, 1),
-              "device": str(base.device), "dtype": str(base.dtype), **peak_memory(base.device)}
+              "device": str(base.device), "dtype": str(base.dtype), "peak_rss_mb": round(peak_rss_mb(), 1),
+              "peak_gpu_mb": None if (gpu := peak_gpu_mb(base.device)) is None else round(gpu, 1)}
     (out / "sapt_compare.json").write_text(json.dumps(result, indent=1))
     (out / "sapt_compare.md").write_text("\n".join(md))
     print("\n" + table + "\n")
@@ -124,10 +122,3 @@ def run_compare(cfg: SAPTConfig, seeds: list[int], out_dir: str | Path, base=Non
     print(f"peak RSS {result['peak_rss_mb']:.0f} MiB, peak GPU {result['peak_gpu_mb'] or 0:.0f} MiB")
     return result
 
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process and peak GPU memory allocated by torch (None on CPU), MiB."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss = rss_kb / 1024 / (1024 if sys.platform == "darwin" else 1)
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}

@@ -52,22 +52,21 @@ class SAPTJobSpec:
         return args
 
 
-def progress_of(records: list[dict], tasks: list[str]) -> dict[str, Any]:
-    """The job's progress from the run log's records so far: where the run is (phase, task, step of the
+def fold_progress(progress: dict[str, Any], records: list[dict]) -> dict[str, Any]:
+    """``progress`` updated with the run log's new ``records``: where the run is (phase, task, step of the
     task, last loss), optimizer steps done over all tasks, and the last scores."""
-    out: dict[str, Any] = {"tasks": len(tasks), "phase": "starting", "steps_done": 0}
     for r in records:
         event = r.get("event")
         if event == "step":
-            out["steps_done"] += 1
-            out.update(phase="training", task=r["task"], task_index=r["task_index"] + 1, task_step=r["task_step"],
-                       task_steps=r["task_steps"], loss=r["loss"])
+            progress["steps_done"] += 1
+            progress.update(phase="training", task=r["task"], task_index=r["task_index"] + 1,
+                            task_step=r["task_step"], task_steps=r["task_steps"], loss=r["loss"])
         elif event == "generator":
-            out.update(phase="pseudo-sample generator", task=r["task"], task_index=r["task_index"] + 1,
-                       task_step=r["task_step"], task_steps=r["task_steps"], loss=r["loss"])
+            progress.update(phase="pseudo-sample generator", task=r["task"], task_index=r["task_index"] + 1,
+                            task_step=r["task_step"], task_steps=r["task_steps"], loss=r["loss"])
         elif event == "eval":
-            out.update(phase="evaluated", scores=r["scores"])
-    return out
+            progress.update(phase="evaluated", scores=r["scores"])
+    return progress
 
 
 def _read_new(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -94,7 +93,7 @@ async def run_sapt_job(spec: SAPTJobSpec, on_progress: Callable[[dict], None]) -
         proc = await asyncio.create_subprocess_exec(*spec.argv(), stdout=out, stderr=asyncio.subprocess.STDOUT,
                                                     env=env, start_new_session=True)
     log.info("SAPT training %s started (pid %d): %s", spec.name, proc.pid, ",".join(spec.tasks))
-    records: list[dict] = []
+    progress: dict[str, Any] = {"tasks": len(spec.tasks), "phase": "starting", "steps_done": 0}
     offset = 0
     try:
         while True:
@@ -105,8 +104,7 @@ async def run_sapt_job(spec: SAPTJobSpec, on_progress: Callable[[dict], None]) -
                 done = False
             new, offset = _read_new(run_dir / "log.jsonl", offset)
             if new:
-                records += new
-                on_progress(progress_of(records, spec.tasks))
+                on_progress(dict(fold_progress(progress, new)))
             if done:
                 break
     except asyncio.CancelledError:

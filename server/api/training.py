@@ -46,15 +46,13 @@ def _check_targets(engine, lora_targets: str) -> None:
     """Every matrix the bundle would put a LoRA block on must be one the server adapts, or the store would
     refuse the bundle after the whole training. Names are matched as training matches them: the module's
     full name or a dotted suffix of it."""
-    from adapters.targets import target_kind
+    from adapters.targets import _matches, target_kind
 
     served = {t.name for t in getattr(getattr(engine, "runtime", None), "targets", ()) or ()}
-    patterns = [p for p in lora_targets.split(",") if p]
-    matches = lambda name, p: name == p or name.endswith("." + p)  # noqa: E731
     wanted: set[str] = set()
-    for p in patterns:
+    for p in (p for p in lora_targets.split(",") if p):
         hits = {name for name, m in engine.model.named_modules()
-                if matches(name, p) and (name in served or target_kind(m) is not None)}
+                if _matches(name, p) and (name in served or target_kind(m) is not None)}
         if not hits:
             raise invalid_request(f"lora_targets: {p!r} names no linear layer of the model", param="lora_targets")
         wanted |= hits
@@ -100,15 +98,12 @@ async def create_training(body: SAPTTraining, request: Request) -> dict:
     device = engine.model.device
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
 
-    def spec_for(job_id: str) -> SAPTJobSpec:
-        return SAPTJobSpec(name=body.name, tasks=list(body.tasks), model=str(folder), device=str(device), dtype=dtype,
-                           store=str(settings.resolved_expert_dir()), run_dir=str(settings.cache_dir / "training" / job_id),
+    async def work(job) -> dict:
+        spec = SAPTJobSpec(name=body.name, tasks=list(body.tasks), model=str(folder), device=str(device), dtype=dtype,
+                           store=str(settings.resolved_expert_dir()), run_dir=str(settings.cache_dir / "training" / job.id),
                            options=options, data=None if settings.train_data_dir is None else str(settings.train_data_dir),
                            threads=settings.threads)
-
-    async def work(job) -> dict:
-        spec = spec_for(job.id)
-        job.progress = {"tasks": len(spec.tasks), "phase": "starting", "run_dir": spec.run_dir}
+        job.progress = {"tasks": len(spec.tasks), "phase": "starting", "steps_done": 0, "run_dir": spec.run_dir}
 
         def progress(p: dict) -> None:
             job.progress = {**p, "run_dir": spec.run_dir}
