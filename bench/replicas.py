@@ -2,7 +2,8 @@
 alone (the baseline, measured in the same run).
 
 Each replica is ``t2serve serve`` in a process of its own on a device of its own (``--devices cuda:0,cuda:1``:
-one GPU each); all share one ``--expert-dir``. The balancer is HAProxy with the compose file's
+one GPU each; ``--devices cpu,cpu --cpus-per-replica 6``: CPU replicas, each pinned to its own cores with
+as many torch threads, the load generator and balancer on the cores left); all share one ``--expert-dir``. The balancer is HAProxy with the compose file's
 ``docker/haproxy.cfg`` when ``haproxy`` is on PATH, otherwise the loopback round-robin balancer of
 ``bench/balancer.py`` (the JSON says which). ``--experts`` random SVF experts are uploaded to the first
 replica before the others start; requests cycle through the base model and those experts (mixed
@@ -33,17 +34,21 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.balancer import free_port, haproxy, round_robin  # noqa: E402
-from bench.common import machine, print_table, write_json  # noqa: E402
+from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
 from bench.store import http, mlp_ranks, smollm2_folder, wait_ready  # noqa: E402
 
 
 @contextmanager
-def replica(args, device: str, store: Path, log: Path) -> Iterator[str]:
-    """A server on ``device``, healthy when the block starts (its log in ``log``)."""
+def replica(args, index: int, device: str, store: Path, log: Path, memory: dict) -> Iterator[str]:
+    """Replica ``index``, a server on ``device``, healthy when the block starts (its log in ``log``); its
+    peak RSS and GPU memory go into ``memory[index]`` when it stops."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(args.model), "--cache-dir", str(args.cache_dir),
            "--expert-dir", str(store), "--port", str(port), "--device", device, "--log-level", "warning",
            "--max-num-seqs", str(args.max_num_seqs), *args.serve_arg]
+    if device == "cpu" and args.cpus_per_replica:
+        n = args.cpus_per_replica
+        cmd = ["taskset", "-c", f"{index * n}-{index * n + n - 1}", *cmd, "--threads", str(n)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -56,12 +61,34 @@ def replica(args, device: str, store: Path, log: Path) -> Iterator[str]:
             raise
         yield url
     finally:
+        memory[index] = {"device": device, "peak_rss_mb": vm_hwm_mb(proc.pid), "gpu_mb": gpu_mb(proc.pid)}
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set size of a running process (Linux), MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def gpu_mb(pid: int) -> float | None:
+    """GPU memory a process holds now, MiB (nvidia-smi; None without it)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return sum(float(m) for p, m in (line.split(",") for line in out.splitlines() if "," in line)
+               if int(p) == pid) or None
 
 
 def load(url: str, models: list[str], clients: int, total: int, max_tokens: int) -> dict:
@@ -113,6 +140,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--experts", type=int, default=3, help="SVF experts the requests cycle through (with the base)")
+    ap.add_argument("--cpus-per-replica", type=int, default=0,
+                    help="CPU replicas: cores (and torch threads) each; replica i gets cores i*N .. i*N+N-1")
     ap.add_argument("--serve-arg", action="append", default=[], help="more `t2serve serve` arguments")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -120,15 +149,18 @@ def main() -> int:
     devices = args.devices.split(",")
     n = len(devices)
     rows, result = [], {"machine": machine(), "devices": devices, "args": {k: str(v) for k, v in vars(args).items()}}
+    memory: dict[int, dict] = {}
+    if args.cpus_per_replica and os.cpu_count() > n * args.cpus_per_replica:
+        os.sched_setaffinity(0, range(n * args.cpus_per_replica, os.cpu_count()))  # clients and balancer
     with tempfile.TemporaryDirectory() as work, ExitStack() as stack:
         work = Path(work)
         store = work / "store"
-        urls = [stack.enter_context(replica(args, devices[0], store, work / "replica0.log"))]
+        urls = [stack.enter_context(replica(args, 0, devices[0], store, work / "replica0.log", memory))]
         models = [http(urls[0] + "/v1/models")["data"][0]["id"], *upload_experts(urls[0], args.model, args.experts)]
         load(urls[0], models, args.concurrency, args.concurrency, args.max_tokens)  # warm-up
         one = load(urls[0], models, args.concurrency, args.requests, args.max_tokens)
         rows.append({"setup": "1 replica", **one})
-        urls += [stack.enter_context(replica(args, d, store, work / f"replica{i}.log"))
+        urls += [stack.enter_context(replica(args, i, d, store, work / f"replica{i}.log", memory))
                  for i, d in enumerate(devices[1:], 1)]
         backends = [("127.0.0.1", int(u.rsplit(":", 1)[1])) for u in urls]
         kind = "haproxy" if shutil.which("haproxy") else "loopback round robin"
@@ -137,9 +169,12 @@ def main() -> int:
         many = load(url, models, n * args.concurrency, n * args.requests, args.max_tokens)
         rows.append({"setup": f"{n} replicas ({kind})", **many})
         result.update(balancer=kind, one=one, many=many, speedup=many["tokens_per_s"] / one["tokens_per_s"])
+    result["memory"] = {"replicas": memory, "bench_peak_rss_mb": peak_rss_mb()}
     print_table(rows, ["setup", "requests", "clients", "tokens", "wall_s", "tokens_per_s", "p50_latency_s",
                        "p95_latency_s"])
     print(f"speedup: {result['speedup']:.2f}x with {n} replicas")
+    for i, m in sorted(memory.items()):
+        print(f"replica {i} ({m['device']}): peak RSS {m['peak_rss_mb']} MiB, GPU {m['gpu_mb']} MiB")
     write_json(args.out, result)
     return 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -160,7 +161,8 @@ def vllm_engine(args):
 
     common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
-                  enforce_eager=args.eager, lora_max_rank=64, max_loras=8, svf_mode="swap",
+                  enforce_eager=args.eager, lora_max_rank=args.lora_max_rank, max_loras=args.max_loras,
+                  specialize_active_lora=args.specialize_active_lora, svf_mode="swap",
                   lora_modules=list(SAPT_TARGETS))  # LoRA only where adapters go (SVF is swapped in)
     if args.shape == "llama3-8b":
         folder = llama3_8b_folder(args.model, Path(args.cache_dir) / "llama3-8b-shape")
@@ -213,6 +215,8 @@ async def serve(engine, reqs, kinds) -> dict:
 
 def run(args) -> dict:
     result = {"engine": args.engine, "shape": args.shape, "machine": machine(), "args": vars(args)}
+    if args.engine == "vllm":
+        result["lora"] = lora_label(vars(args), os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0") == "1")
     sampler = MemorySampler().__enter__()
     if args.engine == "native":
         engine, tok, adaptations = native_engine(args)
@@ -262,35 +266,48 @@ def lora_ranks(engine, experts) -> list[dict]:
     return out
 
 
+def lora_label(args: dict, dual_stream: bool = False) -> str:
+    """vLLM's LoRA settings of a run (runs from before these were settable used rank 64, max_loras 8)."""
+    label = f"rank {args.get('lora_max_rank', 64)}, {args.get('max_loras', 8)} slots"
+    if args.get("specialize_active_lora"):
+        label += ", graphs per active count"
+    if dual_stream:
+        label += ", dual stream"
+    return label
+
+
 def summarize(paths: list[str], out: str | None) -> dict:
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for r in runs:
+        if r["engine"] == "vllm":
+            r.setdefault("lora", lora_label(r["args"]))
     rows, by = [], {}
     for r in runs:
         for w in r.get("rows", []):
-            by[(r["engine"], r["shape"], w["workload"])] = w
-            rows.append({"engine": r["engine"], "shape": r["shape"], "workload": w["workload"],
+            by[(r["engine"], r["shape"], w["workload"], r.get("lora", ""))] = w
+            rows.append({"engine": r["engine"], "lora": r.get("lora", ""), "shape": r["shape"], "workload": w["workload"],
                          "tok_s": w["tok_s"], "seconds": w["seconds"], "ttft_p50_s": w["ttft_p50_s"],
                          "ttft_p90_s": w["ttft_p90_s"], "swaps": w.get("swaps", 0),
                          "device_peak_mb": r.get("memory", {}).get("device_peak_mb")})
-    print_table(rows, ["engine", "shape", "workload", "tok_s", "seconds", "ttft_p50_s", "ttft_p90_s", "swaps",
+    print_table(rows, ["engine", "lora", "shape", "workload", "tok_s", "seconds", "ttft_p50_s", "ttft_p90_s", "swaps",
                        "device_peak_mb"])
-    goals = {}
-    v, n = by.get(("vllm", "llama3-8b", "mixed")), by.get(("native", "llama3-8b", "mixed"))
-    if v and n:
-        goals["vllm_over_native_8b_mixed"] = v["tok_s"] / n["tok_s"]
-    for shape in ("llama3-8b", "smollm2"):
-        m, b = by.get(("vllm", shape, "mixed")), by.get(("vllm", shape, "base"))
-        if m and b:
-            goals[f"vllm_mixed_overhead_{shape}"] = 1 - m["tok_s"] / b["tok_s"]
-    if "vllm_over_native_8b_mixed" in goals:
-        print(f"\nvLLM / native, 8B mixed: {goals['vllm_over_native_8b_mixed']:.2f}x (goal >= 3)")
-    for shape in ("llama3-8b", "smollm2"):
-        if f"vllm_mixed_overhead_{shape}" in goals:
-            print(f"vLLM mixed-adaptation overhead vs its base, {shape}: "
-                  f"{100 * goals[f'vllm_mixed_overhead_{shape}']:.1f}% (goal <= 20%)")
+    goals, labels = {}, sorted({r["lora"] for r in runs if r["engine"] == "vllm"})
+    n = by.get(("native", "llama3-8b", "mixed", ""))
+    print()
+    for lora in labels:
+        v = by.get(("vllm", "llama3-8b", "mixed", lora))
+        if v and n:
+            goals.setdefault("vllm_over_native_8b_mixed", {})[lora] = v["tok_s"] / n["tok_s"]
+            print(f"vLLM ({lora}) / native, 8B mixed: {v['tok_s'] / n['tok_s']:.2f}x (goal >= 3)")
+        for shape in ("llama3-8b", "smollm2"):
+            m, b = by.get(("vllm", shape, "mixed", lora)), by.get(("vllm", shape, "base", lora))
+            if m and b:
+                goals.setdefault(f"vllm_mixed_overhead_{shape}", {})[lora] = 1 - m["tok_s"] / b["tok_s"]
+                print(f"vLLM ({lora}) mixed-adaptation overhead vs its base, {shape}: "
+                      f"{100 * (1 - m['tok_s'] / b['tok_s']):.1f}% (goal <= 20%)")
     summary = {"rows": rows, "goals": goals, "runs": paths,
                "svf_as_lora": [r["svf_as_lora"] for r in runs if "svf_as_lora" in r],
-               "vllm_start_s": {r["shape"]: r["start_s"] for r in runs if "start_s" in r}}
+               "vllm_start_s": {f"{r['shape']} ({r['lora']})": r["start_s"] for r in runs if "start_s" in r}}
     write_json(out, summary)
     return summary
 
@@ -305,6 +322,11 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--gpu-memory", type=float, default=0.8, help="vLLM's share of the GPU memory")
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    ap.add_argument("--lora-max-rank", type=int, default=32,
+                    help="vLLM's max_lora_rank (its LoRA kernels work on this many ranks whatever an adapter's own)")
+    ap.add_argument("--max-loras", type=int, default=8, help="vLLM's max_loras (adapters in one batch)")
+    ap.add_argument("--specialize-active-lora", action="store_true",
+                    help="vLLM's specialize_active_lora: CUDA graphs per count of active adapters")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "t2serve"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")

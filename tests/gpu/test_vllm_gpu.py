@@ -207,6 +207,12 @@ def rpc(engine, method, *args):
     return asyncio.run_coroutine_threadsafe(engine._rpc(method, args), engine._loop).result(120)
 
 
+def weight_sums(engine, names) -> dict[str, list[float]]:
+    """[Σw, Σw²] of each matrix as the workers hold it: their parts added (any tensor-parallel size)."""
+    per_worker = rpc(engine, "t2_weight_sums", names)
+    return {n: [sum(w[n][0] for w in per_worker), sum(w[n][1] for w in per_worker)] for n in names}
+
+
 # --- the tests -------------------------------------------------------------------------------------------
 
 def test_swap_gives_the_native_merged_weight_greedy_tokens(engine, ref):
@@ -215,7 +221,7 @@ def test_swap_gives_the_native_merged_weight_greedy_tokens(engine, ref):
     merged = {n: w for n, w in ref.runtime.merged_weights(a).items()}
     # The weights the workers hold after the swap are the native engine's merged W', bit for bit.
     generate(engine, [(ref.prompts[0], a)])
-    sums = rpc(engine, "t2_weight_sums", sorted(merged))[0]
+    sums = weight_sums(engine, sorted(merged))
     for n, w in merged.items():  # (the host computes s on the CPU: a rare last-bit difference may flip a bf16)
         w = w.double()
         assert sums[n][0] == pytest.approx(float(w.sum()), abs=0.05), n

@@ -61,6 +61,7 @@ class VLLMOptions:
     lora_error_budget: float = 0.1  # lora mode: largest ‖ΔW − ΔW_k‖ / ‖ΔW‖ per matrix
     lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
     max_loras: int = 8  # distinct adapters in one batch
+    specialize_active_lora: bool = False  # CUDA graphs per count of active adapters (vLLM's option)
     max_adapters: int = 32  # adapter folders kept (LRU)
     swap_quantum: float = 1.0  # seconds a group may keep growing while another group waits
     lora_modules: list[str] | None = None  # module names vLLM puts LoRA on (default: the adapted ones)
@@ -117,6 +118,7 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
         enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
+        specialize_active_lora=options.specialize_active_lora,
         max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules,
         worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True)
     return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind)

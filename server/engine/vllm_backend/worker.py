@@ -45,13 +45,21 @@ def load_matrix(model: torch.nn.Module, hf_name: str, weight: torch.Tensor) -> N
 
 
 def shard_rows(layer: torch.nn.Module, index: int | None) -> slice:
-    """Rows of ``layer.weight`` that hold sub-matrix ``index`` of a fused layer (tensor parallel size 1)."""
+    """Rows of this worker's ``layer.weight`` that hold its part of sub-matrix ``index`` of a fused layer
+    (vLLM's ``output_sizes`` are the full sizes; each rank holds 1/tp of every one)."""
     if index is None:
         return slice(None)
     sizes = list(layer.output_sizes)
     tp = getattr(layer, "tp_size", 1)
     start = sum(sizes[:index]) // tp
     return slice(start, start + sizes[index] // tp)
+
+
+def replicas(layer: torch.nn.Module, index: int | None) -> int:
+    """How many ranks hold the same rows: key/value heads are copied when there are more ranks than them."""
+    if index in (1, 2) and type(layer).__name__.startswith("QKV"):
+        return int(getattr(layer, "num_kv_head_replicas", 1))
+    return 1
 
 
 class WeightSwapExtension:
@@ -72,13 +80,15 @@ class WeightSwapExtension:
         return n
 
     def t2_weight_sums(self, names: list[str]) -> dict[str, list[float]]:
-        """[Σw, Σw²] (float64) of the weights now held for these matrices (tensor parallel size 1):
-        lets a test check what a swap put where."""
+        """[Σw, Σw²] (float64) of this worker's part of each matrix, divided by the ranks that hold the
+        same part: the sums over all workers are the whole matrix's (lets a test check what a swap put
+        where, at any tensor-parallel size)."""
         model = self.get_model()
         out = {}
         with torch.inference_mode():
             for name in names:
                 layer, _, index = vllm_slot(model, name)
                 w = layer.weight[shard_rows(layer, index)].double()
-                out[name] = [float(w.sum()), float(w.pow(2).sum())]
+                n = replicas(layer, index)
+                out[name] = [float(w.sum()) / n, float(w.pow(2).sum()) / n]
         return out
