@@ -12,7 +12,8 @@ Checks, written to ``--out``:
   - greedy tokens: rows identical to the one-GPU engine's are counted; where a row differs, the first
     differing token must be a near-tie for the one-GPU engine (its log-prob within ``--tol`` nats of the
     one-GPU pick, given the same prefix): partial sums reduced across GPUs round differently in bf16, which
-    can only flip near-ties.
+    can only flip near-ties. (Two runs on one GPU already differ this way: on 2 layers, 4 of 8 rows
+    differed, each at a tie of 0 to 0.03 nats.)
 
     python bench/tp_check.py --tp 2 --tokenizer SMOLLM2_FOLDER --out OUT/tp_check.json
 """
@@ -119,7 +120,8 @@ def phase(args) -> dict:
 
     async def run_all():
         tokens = await asyncio.gather(*(gen(i, ids, a) for i, (ids, a) in enumerate(rows)))
-        per_worker = await engine._rpc("t2_weight_sums", (sorted(runtime.merged_weights(svf)),))
+        await gen(len(rows), rows[1][0], svf)  # the SVF expert's weights are the ones loaded now
+        per_worker = await engine._rpc("t2_weight_sums", (sorted(engine.swapper.scales(svf)),))
         scores = {}
         if args.other:
             other = json.loads(Path(args.other).read_text())["tokens"]
@@ -134,7 +136,8 @@ def phase(args) -> dict:
         tokens, per_worker, scores = asyncio.run_coroutine_threadsafe(run_all(), engine._loop).result(600)
     finally:
         engine.close()
-    merged = runtime.merged_weights(svf)
+    scales = engine.swapper.scales(svf)  # W' as the swap computed it, one matrix at a time
+    merged = {n: engine.swapper.merged(n, s) for n, s in scales.items()}
     sums = {n: [sum(w[n][0] for w in per_worker), sum(w[n][1] for w in per_worker)] for n in merged}
     want = {n: [float(w.double().sum()), float(w.double().pow(2).sum())] for n, w in merged.items()}
     return {"tp": args.phase_tp, "start_s": start_s, "workers": len(per_worker), "tokens": tokens,
@@ -187,7 +190,10 @@ def main() -> int:
               "max_gap": max(gaps.values(), default=0.0), "swap_weight_sums_match": sums_ok,
               "workers": many["workers"], "start_s": {"tp": many["start_s"], "one": one["start_s"]},
               "peak_rss_mb": {"tp": many["peak_rss_mb"], "one": one["peak_rss_mb"]}}
-    result["ok"] = sums_ok and many["workers"] == args.tp and result["max_gap"] <= args.tol and exact >= len(gaps)
+    result["max_sum_error"] = max(abs(many["weight_sums"][n][0] - w[0]) for n, w in many["host_sums"].items())
+    # Exact rows are reported, not required: even two runs on one GPU differ where bf16 logits tie exactly
+    # (random weights have many ties), because the batch's kernels differ from run to run.
+    result["ok"] = sums_ok and many["workers"] == args.tp and result["max_gap"] <= args.tol
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     write_json(args.out, result)
     return 0 if result["ok"] else 1
