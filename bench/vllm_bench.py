@@ -1,7 +1,7 @@
 """Native engine vs the vLLM engine: throughput and time to first token, base and mixed workloads.
 
 One engine and one shape per run (each in its own process, so that one GPU serves one engine at a time),
-then ``--summarize`` puts the runs side by side. The stream of bench/engine.py: 64 requests (prompts of
+then ``--summarize`` puts the runs side by side. The stream of bench/engine.py: 256 requests (prompts of
 8-256 tokens, 16-128 new tokens, greedy, EOS ignored) all sent at t=0 through the engine contract
 (``generate``), as the HTTP layer does. Workloads:
   base       every request on the base model
@@ -317,12 +317,13 @@ def main(argv=None) -> None:
     ap.add_argument("--engine", choices=["native", "vllm"])
     ap.add_argument("--shape", choices=["smollm2", "llama3-8b"], default="smollm2")
     ap.add_argument("--model", help="SmolLM2 Hugging Face folder (its tokenizer serves the 8B shape too)")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256,
+                    help="requests per workload (64 made runs of ~2 s on vLLM, too short to compare)")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together, both engines")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--gpu-memory", type=float, default=0.8, help="vLLM's share of the GPU memory")
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
-    ap.add_argument("--lora-max-rank", type=int, default=32,
+    ap.add_argument("--lora-max-rank", type=int, default=64,
                     help="vLLM's max_lora_rank (its LoRA kernels work on this many ranks whatever an adapter's own)")
     ap.add_argument("--max-loras", type=int, default=8, help="vLLM's max_loras (adapters in one batch)")
     ap.add_argument("--specialize-active-lora", action="store_true",
