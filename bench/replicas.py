@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.balancer import free_port, haproxy, round_robin  # noqa: E402
 from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
-from bench.store import http, mlp_ranks, smollm2_folder, wait_ready  # noqa: E402
+from bench.store import http, memory_mb, mlp_ranks, smollm2_folder, wait_ready  # noqa: E402
 
 
 @contextmanager
@@ -62,24 +62,13 @@ def replica(args, index: int, device: str, store: Path, log: Path, memory: dict)
             raise
         yield url
     finally:
-        memory[index] = {"device": device, "peak_rss_mb": vm_hwm_mb(proc.pid), "gpu_mb": gpu_mb(proc.pid)}
+        memory[index] = {"device": device, "peak_rss_mb": memory_mb(proc.pid).get("peak"), "gpu_mb": gpu_mb(proc.pid)}
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size of a running process (Linux), MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def gpu_mb(pid: int) -> float | None:

@@ -96,6 +96,7 @@ def phase(args) -> dict:
                for p, shape in (("q_proj", (LLAMA3_8B["num_attention_heads"] * h, LLAMA3_8B["hidden_size"])),
                                 ("v_proj", (LLAMA3_8B["num_key_value_heads"] * h, LLAMA3_8B["hidden_size"])))}
     s0, s1 = sapt_mixtures(targets, LLAMA3_8B["hidden_size"])[:2]
+    scales = engine.swapper.scales(svf)  # the matrices the swap writes, and their singular-value scales
     kinds = [None, svf, s0, s1]
     rows = [(p, kinds[i % len(kinds)]) for i, p in enumerate(prompts())]
 
@@ -121,7 +122,7 @@ def phase(args) -> dict:
     async def run_all():
         tokens = await asyncio.gather(*(gen(i, ids, a) for i, (ids, a) in enumerate(rows)))
         await gen(len(rows), rows[1][0], svf)  # the SVF expert's weights are the ones loaded now
-        per_worker = await engine._rpc("t2_weight_sums", (sorted(engine.swapper.scales(svf)),))
+        per_worker = await engine._rpc("t2_weight_sums", (sorted(scales),))
         scores = {}
         if args.other:
             other = json.loads(Path(args.other).read_text())["tokens"]
@@ -136,8 +137,7 @@ def phase(args) -> dict:
         tokens, per_worker, scores = asyncio.run_coroutine_threadsafe(run_all(), engine._loop).result(600)
     finally:
         engine.close()
-    scales = engine.swapper.scales(svf)  # W' as the swap computed it, one matrix at a time
-    merged = {n: engine.swapper.merged(n, s) for n, s in scales.items()}
+    merged = {n: engine.swapper.merged(n, s) for n, s in scales.items()}  # W' as the swap computes it
     sums = {n: [sum(w[n][0] for w in per_worker), sum(w[n][1] for w in per_worker)] for n in merged}
     want = {n: [float(w.double().sum()), float(w.double().pow(2).sum())] for n, w in merged.items()}
     return {"tp": args.phase_tp, "start_s": start_s, "workers": len(per_worker), "tokens": tokens,
