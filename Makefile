@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: serve test reliability install install-dev bench clean
+.PHONY: serve test test-opt-in test-all reliability install install-dev bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +30,24 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(VENV)/bin/t2serve serve --host $(HOST) --port $(PORT) $(ARGS)
 
+# Unit and integration tests (the default selection of pyproject.toml: not slow, reliability or gpu).
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)
 
-# The reliability suite alone (also part of `make test`), its report written to results/reliability.json.
+# The opt-in suites: slow, reliability, and gpu (skipped without a CUDA GPU and vLLM). CI runs both targets.
+test-opt-in: install-dev
+	$(PY) -m pytest -q -m "slow or reliability or gpu" $(ARGS)
+
+# Everything in one run.
+test-all: install-dev
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+# The reliability suite alone, its report written to results/reliability.json.
 reliability: install-dev
 	T2_REL_REPORT=results/reliability.json $(PY) -m pytest -q -m reliability tests/reliability $(ARGS)
 
 bench: install
-	$(PY) bench/engine.py
+	$(PY) bench/batching.py
 
 clean:
 	rm -rf $(VENV) .cache

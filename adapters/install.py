@@ -27,9 +27,9 @@ def install(
     """Adapt ``model`` in place and return its runtime.
 
     ``targets``: "mlp" (default), "attn", "all", or module names/suffixes (see ``targets.find_targets``).
-    ``svd_cache_dir``: where SVD factors are cached (e.g. ``settings.cache_dir / "svd"``); None = no
-    disk cache. ``runtime_options`` go to ``AdaptationRuntime`` (max_resolved, max_merged, merge_after,
-    split_base_rows). Outputs are unchanged until a step table is activated.
+    ``svd_cache_dir``: where SVD factors are cached (e.g. ``<cache_dir>/svd``); None = no
+    disk cache. ``runtime_options`` go to ``AdaptationRuntime`` (max_resolved, max_merged,
+    merge_after). Outputs are unchanged until a step table is activated.
     Call it after the model is on its device and in its dtype: factors are made to match it then, and
     a later ``model.to(dtype)`` would also cast σ, which must stay float32.
     """

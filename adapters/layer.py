@@ -5,8 +5,7 @@ factors of W, and reads the step table the runtime made active. Per forward, for
 - no table, or nothing for this layer:   y = x Wᵀ + b                    (the base model, untouched)
 - one adaptation for every row, merged:  y = x W'ᵀ + b                   (cached W', one GEMM)
 - rows with different SVF mixtures:      y = ((x V) ⊙ s[row]) Uᵀ + b     (exact, two thin GEMMs)
-  rows without SVF use s = σ (U diag(σ) Vᵀ = W up to rounding) unless the table asks for them to be
-  split off and run through x Wᵀ exactly (``TargetStep.base_rows``);
+  rows without SVF use s = σ (U diag(σ) Vᵀ = W up to rounding);
 - plus, for SAPT rows:                   y += ((x Aᵀ) ⊙ a[row]⊗1_r) Bᵀ  (one rank-T·r LoRA per bundle)
 Layers never look experts up; all per-row tensors are prepared once per table by the runtime.
 """
@@ -30,8 +29,6 @@ class TargetStep:
 
     merged: torch.Tensor | None = None  # (out, in) W' shared by all rows; wins over `scale`
     scale: torch.Tensor | None = None  # (B, 1, k) per-row singular values; None = x Wᵀ for all rows
-    adapted_rows: torch.Tensor | None = None  # (n,) rows taking the factored path; None = all rows
-    base_rows: torch.Tensor | None = None  # (B-n,) rows taking x Wᵀ exactly when rows are split
     lora: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # ^ per SAPT bundle: A_cat (R, in), B_cat (out, R) with alpha/r folded in, row scale (B, 1, R)
 
@@ -84,14 +81,8 @@ class AdaptiveLinear(nn.Module):
             y = F.linear(x, step.merged, self.bias)
         elif step.scale is None:
             y = self.base_forward(x)
-        elif step.adapted_rows is None:
+        else:
             y = factored_linear(x, self.U, step.scale, self.Vh, self.bias)
-        else:  # split: base rows exactly through W, the others factored
-            y = x.new_empty(*x.shape[:-1], self.out_features)
-            xa = x.index_select(0, step.adapted_rows)
-            ya = factored_linear(xa, self.U, step.scale.index_select(0, step.adapted_rows), self.Vh, self.bias)
-            y.index_copy_(0, step.adapted_rows, ya)
-            y.index_copy_(0, step.base_rows, self.base_forward(x.index_select(0, step.base_rows)))
         for A_cat, B_cat, row_scale in step.lora:
             y = y + lora_delta(x, A_cat, B_cat, row_scale)
         return y

@@ -8,10 +8,9 @@ Cost model (what plan decides, per target layer):
 - No adapted row -> ``plan`` returns None and every layer runs plain x Wᵀ: the base model's cost.
 - Rows with SVF -> factored path ((x V) ⊙ s[row]) Uᵀ for the whole batch. It reads U and V instead of
   W: (out + in)·k vs out·in values, 1.29× for Llama-3-8B's MLP, 1.375× for SmolLM2's; in a
-  memory-bound decode step that ratio is the cost. Rows without SVF get s = σ (W within rounding).
-  ``split_base_rows=True`` sends them through x Wᵀ exactly instead, paying for W and U, V both:
-  measured slower (SmolLM2/CPU, 16 of 32 rows base: 1.4-1.5× base vs 1.1-1.3× with s = σ), so off
-  by default.
+  memory-bound decode step that ratio is the cost. Rows without SVF get s = σ (W within rounding):
+  splitting them off through x Wᵀ exactly, paying for W and U, V both, measured slower (SmolLM2/CPU,
+  16 of 32 rows base: 1.4-1.5× base vs 1.1-1.3× with s = σ), so there is no such split.
 - Every row shares one SVF adaptation -> after ``merge_after`` activations of such tables, a merged W'
   is built once (one out×k×in GEMM per target), kept in an LRU of ``max_merged`` adaptations, and used
   by all later tables with that single adaptation: one GEMM on W', exactly the base cost. Rule (as in
@@ -64,8 +63,7 @@ class AdaptationRuntime:
 
     Options: ``max_resolved`` adaptations keep their scale vectors cached (LRU); ``max_merged``
     merged weight sets are kept (0 disables merging); ``merge_after`` activations of a single-
-    adaptation table trigger the merge; ``split_base_rows`` runs unadapted rows of mixed batches
-    through x Wᵀ exactly.
+    adaptation table trigger the merge.
     """
 
     def __init__(
@@ -75,13 +73,11 @@ class AdaptationRuntime:
         max_resolved: int = 128,
         max_merged: int = 1,
         merge_after: int = 32,
-        split_base_rows: bool = False,
     ):
         self.model = model
         self.layers: list[AdaptiveLinear] = [m for m in model.modules() if isinstance(m, AdaptiveLinear)]
         self.targets = [layer.target for layer in self.layers]
         self.max_resolved, self.max_merged, self.merge_after = max_resolved, max_merged, merge_after
-        self.split_base_rows = split_base_rows
         self._slot = ActiveTable()
         for layer in self.layers:  # the last runtime made for a model drives its layers
             layer.slot = self._slot
@@ -100,10 +96,6 @@ class AdaptationRuntime:
         self._sources: dict[str, tuple[weakref.ref, ...]] = {}
 
     # --- engine API --------------------------------------------------------------------------------
-
-    @property
-    def _active(self) -> StepTable | None:
-        return self._slot.table
 
     def validate(self, adaptation: Adaptation) -> None:
         """Raise ValueError if ``adaptation`` does not fit the installed targets.
@@ -228,24 +220,10 @@ class AdaptationRuntime:
     def _plan_factored(self, table: StepTable, idx: list[int], resolved: list[_Resolved | None]) -> None:
         flats = [self._sigma_flat] + [self._sigma_flat if r is None else r.flat for r in resolved]
         per_row = torch.stack(flats).index_select(0, table.rows + 1)  # (B, Σk); row -1 -> σ
-        splits: dict[frozenset, tuple] = {}
         for ti in sorted(set().union(*(r.covered for r in resolved if r is not None))):
             t, off = self.targets[ti], self._offsets[ti]
             step = TargetStep(scale=per_row[:, None, off:off + t.rank])  # (B, 1, k) view
-            if self.split_base_rows:
-                owners = frozenset(j for j, r in enumerate(resolved) if r is not None and ti in r.covered)
-                if owners not in splits:
-                    splits[owners] = self._row_split(idx, owners)
-                step.adapted_rows, step.base_rows = splits[owners]
             table.layer_state[t.name] = step
-
-    def _row_split(self, idx: list[int], owners: frozenset[int]):
-        adapted = [i for i, j in enumerate(idx) if j in owners]
-        if len(adapted) == len(idx):
-            return None, None  # nothing to split off
-        base = [i for i, j in enumerate(idx) if j not in owners]
-        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_t(adapted), as_t(base)
 
     def _check_sapt_targets(self, a: Adaptation) -> None:
         bundle = a.sapt.bundle
@@ -288,7 +266,7 @@ class AdaptationRuntime:
         self._store_merged(table.merge_key, merged)
         for name, w in merged.items():
             step = table.layer_state[name]
-            step.merged, step.scale, step.adapted_rows, step.base_rows = w, None, None, None
+            step.merged, step.scale = w, None
         table.merge_key = None
 
     def _build_merged(self, res: _Resolved) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ keyed by a fingerprint of the weights and the target set, and reused on the next
   kept (and stored) in the weight's dtype, σ in float32, so the hot path never converts.
 - A file is trusted only if its header names the same key and targets and the sha256 of its tensor
   bytes matches the header; anything else (partial write, bit rot, shape change) is rebuilt with a
-  warning. Writes go to a temp file, are fsync'ed and then renamed, so a crash never leaves a
-  half-written file under the real name. A writer holds a file lock per key (``.<key>.lock``), so
+  warning. Writes go through ``adapters.atomic`` (temp file, fsync, rename, folder fsync), so a crash
+  never leaves a half-written file under the real name. A writer holds a file lock per key (``.<key>.lock``), so
   processes starting together compute the factors once, and it removes temp files of its key that a
   killed writer left behind.
 """
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,18 +28,14 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from adapters.atomic import TMP_SUFFIX, atomic_write
 from adapters.targets import Target, weight_matrix
-
-try:  # tqdm is a dependency of the server, but the benchmark must also run without it
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
 
 log = logging.getLogger(__name__)
 
 FORMAT = "t2serve-svd/1"
-_TMP_SUFFIX = ".tmp"
 _SAMPLE = 4096  # values per matrix in the fingerprint
 
 
@@ -108,25 +103,6 @@ def _digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=_TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _read(path: Path, key: str, targets: Sequence[Target], weights: Sequence[torch.Tensor]):
     """Factors from ``path`` on each weight's device/dtype; raises CacheError if untrustworthy."""
     try:
@@ -158,7 +134,7 @@ def _read(path: Path, key: str, targets: Sequence[Target], weights: Sequence[tor
 
 
 def _progress(items: Sequence, enabled: bool, desc: str):
-    if enabled and tqdm is not None:
+    if enabled:
         return tqdm(items, desc=desc, unit="matrix")
     return items
 
@@ -204,7 +180,7 @@ def load_or_compute(
         factors = _cached(path, key, targets, weights, warn=False)  # written while we waited for the lock?
         if factors is not None:
             return factors
-        for leftover in path.parent.glob(f"{path.name}.*{_TMP_SUFFIX}"):
+        for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
             log.warning("removing %s, left by an interrupted write", leftover)
             leftover.unlink(missing_ok=True)
         factors = _compute(targets, weights, progress)
@@ -219,6 +195,7 @@ def load_or_compute(
             "targets": json.dumps([t.name for t in targets]),
             "sha256": _digest(tensors.values()),
         }
-        _write_atomic(path, tensors, meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         log.info("SVD factors of %d matrices written to %s", len(targets), path)
     return factors

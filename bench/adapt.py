@@ -16,7 +16,6 @@ Cases, measured interleaved (round-robin) in one run, medians reported:
   1 adapt factored  all rows one adaptation, before the merged weights exist
   1 adapt merged    all rows one adaptation, cached merged W'
   half base (σ)     16 base rows + 16 adapted, base rows through the factored path with s = σ
-  half base (split) the same, base rows split off through x Wᵀ exactly
 
     python bench/adapt.py --out results/adapt_cpu.json
     python bench/adapt.py --device cuda --shape llama3-8b --out results/adapt_h100.json
@@ -162,9 +161,6 @@ def main(argv=None) -> dict:
     table_one_merged = runtime.plan([one] * args.batch)
     assert table_one_merged.layer_state[runtime.targets[0].name].merged is not None
     table_half_sigma = runtime.plan(half)
-    runtime.split_base_rows = True
-    table_half_split = runtime.plan(half)
-    runtime.split_base_rows = False
 
     cases = {
         "base": lambda: step(None),
@@ -172,7 +168,6 @@ def main(argv=None) -> dict:
         "1 adapt factored": lambda: step(table_one_factored),
         "1 adapt merged": lambda: step(table_one_merged),
         "half base (sigma)": lambda: step(table_half_sigma),
-        "half base (split)": lambda: step(table_half_split),
     }
     pristine_forward = None
     if pristine is not None:

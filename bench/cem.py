@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import engine_settings, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import engine_spec, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 
 
 def arc_shots(data: Path, n: int):
-    from experts.few_shot import Shot
+    from experts.pass1.few_shot import Shot
 
     shots = []
     for line in open(data / "arc/ARC-Easy-Train.jsonl", encoding="utf-8"):
@@ -39,11 +39,11 @@ def arc_shots(data: Path, n: int):
 
 async def run(args) -> dict:
     from adapters import SVFExpert
-    from experts.cem import CEMConfig
-    from experts.few_shot import FewShotSearch, FewShotSpec
-    from server.engine.async_engine import AsyncEngine
+    from engine.native.async_engine import AsyncEngine
+    from experts.pass1.cem import CEMConfig
+    from experts.pass1.few_shot import FewShotSearch, FewShotSpec
 
-    engine = AsyncEngine.from_settings(engine_settings(args.model, args.device, args.max_num_seqs, 1024))
+    engine = AsyncEngine.from_spec(engine_spec(args.model, args.device, args.max_num_seqs, 1024))
     engine.start()
     g = torch.Generator().manual_seed(0)
     experts = [SVFExpert(f"e{k}", {t.name: 2.0 + torch.randn(t.rank, generator=g) for t in engine.runtime.targets})

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from experts.memory import peak_gpu_mb, peak_rss_mb  # noqa: F401  (re-exported to the benchmarks)
+from engine.spec import EngineSpec, ModelSpec
+from experts.train.memory import peak_gpu_mb, peak_rss_mb  # noqa: F401  (re-exported to the benchmarks)
 
 
 def sync(device: torch.device) -> None:
@@ -37,14 +38,10 @@ def machine() -> dict:
     return info
 
 
-def engine_settings(model: str | None, device: str, max_num_seqs: int, max_model_len: int):
-    """The settings AsyncEngine.from_settings reads, without pydantic-settings (absent on some GPU boxes)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(model=model, device=device, dtype="auto", served_model_name=None, threads=None,
-                           cache_dir=Path.home() / ".cache" / "t2serve", adapt_targets="mlp",
-                           max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=4096,
-                           max_waiting=100_000)
+def engine_spec(model: str | None, device: str, max_num_seqs: int, max_model_len: int) -> EngineSpec:
+    """The native engine's spec for a benchmark (no pydantic-settings needed: absent on some GPU boxes)."""
+    return EngineSpec(ModelSpec(model=model, device=device), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                      max_prefill_tokens=4096, max_waiting=100_000)
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

@@ -23,7 +23,7 @@ sha256sum /root/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/gguf.sha256"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 FOLDER=$(python3 -c "
 from pathlib import Path
-from server.model_loader import gguf_to_hf_folder
+from engine.loader import gguf_to_hf_folder
 print(gguf_to_hf_folder(Path('/root/SmolLM2-135M-Instruct.Q4_1.gguf'), Path.home() / '.cache/t2serve'))" 2>/dev/null | tail -1)
 step() { echo "== $*"; "$@" 2>&1 | grep -v -e Warning -e "Loading weights" -e "SVD of" -e clean_up_tokenization | tee -a "$OUT/log.txt"; }
 stages=${*:-profile engine adapt cem}
@@ -31,15 +31,15 @@ for s in $stages; do
   case $s in
     profile) step python3 bench/profile_step.py --model "$FOLDER" --device cuda --batch 32 --steps 20 ;;
     engine)
-      step python3 bench/engine.py --device cuda --model "$FOLDER" --out "$OUT/engine_smollm2_h100.json"
-      step python3 bench/engine.py --device cuda --model "$FOLDER" --shape llama3-8b --out "$OUT/engine_llama3_8b_h100.json" ;;
+      step python3 bench/batching.py --device cuda --model "$FOLDER" --out "$OUT/engine_smollm2_h100.json"
+      step python3 bench/batching.py --device cuda --model "$FOLDER" --shape llama3-8b --out "$OUT/engine_llama3_8b_h100.json" ;;
     adapt)
       step python3 bench/adapt.py --device cuda --shape llama3-8b --out "$OUT/adapt_llama3_8b_h100.json"
       step python3 bench/adapt.py --device cuda --model "$FOLDER" --out "$OUT/adapt_smollm2_h100.json" ;;
     classifier)
       step python3 -m experts.train classifier --data .carry/data --model "$FOLDER" --run-dir "$OUT/runs/classifier" \
         --objective next_token --batch-size 256 --micro-batch 128 --epochs 3 --val-every 5
-      step python3 bench/pass1.py --data .carry/data --model "$FOLDER" --device cuda --per-category 50 --timed 2 \
+      step python3 bench/dispatch.py --data .carry/data --model "$FOLDER" --device cuda --per-category 50 --timed 2 \
         --classifier "$OUT/runs/classifier/expert.safetensors" --out "$OUT/pass1_h100.json" ;;
     experts)
       for spec in "gsm8k 128 64 40 10 150" "mbpp 64 32 36 6 90" "arc-easy 128 64 54 9 300"; do

@@ -54,7 +54,7 @@ install() {
     /root/bundle/haproxy/haproxy -v | head -1
     python3 -c "
 from pathlib import Path
-from server.model_loader import gguf_to_hf_folder
+from engine.loader import gguf_to_hf_folder
 print(gguf_to_hf_folder(Path('/root/bundle/SmolLM2-135M-Instruct.Q4_1.gguf'), Path.home() / '.cache/t2serve'))" \
         | tail -1 >/root/smollm2_folder.txt
     echo "SmolLM2 folder: $(cat /root/smollm2_folder.txt)"
@@ -78,7 +78,7 @@ for s in ${*:-smoke tests bench8b benchsmol}; do
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
             stage smoke 60 python3 -c "
 import importlib.metadata as md, torch
-from server.engine.vllm_backend.engine import VLLMEngine
+from engine.vllm.engine import VLLMEngine
 print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'pytest')}, torch.cuda.get_device_name(0))" ;;
         tests)
             stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu_tests.xml"

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import sync  # noqa: E402
-from server.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from engine.contract import GenerationRequest, SamplingParams  # noqa: E402
+from engine.native.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 
 
 def main() -> None:

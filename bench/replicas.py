@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.balancer import free_port, haproxy, round_robin  # noqa: E402
 from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
 from bench.store import http, memory_mb, mlp_ranks, smollm2_folder, wait_ready  # noqa: E402
+from engine.spec import default_cache_dir
 
 
 @contextmanager
@@ -123,7 +124,7 @@ def upload_experts(url: str, model: Path, n: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="Hugging Face folder (default: the embedded SmolLM2)")
-    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "t2serve")
+    ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--devices", default="cuda:0,cuda:1", help="one per replica, comma-separated")
     ap.add_argument("--concurrency", type=int, default=32, help="clients per replica")
     ap.add_argument("--requests", type=int, default=256, help="requests per replica")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experts.base_model import BaseModelInfo  # noqa: E402
 from experts.sapt.config import SAPTConfig  # noqa: E402
 from experts.sapt.routing import batched_attention  # noqa: E402
 from experts.sapt.run import load_model, setup  # noqa: E402
-from experts.store import ExpertStore  # noqa: E402
+from experts.store.base_model import BaseModelInfo  # noqa: E402
+from experts.store.expert_store import ExpertStore  # noqa: E402
 
 
 def main() -> int:

@@ -35,12 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
+from engine.spec import default_cache_dir
 
 
 def smollm2_folder() -> Path:
-    from server.model_loader import embedded_gguf_path, gguf_to_hf_folder
+    from engine.loader import embedded_gguf_path, gguf_to_hf_folder
 
-    return gguf_to_hf_folder(embedded_gguf_path(), Path.home() / ".cache" / "t2serve")
+    return gguf_to_hf_folder(embedded_gguf_path(), default_cache_dir())
 
 
 def mlp_ranks(folder: Path) -> dict[str, int]:
@@ -115,9 +116,9 @@ def in_process_put(folder: Path, cache: Path, z: dict, n: int) -> dict:
     """The store alone, against SmolLM2's adapted matrices (model loaded here for the fingerprint)."""
     from transformers import AutoModelForCausalLM
 
-    from experts.base_model import BaseModelInfo
-    from experts.store import ExpertStore
-    from experts.validation import ExpertDraft
+    from experts.store.base_model import BaseModelInfo
+    from experts.store.expert_store import ExpertStore
+    from experts.store.validation import ExpertDraft
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     t0 = time.perf_counter()
@@ -134,7 +135,7 @@ def in_process_put(folder: Path, cache: Path, z: dict, n: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="Hugging Face folder (default: the embedded SmolLM2)")
-    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "t2serve")
+    ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--out")
     args = ap.parse_args()

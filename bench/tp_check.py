@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import machine, peak_rss_mb, write_json  # noqa: E402
 from bench.vllm_bench import LLAMA3_8B, SAPT_TARGETS, sapt_mixtures  # noqa: E402
+from engine.spec import default_cache_dir
 
 PROMPTS = 8
 TOKENS = 32
@@ -75,8 +76,8 @@ def phase(args) -> dict:
     import asyncio
 
     from adapters import Adaptation, SVFExpert
-    from server.engine.types import GenerationRequest, SamplingParams, ScoreSpec
-    from server.engine.vllm_backend.engine import VLLMEngine, VLLMOptions
+    from engine.contract import GenerationRequest, SamplingParams, ScoreSpec
+    from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     svf_targets = ",".join(f"layers.{i}.mlp.{p}" for i in args.svf_layers for p in ("gate_proj", "up_proj", "down_proj"))
     opts = VLLMOptions(model=str(args.model), served_name="llama3-8b-shape", cache_dir=Path(args.cache_dir),
@@ -161,8 +162,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--svf-layers", default="0,1", help="layers whose MLP matrices the SVF expert adapts")
     ap.add_argument("--tokenizer", help="a Hugging Face folder whose tokenizer the model folder gets")
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "t2serve" / "tp_check"))
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "t2serve"))
+    ap.add_argument("--work", default=str(default_cache_dir() / "tp_check"))
+    ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--tol", type=float, default=1.0, help="nats: how far below the one-GPU pick a differing pick may be")
     ap.add_argument("--out")
     ap.add_argument("--phase-tp", type=int, help=argparse.SUPPRESS)

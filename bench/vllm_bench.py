@@ -1,7 +1,7 @@
 """Native engine vs the vLLM engine: throughput and time to first token, base and mixed workloads.
 
 One engine and one shape per run (each in its own process, so that one GPU serves one engine at a time),
-then ``--summarize`` puts the runs side by side. The stream of bench/engine.py: 256 requests (prompts of
+then ``--summarize`` puts the runs side by side. The stream of bench/batching.py: 256 requests (prompts of
 8-256 tokens, 16-128 new tokens, greedy, EOS ignored) all sent at t=0 through the engine contract
 (``generate``), as the HTTP layer does. Workloads:
   base       every request on the base model
@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -37,9 +36,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.batching import workload  # noqa: E402
 from bench.common import machine, print_table, write_json  # noqa: E402
-from bench.engine import workload  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from engine.contract import GenerationRequest, SamplingParams  # noqa: E402
+from engine.spec import default_cache_dir
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -125,9 +125,9 @@ def placeholder_runtime(model):
 
 def native_engine(args):
     from adapters import install
-    from bench.engine import load
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.llm_engine import EngineConfig, LLMEngine
+    from bench.batching import load
+    from engine.native.async_engine import AsyncEngine
+    from engine.native.llm_engine import EngineConfig, LLMEngine
 
     model, tok, engine_tok, name, _ = load(SimpleNamespace(model=args.model, device="cuda", shape=args.shape))
     if args.shape == "llama3-8b":
@@ -157,7 +157,7 @@ def llama3_8b_folder(tokenizer_src: str, out: Path) -> Path:
 def vllm_engine(args):
     from transformers import AutoConfig
 
-    from server.engine.vllm_backend.engine import VLLMEngine, VLLMOptions
+    from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-loras", type=int, default=8, help="vLLM's max_loras (adapters in one batch)")
     ap.add_argument("--specialize-active-lora", action="store_true",
                     help="vLLM's specialize_active_lora: CUDA graphs per count of active adapters")
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "t2serve"))
+    ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")
     ap.add_argument("--out", default=None)

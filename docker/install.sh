@@ -66,10 +66,10 @@ step_prepare() {
         python - <<'EOF'
 import logging
 from server.config import Settings
-from server.engine.async_engine import AsyncEngine
+from engine.native.async_engine import AsyncEngine
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-AsyncEngine.from_settings(Settings(max_num_seqs=1, max_model_len=64, max_prefill_tokens=64))
+AsyncEngine.from_spec(Settings(max_num_seqs=1, max_model_len=64, max_prefill_tokens=64).engine_spec())
 EOF
     fi
     du -sh "$T2_CACHE_DIR"/*

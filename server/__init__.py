@@ -1,6 +1,4 @@
-"""The serving side: settings, model loading, the engine (scheduler + model runner), sampling,
-the FastAPI app with its routes and schemas, metrics and the CLI.
-
-The engine works on token ids only and owns the model; HTTP code never touches tensors and model
-compute never runs on the event-loop thread.
+"""HTTP only: settings, the FastAPI app and its routes, schemas, errors, metrics, background jobs and the
+CLI. Builds the typed engine spec from its settings, hands requests to ``experts.pass1`` and the engine,
+and never touches tensors; model compute never runs on the event-loop thread.
 """

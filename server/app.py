@@ -10,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI
 
+from engine.contract import Engine
+from engine.factory import check_engine_available, load_engine
+from experts.pass1.resolver import Resolver
+from experts.store.base_model import BaseModelInfo
+from experts.store.expert_store import ExpertStore
+from experts.store.registry import ExpertRegistry
+from experts.store.shipped import install_shipped
+from experts.store.watcher import StoreWatcher
 from server.api import api_router
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from server.api.state import AdaptationResolver, ServerState, base_weights
+from server.api.state import ServerState
 from server.config import Settings
-from server.engine.interface import check_engine_available, load_engine
 from server.errors import install_error_handlers
 
 log = logging.getLogger("t2serve.http")
@@ -32,7 +39,7 @@ and `top_k`. Errors always have the shape `{"error": {"message", "type", "param"
 
 async def _load_engine(state: ServerState) -> None:
     try:
-        engine = await asyncio.to_thread(load_engine, state.settings)
+        engine = await asyncio.to_thread(load_engine, state.settings.engine_spec())
     except Exception as e:
         log.exception("loading the model failed; /health stays 503")
         state.load_error = f"{type(e).__name__}: {e}"
@@ -49,15 +56,9 @@ async def _load_engine(state: ServerState) -> None:
     log.info("model %s loaded; serving", engine.model_name)
 
 
-def attach_experts(state: ServerState, engine: Any) -> None:
+def attach_experts(state: ServerState, engine: Engine) -> None:
     """Open the expert store (validated against the engine's model), fill the registry from it, and
-    resolve requests' adaptations against the registry. A registry handed to create_app is used as is."""
-    from experts.base_model import BaseModelInfo
-    from experts.registry import ExpertRegistry
-    from experts.store import ExpertStore
-    from experts.store_watcher import StoreWatcher
-    from server.api.adaptation import AdaptationResolver as ExpertResolver
-
+    decide requests' adaptations against the registry. A registry handed to create_app is used as is."""
     if state.store is None:
         given = state.registry is not None
         registry = state.registry if given else ExpertRegistry()
@@ -67,18 +68,12 @@ def attach_experts(state: ServerState, engine: Any) -> None:
         if not given:
             store.load()
             if settings.shipped_experts:
-                from experts.shipped import install_shipped
-
                 install_shipped(store)
             if settings.store_poll_interval > 0:  # replicas sharing the folder: serve each other's writes
                 state.store_watcher = StoreWatcher(store, settings.store_poll_interval).start()
         state.registry, state.store = registry, store
         log.info("%d expert(s) registered", len(registry))
-    if state.resolve_adaptation is base_weights:
-        state.resolve_adaptation = ExpertResolver(state.registry, getattr(engine, "runtime", None), engine,
-                                                  state.settings.default_strategy)
-    if isinstance(state.resolve_adaptation, ExpertResolver):
-        state.resolve_adaptation.store = state.store  # SAPT bundles are served from the store
+    state.resolver = Resolver(state.registry, engine, state.settings.default_strategy, state.store)
 
 
 @asynccontextmanager
@@ -104,15 +99,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await state.engine.shutdown()
 
 
-def create_app(settings: Settings | None = None, engine: Any = None, *,
-               resolve_adaptation: AdaptationResolver | None = None, registry: Any = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None, *,
+               registry: ExpertRegistry | None = None) -> FastAPI:
     """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one.
     ``registry`` (an ExpertRegistry) replaces the one loaded from the expert directory."""
     settings = settings or Settings()
     if engine is None:
-        check_engine_available(settings)  # e.g. --engine vllm without vLLM: one clear error now, not at load
-    state = ServerState(settings, engine=engine, resolve_adaptation=resolve_adaptation or base_weights,
-                        registry=registry)
+        check_engine_available(settings.engine)  # e.g. --engine vllm without vLLM: one clear error now, not at load
+    state = ServerState(settings, engine=engine, registry=registry)
     app = FastAPI(title="t2serve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.t2 = state
     install_error_handlers(app)

@@ -37,13 +37,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert/load the model and compute its SVD factors once (fills the caches), then exit: used at image
     build time so a container starts without either."""
-    from server.model_loader import load_model
+    from engine.loader import install_adapters, load_model
 
-    from server.engine.async_engine import install_adapters
-
-    settings = settings_from_args(args)
-    loaded = load_model(settings)
-    install_adapters(loaded.model, settings)  # computes and caches the SVD factors of the targets
+    spec = settings_from_args(args).model_spec()
+    loaded = load_model(spec)
+    install_adapters(loaded.model, spec.adapt_targets, spec.cache_dir)  # computes and caches the SVD factors
     print(f"ready: {loaded.name} from {loaded.path}")
     return 0
 
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.engine.interface import EngineUnavailableError
+    from engine.factory import EngineUnavailableError
 
     args = build_parser().parse_args(argv)
     try:

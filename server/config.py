@@ -1,4 +1,5 @@
-"""One typed settings object. Environment variables ``T2_*`` and ``t2serve serve`` flags map onto it."""
+"""One typed settings object. Environment variables ``T2_*`` and ``t2serve serve`` flags map onto it; the
+engine gets the typed specs it builds (``engine_spec``, ``model_spec``), never the settings themselves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine.interface import VLLM_LORA_RANKS
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "t2serve"
+from engine.spec import VLLM_LORA_RANKS, EngineSpec, ModelSpec, VLLMSpec, default_cache_dir, spec_from
 
 
 class Settings(BaseSettings):
@@ -86,3 +83,10 @@ class Settings(BaseSettings):
 
     def resolved_expert_dir(self) -> Path:
         return self.expert_dir or (self.cache_dir / "experts")
+
+    # The engine is built from these typed specs, made here once; the settings never travel inward.
+    def model_spec(self) -> ModelSpec:
+        return spec_from(ModelSpec, self)
+
+    def engine_spec(self) -> EngineSpec:
+        return spec_from(EngineSpec, self, model=self.model_spec(), vllm=spec_from(VLLMSpec, self, prefix="vllm_"))

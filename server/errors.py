@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.types import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from engine.contract import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from experts.pass1.decision import AdaptationError
 
 log = logging.getLogger("t2serve.http")
 
@@ -134,6 +135,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(AdaptationError)
+    async def _adaptation(_: Request, exc: AdaptationError) -> JSONResponse:
+        return error_response(APIError(exc.status, exc.message, param=exc.param, code=exc.code))
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:

@@ -1,6 +1,6 @@
 """``t2serve experts ...``: import, export, list and delete experts from the command line.
 
-``import`` reads the files of a format (see ``experts.importers``) and either sends them to a running
+``import`` reads the files of a format (see ``experts.store.importers``) and either sends them to a running
 server (``--url``, with ``--admin-key``): the server imports and serves them at once) or, without a
 server, loads the model named by the settings flags (for the target matrices and the fingerprint)
 and writes into the expert folder; a server reads that folder when it starts. Both go through the
@@ -76,14 +76,14 @@ def _request(url: str, method: str, key: str | None, body: bytes | None = None, 
 
 
 def _open_store(settings, with_model: bool):
-    from experts.base_model import BaseModelInfo
-    from experts.store import ExpertStore
+    from experts.store.base_model import BaseModelInfo
+    from experts.store.expert_store import ExpertStore
 
     base = None
     if with_model:
-        from server.model_loader import load_model
+        from engine.loader import load_model
 
-        loaded = load_model(settings)
+        loaded = load_model(settings.model_spec())
         spec = settings.adapt_targets
         base = BaseModelInfo.from_model(loaded.model, loaded.name, target_spec=spec.split(",") if "," in spec else spec)
     store = ExpertStore(settings.resolved_expert_dir(), base=base, max_bytes=settings.max_expert_bytes)
@@ -101,15 +101,15 @@ def cmd_import(args, settings) -> int:
         body, ctype = _multipart(meta, parts)
         card = _request(args.url.rstrip("/") + "/v1/experts", "POST", args.admin_key, body, ctype)
     else:
-        from experts.errors import ExpertError
-        from server.api.expert_uploads import ExpertUpload, Upload, to_draft
+        from experts.store.errors import ExpertError
+        from experts.store.uploads import Upload, UploadMetadata, to_draft
 
         store = _open_store(settings, with_model=True)
         files: dict[str, list[bytes]] = {}
         for field, path in parts:
             files.setdefault(field, []).append(path.read_bytes())
         try:
-            stored = store.put(to_draft(Upload(ExpertUpload(**meta), files, multipart=True), store))
+            stored = store.put(to_draft(Upload(UploadMetadata(**meta), files, multipart=True), store))
         except ExpertError as e:
             raise SystemExit(f"refused ({e.code}): {e.message}") from e
         card = {"id": stored.name, "version": stored.record.version, "kind": stored.record.kind,
@@ -119,9 +119,9 @@ def cmd_import(args, settings) -> int:
 
 
 def cmd_export(args, settings) -> int:
-    from experts.errors import ExpertError
-    from experts.exporters import export
-    from experts.tensor_files import read_safetensors
+    from experts.store.errors import ExpertError
+    from experts.store.exporters import export
+    from experts.store.tensor_files import read_safetensors
 
     store = _open_store(settings, with_model=False)
     try:
@@ -153,7 +153,7 @@ def cmd_delete(args, settings) -> int:
     if args.url:
         print(json.dumps(_request(f"{args.url.rstrip('/')}/v1/experts/{args.name}", "DELETE", args.admin_key)))
         return 0
-    from experts.errors import ExpertError
+    from experts.store.errors import ExpertError
 
     try:
         _open_store(settings, with_model=False).delete(args.name)

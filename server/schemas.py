@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI-compatible API: requests, responses and stream chunks.
 
 Only the HTTP edge uses these. Handlers turn a request into the engine's plain dataclasses
-(``server.engine.types``). Limits that do not depend on the running server are declared here;
+(``engine.contract``). Limits that do not depend on the running server are declared here;
 those that do (``n``, number of stop strings, model length, known model names) are checked by the
 handlers. Unknown request fields are rejected, as OpenAI does, so a misspelt parameter is never
 silently ignored. Our one extension of the request is the ``adaptation`` object (and ``top_k``).

@@ -58,8 +58,8 @@ def load_experts(base, store: str | None, specs: list[str]):
 
     experts, categories, task_experts = {}, {}, {}
     if store:
-        from experts.base_model import BaseModelInfo
-        from experts.store import ExpertStore
+        from experts.store.base_model import BaseModelInfo
+        from experts.store.expert_store import ExpertStore
 
         st = ExpertStore(store, base=BaseModelInfo.from_model(base.model, base.name, targets=base.runtime.targets))
         for s in st.load(recover=False):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 
+from engine.contract import SamplingParams
+from experts.eval import pass1_strategies  # noqa: F401  (registers prompt, cls_expert, few_shot)
 from experts.eval.stats import accuracy_cell
 from experts.eval.strategies import EvalContext, get_strategy
 from experts.tasks import Task
 from experts.train.rollout import generate
-from server.engine.types import SamplingParams
 
 
 def evaluate(ctx: EvalContext, task: Task, strategy: str, *, split: str = "test", limit: int | None = None,

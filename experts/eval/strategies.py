@@ -2,9 +2,9 @@
 base weights) per example before pass 2 generates the replies.
 
 Built in: ``base`` (no adaptation) and ``expert`` (the SVF expert trained on the task itself).
-The pass-1 strategies of Transformer² (``prompt``, ``cls_expert``, ``few_shot``) are registered on
-first use by ``experts/eval/pass1.py``, which runs the serving code of issue 5 (``experts.dispatch``,
-``experts.few_shot``). The hook is ``register_strategy(name, fn)`` with
+The pass-1 strategies of Transformer² (``prompt``, ``cls_expert``, ``few_shot``) register themselves
+from ``experts/eval/pass1_strategies.py``, which runs the serving code of ``experts.pass1``.
+The hook is ``register_strategy(name, fn)`` with
 
     fn(ctx: EvalContext, task: Task, examples: list[Example]) -> StrategyResult
 
@@ -30,7 +30,7 @@ class StrategyUnavailable(RuntimeError):
 @dataclass
 class EvalContext:
     base: Any  # experts.train.model.BaseModel: model, tokenizer, runtime
-    engine: Any  # server.engine.llm_engine.LLMEngine over that model
+    engine: Any  # engine.native.llm_engine.LLMEngine over that model
     experts: dict[str, SVFExpert]  # every loaded expert by name
     categories: dict[str, str]  # expert name -> category (math, code, reasoning, classifier, ...)
     task_experts: dict[str, str]  # task name -> name of the expert trained on it (strategy "expert")
@@ -72,13 +72,8 @@ register_strategy("expert", expert_strategy)
 
 
 def get_strategy(name: str) -> StrategyFn:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name not in PASS1:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join([*_REGISTRY, *PASS1])}")
-    try:
-        from experts.eval import pass1
-    except ImportError as e:  # a checkout without the pass-1 code of issue 5
-        raise StrategyUnavailable(f"{name} needs the pass-1 code (experts.dispatch, experts.few_shot): {e}") from e
-    pass1.register()
+    """The strategy registered as ``name`` (the pass-1 ones register when ``pass1_strategies`` is imported,
+    as ``evaluate`` does)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]

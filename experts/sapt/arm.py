@@ -13,11 +13,11 @@ from typing import Callable
 import torch
 
 from adapters import SAPTBundle
+from engine.contract import SamplingParams
 from experts.sapt.blocks import adam, row_adaptations, train_steps
 from experts.sapt.data import TaskData, derive_seed, reply_ids
 from experts.tasks import Example
 from experts.train.rollout import generate
-from server.engine.types import SamplingParams
 
 log = logging.getLogger("t2serve.sapt")
 MAX_INPUT_TOKENS = 48  # a generated request longer than this is cut

@@ -1,5 +1,5 @@
 """Task-boundary checkpoints of a SAPT run: after each learned task, the bundle's tensors (the store's
-layout, ``experts/sapt_tensors.py``) and the learner's state (tasks learned, ARM's mean attention vectors
+layout, ``experts/store/sapt_tensors.py``) and the learner's state (tasks learned, ARM's mean attention vectors
 and pseudo-inputs, the score rows). A run resumed from it continues with the next task; a run given a
 longer task list continues the sequence (continual learning over several commands).
 
@@ -8,31 +8,21 @@ point, with the tensor file's sha256), as the SVF trainer's checkpoints do.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from experts.atomic import atomic_write
-from experts.train.checkpoint import read_committed
+from experts.train.checkpoint import read_committed, write_committed
 
 FORMAT = "t2serve-sapt-checkpoint/1"
 INDEX = "checkpoint.json"
 
 
 def save(run_dir: Path, snapshot: dict, config: dict) -> None:
-    data = st_save(snapshot["tensors"])
-    fname = f"bundle-{len(snapshot['learned']):03d}.safetensors"
-    atomic_write(run_dir / fname, data)
     state = {k: v for k, v in snapshot.items() if k != "tensors"}
-    index = {"format": FORMAT, "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "config": config,
-             "state": state}
-    atomic_write(run_dir / INDEX, json.dumps(index).encode())
-    for p in run_dir.glob("bundle-*.safetensors"):
-        if p.name != fname:
-            p.unlink(missing_ok=True)
+    write_committed(run_dir, INDEX, FORMAT, f"bundle-{len(snapshot['learned']):03d}.safetensors",
+                    st_save(snapshot["tensors"]), {"config": config, "state": state})
 
 
 def load(run_dir: Path) -> tuple[dict, dict] | None:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import fields
 
 from experts.sapt.config import METHODS, SAPTConfig
+from experts.train.flags import add_config_flags
 
 HELP = {
     "tasks": "task names in learning order, comma-separated (generated: reverse, sort, upper, count, sum)",
@@ -34,7 +35,6 @@ HELP = {
 
 
 def add_sapt_parser(kinds) -> None:
-    from experts.train.cli import add_config_flags
 
     p = kinds.add_parser("sapt", help="SAPT continual learning: learn tasks in turn, store the bundle; "
                                       "--compare runs the baselines and prints AP / F.Ra / FWT / BWT")

@@ -17,13 +17,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from experts.memory import peak_gpu_mb, peak_rss_mb
 from experts.sapt.config import SAPTConfig
 from experts.sapt.learner import SequenceLearner
 from experts.sapt.metrics import all_metrics, lower_triangle
 from experts.sapt.progress import SAPTLog
 from experts.sapt.report import LABELS, matrix_markdown, metrics_table, plot_attention, summarize
 from experts.sapt.run import load_model, setup, store_bundle
+from experts.train.memory import peak_gpu_mb, peak_rss_mb
 
 log = logging.getLogger("t2serve.sapt")
 METHOD_ORDER = ("sapt", "sapt_noarm", "seqlora")

@@ -24,19 +24,19 @@ RECIPE_FIELDS = ("method", "rank", "lora_alpha", "lora_targets", "hidden", "lr",
 
 @dataclass
 class SAPTConfig(RunConfig):
+    """A SAPT run; the fields every run has (model, store, lr of the LoRA blocks, seed, device, ...) come from
+    ``RunConfig``."""
+
     recipe_fields: ClassVar[tuple[str, ...]] = RECIPE_FIELDS
     tasks: str  # task names in learning order, comma-separated (e.g. "reverse,upper,sort,count")
     run_dir: str = ""  # checkpoint per task, log.jsonl, curves.png, bundle.safetensors, matrix.json
     data: str | None = None  # data root for tasks that read files (generated tasks ignore it)
-    model: str | None = None  # HF folder or .gguf; None = the embedded SmolLM2
-    store: str | None = None  # expert store the bundle is written to (served by the 'sapt' strategy)
     name: str = "sapt"  # bundle name in the store
     method: str = "sapt"  # sapt (with ARM) | sapt_noarm | seqlora | single (see METHODS)
     rank: int = 8  # LoRA rank per task block
     lora_alpha: float = 32.0  # LoRA scaling alpha / r
     lora_targets: str = "q_proj,v_proj"  # matrices that get a LoRA block (module names or suffixes)
     hidden: int = 100  # h of the query projection
-    lr: float = 2e-3  # Adam, LoRA blocks
     router_lr: float = 1e-3  # Adam, the new key and the shared query projection
     batch_size: int = 32  # examples per optimizer step
     micro_batch: int = 32  # rows per forward/backward (memory only)
@@ -49,16 +49,9 @@ class SAPTConfig(RunConfig):
     min_pseudo: int = 32  # ... but at least this many
     generator_steps: int = 60  # next-token steps of each task's pseudo-input generator
     generator_lr: float = 2e-3
-    train_limit: int | None = None  # first N training examples of each task
     val_limit: int | None = 100  # validation examples (the mean attention vector of ARM)
     test_limit: int | None = 100  # test examples per task for a_{i,j}
     eval_every_task: int = 1  # 1: a_{i,j} for all j after every task (the matrix); 0: no evaluation
-    max_num_seqs: int | None = None  # engine slots for evaluation (default: 256 on GPU, 64 on CPU)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int | None = None
-    cache_dir: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -11,11 +11,11 @@ from typing import Sequence
 import torch
 
 from adapters import SAPTBundle
+from engine.contract import SamplingParams
 from experts.sapt.blocks import row_adaptations
 from experts.sapt.data import TaskData
 from experts.sapt.routing import batched_attention, serving_copy
 from experts.train.rollout import generate, make_engine
-from server.engine.types import SamplingParams
 
 MAX_MODEL_LEN = 160  # prompts of the generated tasks are ~50 tokens, replies <= 24, generator inputs <= 48
 

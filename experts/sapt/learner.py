@@ -28,9 +28,9 @@ from experts.sapt.blocks import adam, train_steps
 from experts.sapt.config import SAPTConfig
 from experts.sapt.data import TaskData, TaskPool, derive_seed
 from experts.sapt.evaluate import Evaluator
-from experts.tasks import render_prompt
 from experts.sapt.routing import arm_kl, pad_to, project_out, prompt_attention, shared_direction
-from experts.sapt_tensors import bundle_from_tensors, bundle_tensors
+from experts.store.sapt_tensors import bundle_from_tensors, bundle_tensors
+from experts.tasks import render_prompt
 
 log = logging.getLogger("t2serve.sapt")
 

@@ -2,8 +2,6 @@
 short terminal line for every ``every``-th step, each generator's last step and each evaluation."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 from experts.train.runlog import RunLog
@@ -37,15 +35,11 @@ class SAPTLog(RunLog):
         super().__init__(run_dir, resume_step)
         self.every = every
 
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def terminal_line(self, record: dict) -> str | None:
+        """Every ``every``-th step, each generator's last step and each evaluation."""
         last = record.get("task_step") == record.get("task_steps")
         if record["event"] == "step" and not (record["task_step"] % self.every == 0 or last):
-            return
+            return None
         if record["event"] == "generator" and not last:
-            return
-        line = format_record(record)
-        if line:
-            print(line, file=sys.stderr, flush=True)
+            return None
+        return format_record(record)

@@ -1,5 +1,5 @@
 """SAPT routing as training and evaluation compute it: the same masked max-pool, query projection and
-softmax the server's ``sapt`` strategy applies to one prompt (``server.api.adaptation.sapt_attention``),
+softmax the server's ``sapt`` strategy applies to one prompt (``experts.pass1.resolver.sapt_attention``),
 here for a right-padded batch of prompts (padding is masked, so each row's weights equal its own).
 
 Also the ARM term, the bundle copies that evaluation serves, and the constraint that keeps the query
@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from adapters.sapt import SAPTBundle, pool_query
-from experts.sapt_tensors import bundle_from_tensors, bundle_tensors
+from experts.store.sapt_tensors import bundle_from_tensors, bundle_tensors
 
 
 def pad_prompts(prompts: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

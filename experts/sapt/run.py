@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import save as st_save
 
-from experts.atomic import atomic_write
+from adapters.atomic import atomic_write
 from experts.sapt import checkpoint
 from experts.sapt.config import SAPTConfig
 from experts.sapt.data import TaskPool
@@ -23,7 +23,7 @@ from experts.sapt.learner import SequenceLearner
 from experts.sapt.metrics import all_metrics, lower_triangle
 from experts.sapt.progress import SAPTLog
 from experts.sapt.report import LABELS, matrix_markdown, metrics_table, plot_attention, summarize
-from experts.sapt_tensors import bundle_tensors
+from experts.store.sapt_tensors import bundle_tensors
 from experts.train.runlog import CURVES_NAME, plot_curves
 
 log = logging.getLogger("t2serve.sapt")
@@ -114,8 +114,8 @@ def finish(cfg: SAPTConfig, base, learner: SequenceLearner, run_dir: Path, secon
 
 
 def store_bundle(cfg: SAPTConfig, base, bundle, tasks: list[str]) -> str:
+    from experts.store.validation import ExpertDraft
     from experts.train.output import put_draft
-    from experts.validation import ExpertDraft
 
     desc = (f"SAPT bundle ({cfg.method}): LoRA r={cfg.rank} on {cfg.lora_targets} for tasks "
             f"{', '.join(tasks)} (block i = task i), {cfg.steps} steps per task, seed {cfg.seed}")

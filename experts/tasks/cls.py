@@ -1,7 +1,7 @@
 """The classification task of Transformer²'s pass 1: which category (code, math, reasoning) a request
 belongs to. The classifier expert is trained on it with the SVF recipe.
 
-The prompt is exactly the one pass 1 asks at serving time (``experts.classify``: a system message with
+The prompt is exactly the one pass 1 asks at serving time (``experts.pass1.classify``: a system message with
 one guideline per category, the request as the user turn, the reply opened with ``\\boxed{``), with the
 categories the three training experts register, so the expert learns the decision it will be used
 for. The reply is the label and a closing brace ("math}"); pass 1 reads the label's first-token
@@ -18,7 +18,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from experts.classify import build_classifier_prompt
+from experts.pass1.classify import build_classifier_prompt
 from experts.tasks.answers import boxed
 from experts.tasks.arc import ARC
 from experts.tasks.base import Example, Task

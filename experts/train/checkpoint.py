@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from experts.atomic import atomic_write
+from adapters.atomic import atomic_write
 
 FORMAT = "t2serve-train-checkpoint/1"
 INDEX = "checkpoint.json"
@@ -45,14 +45,19 @@ def save(run_dir: Path, state: TrainState) -> None:
                           ("best", state.best_z)):
         for name, t in group.items():
             tensors[f"{prefix}/{name}"] = t.detach().to("cpu", torch.float32).contiguous()
-    data = st_save(tensors)
-    fname = f"ckpt-{state.step:06d}.safetensors"
+    write_committed(run_dir, INDEX, FORMAT, f"ckpt-{state.step:06d}.safetensors", st_save(tensors),
+                    {"step": state.step, "adam_step": state.adam_step, "best_val": state.best_val,
+                     "best_step": state.best_step, "config": state.config})
+
+
+def write_committed(run_dir: Path, index_name: str, fmt: str, fname: str, data: bytes, fields: dict) -> None:
+    """Commit a checkpoint: the tensor file ``fname`` first, then the JSON index naming it with its sha256
+    (the commit point; both atomic), then older tensor files of the same kind are removed."""
     atomic_write(run_dir / fname, data)
-    index = {"format": FORMAT, "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "step": state.step,
-             "adam_step": state.adam_step, "best_val": state.best_val, "best_step": state.best_step,
-             "config": state.config}
-    atomic_write(run_dir / INDEX, json.dumps(index, indent=1).encode())
-    for p in run_dir.glob("ckpt-*.safetensors"):
+    index = {"format": fmt, "file": fname, "sha256": hashlib.sha256(data).hexdigest(), **fields}
+    atomic_write(run_dir / index_name, json.dumps(index, indent=1).encode())
+    stem = fname.split("-", 1)[0]
+    for p in run_dir.glob(f"{stem}-*.safetensors"):
         if p.name != fname:
             p.unlink(missing_ok=True)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
+from experts.train.flags import add_config_flags
 
 HELP = {
     "task": "gsm8k | mbpp | arc-easy | arc-challenge | cls (see experts/tasks)",
@@ -33,22 +34,6 @@ HELP = {
     "val_limit": "use the first N validation examples",
     "train_limit": "use the first N training examples",
 }
-
-
-def _type(annotation: str):
-    return int if "int" in annotation else float if "float" in annotation else str
-
-
-def add_config_flags(p: argparse.ArgumentParser, config_cls, helps: dict[str, str], skip: tuple[str, ...] = (),
-                     optional: tuple[str, ...] = ()) -> None:
-    """One flag per field of a config dataclass (``--batch-size`` for ``batch_size``); fields without a
-    default are required unless named in ``optional``."""
-    for f in fields(config_cls):
-        if f.name in skip:
-            continue
-        required = f.default is MISSING and f.name not in optional
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_type(str(f.type)), required=required,
-                       default=None if f.default is MISSING else f.default, help=helps.get(f.name))
 
 
 def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:

@@ -16,10 +16,23 @@ RECIPE_FIELDS = ("task", "targets", "parametrization", "objective", "baseline", 
                  "rollout", "temperature", "top_p", "max_tokens", "train_limit", "val_limit", "seed")
 
 
+@dataclass(kw_only=True)
 class RunConfig:
-    """JSON round trip and the resume check, for the config dataclasses of training runs."""
+    """What every training run (SVF and SAPT) has: the model it adapts, where it runs and writes, the
+    optimizer's basics; the JSON round trip and the resume check. Kinds add their own fields."""
 
     recipe_fields: ClassVar[tuple[str, ...]] = ()  # fields a resumed run must share with the run it continues
+
+    model: str | None = None  # HF folder or .gguf; None = the embedded SmolLM2
+    store: str | None = None  # expert store folder the result is written to (None: only the run dir)
+    lr: float = 2e-3  # Adam
+    train_limit: int | None = None  # first N training examples (of each task)
+    max_num_seqs: int | None = None  # engine slots for rollouts and evaluation (default: per kind)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    cache_dir: str | None = None  # converted models and SVD factors (default: the server's cache)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -41,8 +54,6 @@ class TrainConfig(RunConfig):
     task: str
     data: str  # data root (layout of shared/data) or the task's own folder
     run_dir: str  # checkpoint, JSONL log, learning curves, best z
-    model: str | None = None  # HF folder or .gguf; None = the embedded SmolLM2
-    store: str | None = None  # expert store folder the result is written to (None: only the run dir)
     store_when: str = "always"  # always | improved: only when a trained step beat the starting point on validation
     name: str | None = None  # expert name (default: the task name; "classifier" for cls)
     targets: str = "mlp"  # mlp | attn | all
@@ -50,7 +61,6 @@ class TrainConfig(RunConfig):
     objective: str = "reinforce"  # reinforce | next_token
     baseline: str = "none"  # reinforce: "mean" uses r - mean(r) of the batch (reference: none, r = ±1)
     kl_coef: float = 0.0  # λ of the KL(π_ref ‖ π) term (reinforce only)
-    lr: float = 2e-3
     clip: float = 1e-3  # max global gradient norm
     batch_size: int = 256  # examples per optimizer step (the last batch of an epoch may be smaller)
     micro_batch: int = 8  # rows per forward/backward (memory only; does not change the result)
@@ -58,18 +68,11 @@ class TrainConfig(RunConfig):
     max_steps: int | None = None  # stop after this many optimizer steps in total
     val_every: int = 1  # validate every N steps (and after the last step)
     val_limit: int | None = None  # first N validation examples
-    train_limit: int | None = None  # first N training examples
     rollout: str = "greedy"  # greedy | sample
     temperature: float = 1.0  # sampled rollouts
     top_p: float = 1.0
     max_tokens: int | None = None  # new tokens per reply (default: the task's)
-    max_num_seqs: int | None = None  # engine slots (default: min(batch_size, 256))
     max_model_len: int = 1024  # longer prompts are skipped
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int | None = None
-    cache_dir: str | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:

@@ -8,7 +8,6 @@ embedded SmolLM2.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,10 @@ from pathlib import Path
 import torch
 
 from adapters import AdaptationRuntime, install
-from server.model_loader import resolve_device, resolve_dtype, resolve_model_folder
+from engine.loader import resolve_device, resolve_dtype, resolve_model_folder
+from engine.spec import default_cache_dir
 
 log = logging.getLogger("t2serve.train")
-
-
-def default_cache_dir() -> Path:
-    """Same default as the server (``T2_CACHE_DIR`` or ~/.cache/t2serve), without importing its settings."""
-    return Path(os.environ.get("T2_CACHE_DIR") or Path.home() / ".cache" / "t2serve")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from adapters import SVFExpert
-from experts.atomic import atomic_write
+from adapters.atomic import atomic_write
 
 log = logging.getLogger("t2serve.train")
 EXPERT_FILE = "expert.safetensors"
@@ -40,8 +40,8 @@ def read_expert_file(path: str | Path) -> tuple[SVFExpert, dict[str, str]]:
 def put_draft(store_dir: Path, base, draft) -> str:
     """Store an ``ExpertDraft`` as the next version of its name, validated against the loaded base model;
     returns where it went."""
-    from experts.base_model import BaseModelInfo
-    from experts.store import ExpertStore
+    from experts.store.base_model import BaseModelInfo
+    from experts.store.expert_store import ExpertStore
 
     info = BaseModelInfo.from_model(base.model, base.name, targets=base.runtime.targets)
     store = ExpertStore(store_dir, base=info)
@@ -53,7 +53,7 @@ def put_draft(store_dir: Path, base, draft) -> str:
 def put_in_store(store_dir: Path, base, name: str, z: Mapping[str, torch.Tensor], parametrization: str,
                  category: str, description: str) -> str:
     """Store ``z`` as the next version of ``name``; returns where it went."""
-    from experts.validation import ExpertDraft
+    from experts.store.validation import ExpertDraft
 
     tensors = {n: v.detach().to("cpu", torch.float32) for n, v in z.items()}
     return put_draft(store_dir, base, ExpertDraft(name=name, kind="svf", tensors=tensors, category=category,

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 import torch
 
 from adapters import Adaptation, SVFExpert, SVFMixture
-from server.engine.llm_engine import EngineConfig, LLMEngine
-from server.engine.types import GenerationRequest, SamplingParams
+from engine.contract import GenerationRequest, SamplingParams
+from engine.native.llm_engine import EngineConfig, LLMEngine
 
 
 @dataclass

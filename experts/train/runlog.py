@@ -16,6 +16,8 @@ CURVES_NAME = "curves.png"
 
 
 class RunLog:
+    """The JSON-lines log of a run (SVF training; SAPT's ``SAPTLog`` chooses its own terminal lines)."""
+
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = run_dir / LOG_NAME
         self.records: list[dict] = []
@@ -29,10 +31,16 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
+        """Append ``record`` to the log, and print its terminal line if it has one."""
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(format_line(record), file=sys.stderr, flush=True)
+        line = self.terminal_line(record)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+    def terminal_line(self, record: dict) -> str | None:
+        return format_line(record)
 
 
 def _fmt(v, spec: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adapters.svf import init_z
+from engine.contract import SamplingParams
 from experts.tasks import Example, get_task
 from experts.train import checkpoint
 from experts.train.config import TrainConfig
@@ -25,7 +26,6 @@ from experts.train.objective import next_token_loss, pack, reinforce_loss, score
 from experts.train.output import EXPERT_FILE, put_in_store, write_expert_file
 from experts.train.rollout import expert_adaptation, frozen_adaptation, generate, make_engine
 from experts.train.runlog import CURVES_NAME, RunLog, plot_curves
-from server.engine.types import SamplingParams
 
 log = logging.getLogger("t2serve.train")
 

@@ -7,7 +7,11 @@
   abort when the client goes away.
 - ``sse``: the Server-Sent Events response that aborts its generation on disconnect.
 - ``completions``, ``chat``, ``models``, ``health``, ``metrics``: the routes.
+- ``serving``: the steps completions and chat share (limits, tokenization, pass 1 through
+  ``experts.pass1``, submission, the answer).
 - ``experts`` (with ``expert_uploads``, the upload body): storing, listing and deleting experts.
+- ``few_shot``: POST /v1/adaptations, a task's few-shot (CEM) mixture as a background job.
+- ``training``: POST /v1/training/sapt, SAPT training as a child process.
 
 Routes validate and translate; they never touch tensors or run model code.
 """
@@ -15,9 +19,9 @@ from fastapi import APIRouter
 
 
 def api_router() -> APIRouter:
-    from server.api import adaptations, chat, completions, experts, health, metrics, models, training
+    from server.api import chat, completions, experts, few_shot, health, metrics, models, training
 
     router = APIRouter()
-    for module in (completions, chat, models, experts, adaptations, training, health, metrics):
+    for module in (completions, chat, models, experts, few_shot, training, health, metrics):
         router.include_router(module.router)
     return router

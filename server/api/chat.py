@@ -7,8 +7,15 @@ from server.api.auth import require_api_key
 from server.api.generation import Choice
 from server.api.serving import answer, generation_responses, start_run, stream_events
 from server.prompts import chat_prompt_ids
-from server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta)
+from server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+)
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
 

@@ -9,6 +9,7 @@ from server.api.serving import answer, generation_responses, start_run, stream_e
 from server.prompts import completion_prompt_ids
 from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 
+
 def prompt_texts(prompt) -> list[str | None]:
     """What pass 1 classifies per prompt: the text itself (token-id prompts are decoded by the resolver)."""
     if isinstance(prompt, str):

@@ -1,4 +1,5 @@
-"""The body of ``POST /v1/experts``, turned into an ``ExpertDraft`` for the store.
+"""The body of ``POST /v1/experts``, read and validated, then turned into an ``ExpertDraft`` for the store
+by ``experts.store.uploads`` (which the CLI uses too).
 
 Two shapes:
 - ``application/json``: an ``ExpertUpload`` object; small SVF experts carry ``z`` as lists of numbers
@@ -14,20 +15,15 @@ A ``.pt`` is only ever opened by the importers, with ``weights_only=True``; a pi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import fields
 from typing import Literal
 
-import torch
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from experts.errors import ExpertError
-from experts.importers import (SAPT_REFERENCE_ALPHA, import_learnable_params, import_peft, import_policy_params,
-                               import_sapt_reference)
-from experts.store import ExpertStore, too_large
-from experts.tensor_files import read_safetensors
-from experts.validation import ExpertDraft
+from experts.store.expert_store import too_large
+from experts.store.uploads import Upload, UploadMetadata
 from server.errors import APIError, invalid_request, validation_error
 
 FILE_FIELDS = ("file", "config", "lora_weights_A", "lora_weights_B", "trans_input", "prompts_keys_till_now")
@@ -56,11 +52,10 @@ class ExpertUpload(BaseModel):
     append: bool = Field(False, description="peft: add the adapter as a new task of the sapt expert `name`")
 
 
-@dataclass
-class Upload:
-    meta: ExpertUpload
-    files: dict[str, list[bytes]] = field(default_factory=dict)
-    multipart: bool = False
+def upload_metadata(m: ExpertUpload) -> UploadMetadata:
+    """The validated request model as the store's plain metadata (``kind`` None where it was not sent)."""
+    values = {f.name: getattr(m, f.name) for f in fields(UploadMetadata)}
+    return UploadMetadata(**{**values, "kind": m.kind if "kind" in m.model_fields_set else None})
 
 
 def _invalid(errors: list, prefix: tuple) -> APIError:
@@ -75,9 +70,10 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         raise APIError(415, f"Content-Type {ctype!r} is not supported: send application/json or multipart/form-data.",
                        code="unsupported_media_type")
     try:
-        return Upload(ExpertUpload.model_validate_json(await request.body()))
+        meta = ExpertUpload.model_validate_json(await request.body())
     except ValidationError as e:
         raise _invalid(e.errors(), ()) from e
+    return Upload(upload_metadata(meta))
 
 
 async def _read_multipart(request: Request, max_bytes: int) -> Upload:
@@ -117,72 +113,4 @@ async def _read_multipart(request: Request, max_bytes: int) -> Upload:
         raise _invalid(e.errors(), ("metadata",)) from e
     if parsed.z is not None:
         raise invalid_request("'z' goes in a JSON body; in multipart, send the tensors as 'file'.", param="metadata.z")
-    return Upload(parsed, files, multipart=True)
-
-
-def _one(upload: Upload, key: str, fmt: str) -> bytes:
-    got = upload.files.get(key, [])
-    if len(got) != 1:
-        raise ExpertError(f"format {fmt!r} needs exactly one file part {key!r} (got {len(got)})",
-                          code="missing_file", param=key)
-    return got[0]
-
-
-def _mixture_alpha(m: ExpertUpload) -> tuple[tuple[str, ...], torch.Tensor]:
-    if isinstance(m.experts, dict):
-        if m.weights is not None:
-            raise ExpertError("give weights either inside 'experts' ({name: weight}) or as 'weights', not both",
-                              code="invalid_mixture", param="weights")
-        return tuple(m.experts), torch.tensor(list(m.experts.values()), dtype=torch.float32)
-    if not m.experts:
-        raise ExpertError("a mixture needs 'experts'", code="invalid_mixture", param="experts")
-    weights = m.weights if m.weights is not None else [1.0 / len(m.experts)] * len(m.experts)
-    try:
-        return tuple(m.experts), torch.tensor(weights, dtype=torch.float32)
-    except (ValueError, TypeError) as e:  # ragged (K, M) lists
-        raise ExpertError(f"'weights' must be K numbers or K equal-length lists: {e}", code="invalid_mixture",
-                          param="weights") from e
-
-
-def to_draft(upload: Upload, store: ExpertStore) -> ExpertDraft:
-    """The draft an upload describes (runs in a worker thread: it parses tensors)."""
-    m, fmt = upload.meta, upload.meta.format
-    kinds = {"policy_params": "svf", "learnable_params": "svf", "peft": "sapt", "sapt_reference": "sapt"}
-    if fmt in kinds and "kind" in m.model_fields_set and m.kind != kinds[fmt]:
-        raise ExpertError(f"format {fmt!r} makes a {kinds[fmt]} expert, not {m.kind}", code="invalid_metadata",
-                          param="kind")
-    extra = {"experts": (), "alpha_targets": None}
-    if fmt == "policy_params":
-        draft = import_policy_params(_one(upload, "file", fmt), m.name, store.base, m.reference_targets)
-    elif fmt == "learnable_params":
-        draft = import_learnable_params(_one(upload, "file", fmt), m.name)
-    elif fmt == "peft":
-        bundle = store.bundle(m.name) if m.append else None
-        if m.append and bundle is None:
-            raise ExpertError(f"append: there is no ready sapt expert {m.name!r} to add a task to",
-                              code="expert_not_found", status=404, param="name")
-        draft = import_peft(_one(upload, "config", fmt), _one(upload, "file", fmt), m.name, store.base, bundle)
-    elif fmt == "sapt_reference":
-        A, B = upload.files.get("lora_weights_A", []), upload.files.get("lora_weights_B", [])
-        if not A or len(A) != len(B):
-            raise ExpertError(f"sapt_reference needs one lora_weights_A and one lora_weights_B per task "
-                              f"(got {len(A)} and {len(B)})", code="missing_file", param="lora_weights_A")
-        draft = import_sapt_reference(list(zip(A, B)), _one(upload, "trans_input", fmt),
-                                      _one(upload, "prompts_keys_till_now", fmt), m.name,
-                                      m.lora_alpha or SAPT_REFERENCE_ALPHA)
-    elif m.kind == "mixture":
-        names, alpha = _mixture_alpha(m)
-        draft = ExpertDraft(m.name, "mixture", {"alpha": alpha})
-        extra = {"experts": names, "alpha_targets": tuple(m.alpha_targets) if m.alpha_targets is not None else None}
-    elif upload.files:
-        draft = ExpertDraft(m.name, m.kind, read_safetensors(_one(upload, "file", fmt)), lora_alpha=m.lora_alpha,
-                            parametrization=m.parametrization)
-    elif m.z is not None and m.kind == "svf":
-        draft = ExpertDraft(m.name, "svf", {k: torch.tensor(v, dtype=torch.float32) for k, v in m.z.items()},
-                            parametrization=m.parametrization)
-    else:
-        raise ExpertError(f"no tensors: send 'z' in a JSON body or the {m.kind} tensors as a multipart 'file'",
-                          code="missing_file", param="file")
-    targets = tuple(m.targets) if m.targets is not None else draft.targets
-    return replace(draft, category=m.category, description=m.description, base_fingerprint=m.base_fingerprint,
-                   targets=targets, **extra)
+    return Upload(upload_metadata(parsed), files, multipart=True)

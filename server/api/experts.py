@@ -15,11 +15,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from experts.errors import ExpertError, not_found
-from experts.records import check_name
-from experts.store import ExpertStore, StoredExpert
+from experts.store.errors import ExpertError, not_found
+from experts.store.expert_store import ExpertStore
+from experts.store.records import check_name
+from experts.store.stored import StoredExpert
+from experts.store.uploads import Upload, to_draft
 from server.api.auth import require_admin_key, require_read_key
-from server.api.expert_uploads import FILE_FIELDS, ExpertUpload, Upload, read_upload, to_draft
+from server.api.expert_uploads import FILE_FIELDS, ExpertUpload, read_upload
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import ready_engine, server_state
 from server.errors import APIError, unavailable

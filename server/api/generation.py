@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from starlette.types import Receive
 
-from server.engine.types import EngineError, GenerationRequest, RequestOutput, SamplingParams
+from engine.contract import EngineError, GenerationRequest, RequestOutput, SamplingParams
 from server.errors import APIError, from_engine_error
 from server.metrics import Metrics
 from server.schemas import Usage

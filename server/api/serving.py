@@ -11,9 +11,10 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from adapters.adaptation import Adaptation
 from server.api.generation import Choice, EngineRun, build_choices, collect_unless_disconnected, new_request_id
 from server.api.sse import DONE_EVENT, EventStreamResponse, sse_event
-from server.api.state import check_model, ready_engine, server_state
+from server.api.state import ServerState, check_model, ready_engine, server_state
 from server.config import Settings
 from server.errors import APIError, invalid_request
 from server.prompts import resolve_max_tokens
@@ -77,16 +78,14 @@ class StartedRun:
     adaptation: dict | list | None = None  # what pass 1 decided, for the response's `adaptation`
 
 
-async def decide_adaptations(state, body: Any, prompts: list[list[int]], texts: list[str | None]) -> tuple[list, Any]:
+async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[int]],
+                             texts: list[str | None]) -> tuple[list[Adaptation | None], dict | list]:
     """Pass 1 for every prompt (concurrently: each is an engine score request): adaptations and the
     response's `adaptation` report (one object, or a list for a batch of prompts)."""
-    decisions = await asyncio.gather(*(state.resolve_adaptation(body.adaptation, p, body.model, t)
+    decisions = await asyncio.gather(*(state.resolver.decide(body.adaptation, p, body.model, t)
                                        for p, t in zip(prompts, texts)))
-    adaptations = [getattr(d, "adaptation", d) for d in decisions]
-    infos = [d.info() for d in decisions if hasattr(d, "info")]
-    if not infos:
-        return adaptations, None
-    return adaptations, infos[0] if len(infos) == 1 else infos
+    infos = [d.info() for d in decisions]
+    return [d.adaptation for d in decisions], infos[0] if len(infos) == 1 else infos
 
 
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],

@@ -3,34 +3,31 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
 
 from fastapi import Request
 
+from engine.contract import Engine
+from experts.pass1.resolver import Resolver
+from experts.store.expert_store import ExpertStore
+from experts.store.registry import ExpertRegistry
+from experts.store.watcher import StoreWatcher
 from server.config import Settings
 from server.errors import APIError, model_not_found, unavailable
+from server.jobs import JobBoard
 from server.metrics import Metrics
-
-# Turns a request's `adaptation` object, prompt ids and requested model into what the engine carries
-# per sequence. The default keeps the base weights; the app installs the expert resolver.
-AdaptationResolver = Callable[[dict | None, list[int], str | None], Awaitable[Any]]
-
-
-async def base_weights(spec: dict | None, prompt_ids: list[int], model: str | None = None) -> Any:
-    return None
 
 
 @dataclass
 class ServerState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    engine: Any = None  # an AsyncEngine once loaded and started
+    engine: Engine | None = None  # once loaded and started
     load_error: str | None = None  # why loading failed, if it did
-    resolve_adaptation: AdaptationResolver = base_weights
-    registry: Any = None  # experts.registry.ExpertRegistry once the model is loaded
-    store: Any = None  # experts.store.ExpertStore that writes to the registry (once the model is loaded)
-    store_watcher: Any = None  # experts.store_watcher.StoreWatcher: other replicas' writes to a shared store
-    jobs: Any = None  # experts.jobs.JobBoard of background adaptation jobs (created on first use)
+    resolver: Resolver | None = None  # pass 1, once the experts are attached to the engine
+    registry: ExpertRegistry | None = None  # given to create_app, or filled from the store at load
+    store: ExpertStore | None = None  # writes to the registry (once the model is loaded)
+    store_watcher: StoreWatcher | None = None  # other replicas' writes to a shared store
+    jobs: JobBoard | None = None  # background jobs (few-shot searches, SAPT training; created on first use)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 
     @property

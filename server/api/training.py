@@ -10,8 +10,8 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.adaptations import _jobs
 from server.api.auth import require_admin_key, require_read_key
+from server.api.few_shot import _jobs
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import ready_engine, server_state
 from server.errors import APIError, invalid_request
@@ -48,7 +48,7 @@ def _check_targets(engine, lora_targets: str) -> None:
     full name or a dotted suffix of it."""
     from adapters.targets import _matches, target_kind
 
-    served = {t.name for t in getattr(getattr(engine, "runtime", None), "targets", ()) or ()}
+    served = {t.name for t in (engine.runtime.targets if engine.runtime is not None else ())}
     wanted: set[str] = set()
     for p in (p for p in lora_targets.split(",") if p):
         hits = {name for name, m in engine.model.named_modules()
@@ -66,14 +66,14 @@ def _check_targets(engine, lora_targets: str) -> None:
 @router.post("/v1/training/sapt", status_code=202, responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
              dependencies=[Depends(require_admin_key)], summary="Start SAPT training of a task sequence")
 async def create_training(body: SAPTTraining, request: Request) -> dict:
+    from engine.loader import resolve_dtype, resolve_model_folder
     from experts.sapt.job import SAPTJobSpec, run_sapt_job
     from experts.tasks import get_task
     from experts.tasks.synthetic import SyntheticTask
-    from server.model_loader import resolve_dtype, resolve_model_folder
 
     engine, state = ready_engine(request), server_state(request)
     settings = state.settings
-    if state.store is None or getattr(engine, "model", None) is None:
+    if state.store is None or engine.model is None:
         raise APIError(503, "training needs the native engine and an open expert store", type="server_error",
                        code="training_unavailable")
     if len(set(body.tasks)) != len(body.tasks):

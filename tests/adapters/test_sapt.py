@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from _adapt_helpers import VOCAB, logits, random_expert, tiny_model, with_merged_weights
 from adapters import Adaptation, SAPTBundle, install
 from adapters.sapt import mix_soft_prompts, pool_query
 from adapters.targets import weight_matrix
+from tests.support.adapt import VOCAB, logits, random_expert, tiny_model, with_merged_weights
 
 
 def _setup(arch="llama", num_tasks=3, prompt_len=0, targets=("q_proj", "v_proj", "c_attn")):

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from _adapt_helpers import neutral_expert, random_expert, with_merged_weights
 from adapters import Adaptation, install
+from tests.support.adapt import neutral_expert, random_expert, with_merged_weights
 
 pytestmark = pytest.mark.integration
 

@@ -4,9 +4,9 @@ import logging
 import pytest
 import torch
 
-from _adapt_helpers import tiny_model
 from adapters.svd_cache import cache_key, load_or_compute, weights_fingerprint
 from adapters.targets import find_targets, weight_matrix
+from tests.support.adapt import tiny_model
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from _adapt_helpers import tiny_model
 from adapters.targets import find_targets, weight_matrix
+from tests.support.adapt import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -70,7 +70,7 @@ def ref(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(folder, ref):
-    from server.engine.vllm_backend.engine import VLLMEngine, VLLMOptions
+    from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     t0 = time.time()
     opts = VLLMOptions(model=folder, served_name="smollm2", cache_dir=ref.cache, dtype="bfloat16", adapt_targets="all",
@@ -131,7 +131,7 @@ def sapt(bundle, weights, label="sapt"):
 
 def generate(engine, rows) -> list[list[int]]:
     """Greedy tokens of (prompt ids, adaptation) rows, all sent to ``engine`` at once."""
-    from server.engine.types import GenerationRequest, SamplingParams
+    from engine.contract import GenerationRequest, SamplingParams
 
     async def one(i, ids, a):
         toks = []
@@ -149,8 +149,8 @@ def generate(engine, rows) -> list[list[int]]:
 
 
 def native_generate(ref, rows) -> list[list[int]]:
-    from server.engine.llm_engine import EngineConfig, LLMEngine
-    from server.engine.types import GenerationRequest, SamplingParams
+    from engine.contract import GenerationRequest, SamplingParams
+    from engine.native.llm_engine import EngineConfig, LLMEngine
 
     eng = LLMEngine(ref.model, ref.tok, EngineConfig(max_num_seqs=32, max_model_len=1024), ref.runtime)
     for i, (ids, a) in enumerate(rows):
@@ -245,7 +245,8 @@ def test_swap_gives_the_native_merged_weight_greedy_tokens(engine, ref):
 
 
 def test_lora_mode_stays_within_its_error_budget_and_reports_it(engine, ref):
-    from server.engine.vllm_backend.lora import read_peft_adapter, rel_error
+    from adapters.lora_export import rel_error
+    from engine.vllm.peft_folder import read_peft_adapter
 
     engine.router.svf_mode, engine.router.budget = "lora", 0.1
     a = svf_expert(ref, 2, "noisy")
@@ -279,7 +280,7 @@ def test_lora_mode_stays_within_its_error_budget_and_reports_it(engine, ref):
 
 
 def test_sapt_through_lora_matches_the_native_engine(engine, ref):
-    from server.api.adaptation import sapt_attention
+    from experts.pass1.resolver import sapt_attention
 
     bundle = sapt_bundle(ref)
     routed = [sapt(bundle, sapt_attention(engine.runtime.model, bundle, p).tolist()) for p in ref.prompts]
@@ -309,9 +310,9 @@ def test_a_batch_of_the_base_model_and_four_adaptations_gives_each_row_its_own_r
 
 
 def test_pass1_label_scores_through_prompt_logprobs(engine, ref):
-    from experts.classify import build_classifier_prompt
-    from server.engine.llm_engine import EngineConfig, LLMEngine
-    from server.engine.types import GenerationRequest, SamplingParams, ScoreSpec
+    from engine.contract import GenerationRequest, SamplingParams, ScoreSpec
+    from engine.native.llm_engine import EngineConfig, LLMEngine
+    from experts.pass1.classify import build_classifier_prompt
 
     prompt = build_classifier_prompt(ref.tok, ["code", "math", "reasoning"])
     a = svf_expert(ref, 5, "lowrank")

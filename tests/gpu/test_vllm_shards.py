@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from server.engine.vllm_backend.worker import WeightSwapExtension
+from engine.vllm.worker import WeightSwapExtension
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
+ROOT = REPO_ROOT
 pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("vllm") and torch.cuda.device_count() >= 2),
                                 reason="needs 2 GPUs and vLLM")
 

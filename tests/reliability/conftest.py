@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from server.config import Settings
-from tests.reliability._suite import BUDGET, REPORT, Budget, Report
+from tests.support.reliability.suite import BUDGET, REPORT, Budget, Report
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import secrets
 import pytest
 import torch
 
-from tests.experts._helpers import as_lists, auth, random_z
-from tests.http._live import assert_error_shape, serve
+from tests.support.experts import as_lists, auth, random_z
+from tests.support.live import assert_error_shape, serve
 
 pytestmark = pytest.mark.reliability
 

@@ -21,13 +21,12 @@ import pytest
 import torch
 
 from adapters.adaptation import Adaptation
-from experts.errors import ExpertError
-from experts.validation import ExpertDraft
-from server.errors import APIError
-
-from tests.experts._helpers import as_lists, random_z
-from tests.http._live import serve
-from tests.reliability._http import server_5xx
+from experts.pass1.decision import AdaptationError
+from experts.store.errors import ExpertError
+from experts.store.validation import ExpertDraft
+from tests.support.experts import as_lists, random_z
+from tests.support.live import serve
+from tests.support.reliability.http import server_5xx
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -200,8 +199,8 @@ def test_churn_while_serving(churn_server, budget, report):
 def test_expert_deleted_after_the_model_check_is_404_not_the_base_model(churn_server):
     """The route checks `model` before pass 1 resolves it; an expert deleted in between used to be served
     as the base model under the expert's name (seen by the churn above). Now pass 1 answers 404."""
-    resolve = churn_server.state.resolve_adaptation
-    with pytest.raises(APIError) as e:
+    resolve = churn_server.state.resolver.decide
+    with pytest.raises(AdaptationError) as e:
         asyncio.run(resolve(None, [1, 2, 3], "deleted-meanwhile"))
-    assert e.value.status == 404 and e.value.code == "model_not_found"
+    assert e.value.status == 404 and e.value.code == "model_not_found" and e.value.param == "model"
     assert asyncio.run(resolve(None, [1, 2, 3], "tiny")).adaptation is None  # the base model by its name

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM
 
 from adapters.svd_cache import cache_key, load_or_compute, thin_svd, weights_fingerprint
 from adapters.targets import find_targets, weight_matrix
-from experts.base_model import BaseModelInfo
-from server.model_loader import _COMPLETE_MARK, _file_key, gguf_to_hf_folder
-from tests.experts._helpers import as_lists, random_z
-from tests.reliability._procs import KILL_POINTS, Zygote, gguf_is_tiny
+from engine.loader import _COMPLETE_MARK, _file_key, gguf_to_hf_folder
+from experts.store.base_model import BaseModelInfo
+from tests.support.experts import as_lists, random_z
+from tests.support.reliability.procs import KILL_POINTS, Zygote, gguf_is_tiny
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

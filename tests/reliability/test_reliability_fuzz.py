@@ -12,9 +12,9 @@ import pytest
 import schemathesis
 from schemathesis.engine import Status, events, from_schema
 
-from tests.http._live import serve
-from tests.reliability._http import server_5xx
-from tests.reliability._suite import BUDGET
+from tests.support.live import serve
+from tests.support.reliability.http import server_5xx
+from tests.support.reliability.suite import BUDGET
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

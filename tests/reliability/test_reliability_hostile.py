@@ -9,10 +9,10 @@ import urllib.parse
 
 import pytest
 
-from tests.experts._helpers import as_lists, post_files, random_z
-from tests.http._live import assert_error_shape, serve
-from tests.reliability._crafted import LYING_SAFETENSORS, TRAVERSAL_NAMES, pickle_payloads
-from tests.reliability._http import assert_serving_and_idle, raw_exchange, server_5xx
+from tests.support.experts import as_lists, post_files, random_z
+from tests.support.live import assert_error_shape, serve
+from tests.support.reliability.crafted import LYING_SAFETENSORS, TRAVERSAL_NAMES, pickle_payloads
+from tests.support.reliability.http import assert_serving_and_idle, raw_exchange, server_5xx
 
 pytestmark = pytest.mark.reliability
 

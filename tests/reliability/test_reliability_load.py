@@ -13,11 +13,11 @@ import httpx
 import psutil
 import pytest
 
-from server.engine.llm_engine import TTFT_SAMPLES
-from tests.experts._helpers import as_lists, random_z
-from tests.http._live import serve
-from tests.reliability._http import server_5xx
-from tests.reliability._traffic import run_clients
+from engine.native.llm_engine import TTFT_SAMPLES
+from tests.support.experts import as_lists, random_z
+from tests.support.live import serve
+from tests.support.reliability.http import server_5xx
+from tests.support.reliability.traffic import run_clients
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

@@ -1,0 +1,149 @@
+"""The engine contract: the plain data crossing the engine boundary (callers build ``GenerationRequest``s
+and consume ``RequestOutput``s; nothing here holds tensors), the ``Engine`` protocol both engines satisfy,
+``stream_outputs`` (an engine thread's outputs as an async iterator) and ``check_admission``, the one
+check every engine runs before it accepts a request."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
+
+from adapters.adaptation import Adaptation
+from adapters.runtime import AdaptationRuntime
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16  # new tokens at most
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, (0, 1]
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int | None = None  # same seed + same prompt + same params -> same tokens, whatever the batch
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end the sequence
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class ScoreSpec:
+    """Score the prompt instead of generating (pass 1, few-shot fitness): one prefill forward, no decode."""
+
+    next_token_ids: list[int] = field(default_factory=list)  # log p(t | prompt) for each of these tokens
+    continuation_start: int | None = None  # also Σ log p(prompt[i] | prompt[:i]) over i >= this index
+
+
+@dataclass
+class ScoreResult:
+    next_logprobs: list[float]  # aligned with ScoreSpec.next_token_ids
+    continuation_logprob: float | None = None  # summed over the continuation's tokens
+    continuation_tokens: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adaptation: Adaptation | None = None  # None = the base weights
+    score: ScoreSpec | None = None  # set: score the prompt, generate nothing
+    prefix_len: int = 0  # leading prompt tokens shared by many requests: their KV is computed once and reused
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request (incremental)."""
+
+    request_id: str
+    token_ids: list[int]  # tokens new since the previous output
+    text: str  # text new since the previous output (stop strings cut off, held back while ambiguous)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    error: str | None = None  # set when the engine failed this request
+    scores: ScoreResult | None = None  # for score requests
+
+
+class EngineError(Exception):
+    """Base of errors the engine reports to callers."""
+
+
+class QueueFullError(EngineError):
+    """More requests waiting than the configured limit (HTTP 429)."""
+
+
+class PromptTooLongError(EngineError):
+    """Prompt + max_tokens do not fit in the model length (HTTP 400)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop stopped; no further requests can be served (HTTP 503)."""
+
+
+def check_admission(request: GenerationRequest, max_model_len: int, pending: int, capacity: int,
+                    score_budget: int = 0) -> None:
+    """The one admission check of every engine: raise ``PromptTooLongError`` when the prompt is empty or
+    does not fit with its token budget (``score_budget`` for a score request), ``QueueFullError`` when
+    ``pending`` accepted requests already fill ``capacity``."""
+    n = len(request.prompt_ids)
+    if n == 0:
+        raise PromptTooLongError("the prompt is empty")
+    budget = score_budget if request.score is not None else request.params.max_tokens
+    if n + budget > max_model_len:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has {n} "
+            f"tokens and max_tokens is {budget}")
+    if pending >= capacity:
+        raise QueueFullError(f"too many waiting requests ({pending}); retry later")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What callers may use of an engine. Requests are token ids in, ``RequestOutput``s out."""
+
+    tokenizer: Any  # the model's Hugging Face tokenizer
+    model_name: str  # the name clients use
+    max_model_len: int  # prompt + generated tokens per sequence
+    eos_token_ids: list[int]
+    runtime: AdaptationRuntime | None  # validates adaptations, knows the targets; None without adapted matrices
+    model: Any  # the base model's weights as a torch module (fingerprints, SAPT embeddings), or None
+
+    @property
+    def ready(self) -> bool:
+        """True while requests can be served."""
+
+    def start(self) -> None:
+        """Start serving (from the event loop that will consume the outputs)."""
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work, abort what is in flight, release the model."""
+
+    def stats(self) -> dict:
+        """At least ``running`` and ``waiting`` (sequences), read by the metrics endpoint."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queue ``request``; raise at once (QueueFullError, PromptTooLongError, EngineDeadError) if it
+        cannot be; otherwise its outputs, the last one ``finished``. Leaving early aborts it. A request
+        with ``score`` generates nothing and answers once, with ``scores``."""
+
+    async def abort(self, request_id: str) -> None:
+        """End a request early; its stream ends with finish reason "abort"."""
+
+
+async def stream_outputs(q: asyncio.Queue, on_exit: Callable[[bool], None]) -> AsyncIterator[RequestOutput]:
+    """The outputs an engine thread puts into ``q``, up to the finished one. ``on_exit(finished)`` runs
+    however the consumer leaves (``finished`` False: it left early and the request is to be aborted)."""
+    finished = False
+    try:
+        while not finished:
+            out: RequestOutput = await q.get()
+            finished = out.finished
+            yield out
+    finally:
+        on_exit(finished)

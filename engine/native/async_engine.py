@@ -1,0 +1,175 @@
+"""The asyncio-facing engine. A dedicated thread owns the model and runs the step loop; the event loop
+only enqueues requests and receives outputs, so no model compute ever runs on the event-loop thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from engine.contract import EngineDeadError, GenerationRequest, RequestOutput, check_admission, stream_outputs
+from engine.loader import install_adapters, load_model
+from engine.native.llm_engine import EngineConfig, LLMEngine
+from engine.spec import EngineSpec
+
+log = logging.getLogger("t2serve.engine")
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLMEngine, model_name: str, max_waiting: int = 256):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.model_name = model_name
+        self.max_model_len = llm.config.max_model_len
+        self.eos_token_ids = llm.eos_token_ids
+        self.max_waiting = max_waiting
+        self.runtime = llm.runner.adapt  # the adaptation runtime (validates and plans adaptations)
+        self.model = llm.model  # the base model (engine.factory.Engine)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req, q, loop) | ("abort", id)
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # requests accepted but not yet running (inbox + engine waiting queue)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._stats: dict = llm.stats()
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, adapt=None) -> "AsyncEngine":
+        """Load ``spec.model`` and install the adaptive layers (unless ``adapt`` is given)."""
+        loaded = load_model(spec.model)
+        if adapt is None:
+            adapt = install_adapters(loaded.model, spec.model.adapt_targets, spec.model.cache_dir)
+        cfg = EngineConfig(max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
+                           max_prefill_tokens=spec.max_prefill_tokens)
+        eng = cls(LLMEngine(loaded.model, loaded.tokenizer, cfg, adapt), loaded.name, spec.max_waiting)
+        eng.loaded = loaded
+        return eng
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="t2serve-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work; abort whatever is still in flight; join the engine thread."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def stats(self) -> dict:
+        s = dict(self._stats)
+        s["waiting"] = s.get("waiting", 0) + self._inbox.qsize()
+        return s
+
+    # --- requests -----------------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queue `request` and return its stream of outputs. Raises at once when it cannot be queued.
+
+        Leaving the stream early (aclose, cancellation, client gone) aborts the request and frees its slot.
+        """
+        if self._dead is not None or self._stop:
+            raise EngineDeadError("the engine is not running")
+        with self._lock:
+            free_slots = max(0, self.llm.config.max_num_seqs - self._stats.get("running", 0))
+            check_admission(request, self.max_model_len, self._pending, self.max_waiting + free_slots)
+            self._pending += 1
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (loop, q)
+        self._inbox.put(("add", request))
+        self._wake.set()
+        return stream_outputs(q, lambda finished: self._closed(request.request_id, finished))
+
+    def _closed(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._inbox.put(("abort", request_id))
+            self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # --- the engine thread ----------------------------------------------------------------------------
+    def _deliver(self, out: RequestOutput) -> None:
+        # A finished stream is dropped here too: its consumer may never have started iterating.
+        target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+        if target is not None:
+            loop, q = target
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, out)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.llm.add_request(item)
+                except Exception as e:  # validated before queueing; this is a last line of defence
+                    with self._lock:
+                        self._pending -= 1
+                    self._deliver(RequestOutput(item.request_id, [], "", True, "abort", error=str(e)))
+            else:
+                seq = self.llm._by_id.get(item)
+                out = self.llm.abort(item)
+                if out is not None:
+                    if seq is not None and seq.num_cached == 0:  # never got to run
+                        with self._lock:
+                            self._pending -= 1
+                    self._deliver(out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.llm.has_work:
+                    self._stats = self.llm.stats()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                waiting_before = len(self.llm.scheduler.waiting)
+                try:
+                    outs = self.llm.step()
+                except Exception as e:  # fail the requests of this step, keep serving the others
+                    log.exception("engine step failed")
+                    outs = self._fail_running(e)
+                admitted = waiting_before - len(self.llm.scheduler.waiting)
+                if admitted:
+                    with self._lock:
+                        self._pending -= admitted
+                self._stats = self.llm.stats()  # before delivery, so a client that sees its end sees the slot free
+                for out in outs:
+                    self._deliver(out)
+        except BaseException as e:  # pragma: no cover - last resort
+            self._dead = e
+            log.exception("engine loop died")
+        finally:
+            for rid in list(self.llm._by_id):
+                out = self.llm.abort(rid)
+                if out is not None:
+                    self._deliver(out)
+            self._stats = self.llm.stats()
+
+    def _fail_running(self, err: Exception) -> list[RequestOutput]:
+        outs = []
+        for seq in list(self.llm.scheduler.running):
+            out = self.llm.abort(seq.request_id)
+            if out is not None:
+                out.error = f"internal error: {type(err).__name__}"
+                outs.append(out)
+        return outs

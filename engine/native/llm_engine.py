@@ -1,0 +1,241 @@
+"""The synchronous engine: one step = admit -> prefill newcomers -> decode everyone -> postprocess.
+
+Sequences join at token boundaries (a newcomer is prefilled and then decodes in the same step as the
+others) and leave at token boundaries (their slot is freed as soon as their last token is sampled).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters import AdaptationRuntime
+from engine.contract import GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
+from engine.loader import eos_ids
+from engine.native.kv_cache import SlotKVCache
+from engine.native.prefix_cache import PrefixCache
+from engine.native.runner import ModelRunner
+from engine.native.sampling import sample
+from engine.native.scheduler import Scheduler
+from engine.native.sequence import Detokenizer, Sequence
+
+log = logging.getLogger("t2serve.engine")
+TTFT_SAMPLES = 4096
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 2048
+    admit_batch: int | None = None  # free slots to wait for before a prefill joins a decoding batch (None: auto)
+    admit_max_delay: int = 4  # steps a waiting request may be held back for that
+    prefix_cache_entries: int = 16  # shared-prefix KV entries kept (see prefix_cache.py)
+
+    def resolved_admit_batch(self) -> int:
+        return self.admit_batch if self.admit_batch is not None else max(1, self.max_num_seqs // 8)
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    step_seconds: float = 0.0
+    # The most recent times to first token (bounded: one sample per request would grow without end).
+    ttft_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_SAMPLES))
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config (Llama, Mistral, Qwen2 and relatives)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, head_dim
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, adapt: AdaptationRuntime | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        self.cache = SlotKVCache(layers, config.max_num_seqs, kv_heads, head_dim, config.max_model_len,
+                                 dtype, self.device)
+        self.runner = ModelRunner(model, self.cache, adapt)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.cache.move,
+                                   config.resolved_admit_batch(), config.admit_max_delay)
+        self.prefix_cache = PrefixCache(config.prefix_cache_entries)
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.counters = EngineCounters()
+        self._by_id: dict[str, Sequence] = {}
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> None:
+        p = req.params
+        if not req.prompt_ids:
+            raise PromptTooLongError("the prompt is empty")
+        budget = 0 if req.score is not None else p.max_tokens  # score requests generate nothing
+        if not 0 <= req.prefix_len < len(req.prompt_ids):
+            raise PromptTooLongError(f"prefix_len {req.prefix_len} must be below the prompt length")
+        if req.score is not None and req.score.continuation_start is not None and not (
+                req.prefix_len < req.score.continuation_start <= len(req.prompt_ids)):
+            raise PromptTooLongError("continuation_start must lie after the shared prefix, inside the prompt")
+        if len(req.prompt_ids) + budget > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                f"model length ({self.config.max_model_len})")
+        gen = None
+        if p.seed is not None and not p.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(p.seed)
+        seq = Sequence(req.request_id, list(req.prompt_ids), p, req.adaptation,
+                       Detokenizer(self.tokenizer, p.stop), generator=gen, score=req.score,
+                       prefix_len=req.prefix_len)
+        self._by_id[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        self.counters.aborted += 1
+        return self._output(seq, [], "", "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> dict:
+        running = self.scheduler.running
+        return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                "kv_tokens_used": sum(s.num_cached for s in running),
+                "kv_capacity_tokens": self.cache.capacity * self.cache.max_slots,
+                "kv_bytes": self.cache.nbytes(), "steps": self.counters.steps}
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        new = self.scheduler.admit()
+        if new:
+            outputs += self._prefill(new)
+        running = list(self.scheduler.running)
+        if running:
+            outputs += self._decode(running)
+        self.counters.steps += 1
+        self.counters.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _reuse_prefixes(self, seqs: list[Sequence]) -> list[int]:
+        """Copy cached prefix KV into the slots of `seqs`; the position each one's prefill starts at."""
+        starts = []
+        for s in seqs:
+            P = s.prefix_len
+            entry = self.prefix_cache.get(PrefixCache.key(s.prompt_ids[:P], s.adaptation)) if P else None
+            if entry is not None:
+                self.cache.write_prefix(s.slot, *entry)
+            starts.append(P if entry is not None else 0)
+        return starts
+
+    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        starts = self._reuse_prefixes(seqs)
+        rem = [len(s.prompt_ids) - st for s, st in zip(seqs, starts)]  # tokens to compute per row
+        ids = torch.zeros(len(seqs), max(rem), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : rem[i]] = torch.tensor(s.prompt_ids[starts[i]:])
+        scoring = any(s.score is not None and s.score.continuation_start is not None for s in seqs)
+        logits = self.runner.forward(seqs[0].slot, ids, starts, [r - 1 for r in rem],
+                                     [s.adaptation for s in seqs], return_hidden=scoring)
+        logits, hidden = logits if scoring else (logits, None)
+        for s, st in zip(seqs, starts):
+            s.num_cached = len(s.prompt_ids)
+            if s.prefix_len and st == 0:  # computed now: keep it for the next request with this prefix
+                self.prefix_cache.put(PrefixCache.key(s.prompt_ids[: s.prefix_len], s.adaptation),
+                                      *self.cache.read_prefix(s.slot, s.prefix_len))
+        self.counters.prefill_tokens += sum(rem)
+        outs = []
+        gen = [i for i, s in enumerate(seqs) if s.score is None]
+        for i, s in enumerate(seqs):
+            if s.score is not None:
+                outs.append(self._finish_score(s, logits[i], None if hidden is None else hidden[i], starts[i]))
+        if gen:
+            outs += self._postprocess([seqs[i] for i in gen], logits[gen])
+        return outs
+
+    def _finish_score(self, s: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None, start: int):
+        """Answer a score request from its prefill: next-token log-probs and the continuation's log-likelihood."""
+        spec = s.score
+        logp = logits.log_softmax(-1)
+        result = ScoreResult([float(logp[t]) for t in spec.next_token_ids])
+        cs = spec.continuation_start
+        if cs is not None and cs < len(s.prompt_ids):
+            # hidden[j] (the state at position start + j) predicts prompt[start + j + 1].
+            h = hidden[cs - 1 - start : len(s.prompt_ids) - 1 - start]
+            targets = torch.tensor(s.prompt_ids[cs:], device=h.device)
+            result.continuation_logprob = float(self.runner.token_logprobs(h, targets).sum())
+            result.continuation_tokens = len(targets)
+        self._by_id.pop(s.request_id, None)
+        self.scheduler.finish(s)
+        self.counters.finished += 1
+        out = self._output(s, [], "", "stop")
+        out.scores = result
+        return out
+
+    def _decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        ids = torch.tensor([[s.last_token] for s in seqs])
+        logits = self.runner.forward(0, ids, [s.num_cached for s in seqs], [0] * len(seqs),
+                                     [s.adaptation for s in seqs])
+        for s in seqs:
+            s.num_cached += 1
+        return self._postprocess(seqs, logits)
+
+    def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        ps = [s.params for s in seqs]
+        dev = logits.device
+        if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = sample(
+                logits,
+                torch.tensor([p.temperature for p in ps], device=dev),
+                torch.tensor([p.top_k for p in ps], device=dev),
+                torch.tensor([p.top_p for p in ps], device=dev),
+                [s.generator for s in seqs],
+            ).tolist()
+        now = time.monotonic()
+        outs = []
+        for s, tok in zip(seqs, tokens):
+            s.output_ids.append(tok)
+            self.counters.generated_tokens += 1
+            if s.first_token_at is None:
+                s.first_token_at = now
+                self.counters.ttft_seconds.append(now - s.arrival)
+            reason = None
+            if not s.params.ignore_eos and tok in self.eos_token_ids or tok in s.params.stop_token_ids:
+                reason = "stop"
+                text = ""
+            else:
+                text, hit = s.detok.push(s.output_ids)
+                if hit:
+                    reason = "stop"
+                elif len(s.output_ids) >= s.params.max_tokens or s.total_len >= self.config.max_model_len:
+                    reason = "length"
+            if reason is not None:
+                text += s.detok.flush()
+                self._by_id.pop(s.request_id, None)
+                self.scheduler.finish(s)
+                self.counters.finished += 1
+            outs.append(self._output(s, s.output_ids[s.sent_tokens:], text, reason))
+            s.sent_tokens = len(s.output_ids)
+        return outs
+
+    def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
+        return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,
+                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids))

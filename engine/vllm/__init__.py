@@ -1,0 +1,13 @@
+"""The vLLM engine backend: the same engine contract as the native engine, served by vLLM.
+
+- ``peft_folder``: LoRA factors (``adapters.lora_export``) as the PEFT folder format vLLM reads.
+- ``adapter_cache``: one adapter folder per distinct mixture, LRU with a bound, never evicted in use.
+- ``router``: how each request's adaptation is served (base weights, swapped weights, LoRA adapter).
+- ``swap_gate``: admission in front of vLLM, so that swapped weights only ever serve their own group.
+- ``weight_swap``: the merged weights of an adaptation written once and loaded by every worker.
+- ``worker``: the worker extension that runs inside vLLM's workers (weights loaded in place).
+- ``scoring``: score requests (pass 1, few-shot fitness) as prompt log-probabilities.
+- ``engine``: ``VLLMEngine``, the thread that owns vLLM's AsyncLLM and the asyncio-facing API.
+
+Nothing here is imported unless the vllm engine is chosen; only ``engine`` and ``worker`` import vLLM.
+"""

@@ -1,0 +1,443 @@
+"""``VLLMEngine``: the engine contract of ``engine.factory`` served by vLLM's AsyncLLM.
+
+A dedicated thread runs an asyncio loop that owns the AsyncLLM (created there, used only there), the
+adapter cache, the router and the swap gate; callers on any other loop get their outputs through a
+queue on their own loop, as with the native engine. Per request: the router decides how its adaptation
+is served (base weights, swapped weights, LoRA adapter), the gate admits it once its weights are loaded,
+and vLLM runs it with its adapter; score requests become prompt log-probability requests.
+
+The engine also keeps a host copy of the base model on the CPU (with the SVD factors of the adapted
+matrices): the HTTP edge validates adaptations against it, SAPT routes prompts with its embeddings,
+expert files are fingerprinted with it, and swaps and SVF adapters are computed from it.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from engine.contract import (
+    EngineDeadError,
+    EngineError,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+    check_admission,
+    stream_outputs,
+)
+from engine.loader import eos_ids, install_adapters, resolve_model_folder
+from engine.spec import VLLM_LORA_RANKS, EngineSpec, default_cache_dir, spec_from
+from engine.vllm.adapter_cache import Adapter, AdapterCache
+from engine.vllm.router import Route, Router
+from engine.vllm.scoring import score_prompts, score_result, token_logprobs
+from engine.vllm.swap_gate import WeightGate
+from engine.vllm.weight_swap import WeightSwapper
+
+log = logging.getLogger("t2serve.vllm")
+
+WORKER_EXTENSION = "engine.vllm.worker.WeightSwapExtension"
+SCORE_BUDGET = 2  # tokens a score request needs beyond its prompt (a label, and the one generated)
+
+
+@dataclass
+class VLLMOptions:
+    """What the vLLM engine is built from (``from_spec`` maps an ``EngineSpec`` onto it; benchmarks set
+    the fields below ``specialize_active_lora`` too)."""
+
+    model: str  # Hugging Face folder
+    served_name: str
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    dtype: str = "bfloat16"  # vLLM's LoRA kernels take bfloat16 or float16 (float32: host-only tests)
+    adapt_targets: str = "mlp"  # matrices experts adapt (the setting of the same name)
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_waiting: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+    svf_mode: str = "swap"  # swap | lora
+    lora_error_budget: float = 0.1  # lora mode: largest ‖ΔW − ΔW_k‖ / ‖ΔW‖ per matrix
+    lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
+    max_loras: int = 8  # distinct adapters in one batch
+    specialize_active_lora: bool = False  # CUDA graphs per count of active adapters (vLLM's option)
+    max_adapters: int = 32  # adapter folders kept (LRU)
+    swap_quantum: float = 1.0  # seconds a group may keep growing while another group waits
+    lora_modules: list[str] | None = None  # module names vLLM puts LoRA on (default: the adapted ones)
+    host_model: bool = True  # False: no host copy (no SVF; SAPT still works) - for random-weight benchmarks
+    load_format: str = "auto"  # "dummy": random weights without reading any (benchmarks)
+    detokenize: bool = True  # False: token ids only (models whose vocabulary exceeds the tokenizer's)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.lora_max_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"vllm_lora_max_rank must be one of {VLLM_LORA_RANKS}, got {self.lora_max_rank}")
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> "VLLMOptions":
+        """The options of ``spec`` (resolves the model folder: a GGUF file is converted once)."""
+        folder, default_name = resolve_model_folder(spec.model.model, Path(spec.model.cache_dir))
+        m = spec.model
+        return spec_from(cls, spec.vllm, model=str(folder), served_name=m.served_model_name or default_name,
+                         cache_dir=Path(m.cache_dir), dtype="bfloat16" if m.dtype == "auto" else m.dtype,
+                         adapt_targets=m.adapt_targets, max_model_len=spec.max_model_len,
+                         max_num_seqs=spec.max_num_seqs, max_waiting=spec.max_waiting)
+
+
+@dataclass
+class VLLMApi:
+    """The vLLM classes requests are built from (replaced by stand-ins in tests without vLLM)."""
+
+    SamplingParams: Any
+    LoRARequest: Any
+    RequestOutputKind: Any
+
+
+def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
+    """Start vLLM's AsyncLLM for ``options`` (in the calling thread's running loop)."""
+    if options.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"the vLLM engine serves bfloat16 or float16 (vLLM's LoRA kernels), not {options.dtype}")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads: never fork it
+    if importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    from vllm import AsyncEngineArgs
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=options.model, tokenizer=options.model, served_model_name=options.served_name, dtype=options.dtype,
+        seed=options.seed, max_model_len=options.max_model_len, max_num_seqs=options.max_num_seqs,
+        tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
+        enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
+        enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
+        specialize_active_lora=options.specialize_active_lora,
+        max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules,
+        worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True)
+    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind)
+
+
+def load_host_model(options: VLLMOptions):
+    """(host model on the CPU, its AdaptationRuntime or None). The SVD factors are computed on the GPU
+    when there is one (then cached on disk), before vLLM takes the GPU memory."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype))
+    model.eval().requires_grad_(False)
+    runtime = None
+    if options.adapt_targets != "none":
+        gpu = torch.cuda.is_available()
+        if gpu:
+            model.to("cuda")
+        runtime = install_adapters(model, options.adapt_targets, options.cache_dir)
+        if gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+    return model, runtime
+
+
+class RuntimeView:
+    """The host AdaptationRuntime as the HTTP edge sees it, with this engine's limits checked too."""
+
+    def __init__(self, runtime, router: Router):
+        self._runtime, self._router = runtime, router
+
+    def validate(self, adaptation) -> None:
+        self._runtime.validate(adaptation)
+        self._router.check(adaptation)
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+
+def _eos_ids(model, tokenizer, folder: str) -> list[int]:
+    if model is None:
+        from transformers import AutoConfig
+
+        model = SimpleNamespace(config=AutoConfig.from_pretrained(folder))
+    return eos_ids(model, tokenizer)
+
+
+def remove_stale_runs(root: Path) -> None:
+    """Delete the adapter and swap folders of engines whose process is gone (``run-<pid>-...``)."""
+    for d in root.glob("run-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+            continue  # alive (or this process): keep
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in ("stop", "length", "abort") else "stop"
+
+
+class VLLMEngine:
+    def __init__(self, options: VLLMOptions, tokenizer, model=None, runtime=None,
+                 connect: Callable[[VLLMOptions], tuple[Any, VLLMApi]] = connect_vllm):
+        self.options = options
+        self.tokenizer = tokenizer
+        self.model_name = options.served_name
+        self.max_model_len = options.max_model_len
+        self.max_waiting = options.max_waiting
+        self.model = model  # the host copy (None without one)
+        self.eos_token_ids = _eos_ids(model, tokenizer, options.model)
+        self._host_runtime = runtime
+        self._connect = connect
+        self.scratch = options.cache_dir / "vllm" / f"run-{os.getpid()}-{id(self):x}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="t2serve-vllm", daemon=True)
+        self._tasks: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._pending = 0  # requests accepted and not yet finished
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._serving: set[asyncio.Task] = set()  # requests being served (engine loop)
+        self.llm = self.api = self.cache = self.router = self.swapper = self.gate = None
+        self.runtime = None
+
+    # --- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> "VLLMEngine":
+        return cls.from_options(VLLMOptions.from_spec(spec))
+
+    @classmethod
+    def from_options(cls, options: VLLMOptions, connect=connect_vllm) -> "VLLMEngine":
+        """Load the host model (unless ``options.host_model`` is False), start vLLM, return when ready."""
+        from transformers import AutoTokenizer
+
+        t0 = time.time()
+        tokenizer = AutoTokenizer.from_pretrained(options.model)
+        model, runtime = load_host_model(options) if options.host_model else (None, None)
+        if options.lora_modules is None and runtime is not None:
+            options.lora_modules = sorted({t.name.rsplit(".", 1)[-1] for t in runtime.targets})
+        engine = cls(options, tokenizer, model, runtime, connect)
+        try:
+            engine.boot()
+        except BaseException:
+            engine.close(timeout=60)
+            raise
+        log.info("vLLM engine for %s up in %.1f s", options.model, time.time() - t0)
+        return engine
+
+    def boot(self, timeout: float | None = None) -> None:
+        remove_stale_runs(self.scratch.parent)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _open(self) -> None:
+        self.llm, self.api = self._connect(self.options)
+        self.cache = AdapterCache(self.scratch / "adapters", self.options.max_adapters,
+                                  on_load=self._register, on_evict=self._unregister)
+        self.router = Router(self._host_runtime, self.cache, self.options.model, getattr(torch, self.options.dtype),
+                             svf_mode=self.options.svf_mode, budget=self.options.lora_error_budget,
+                             max_rank=self.options.lora_max_rank)
+        swap = None
+        if self._host_runtime is not None and self._host_runtime.layers:
+            swap = WeightSwapper(self._host_runtime, self._rpc, self.llm.reset_prefix_cache, self.scratch)
+            self.runtime = RuntimeView(self._host_runtime, self.router)
+        self.swapper = swap
+        self.gate = WeightGate(self._load_weights, quantum=self.options.swap_quantum)
+
+    async def _rpc(self, method: str, args: tuple) -> list:
+        return await self.llm.collective_rpc(method, args=args)
+
+    async def _load_weights(self, key, adaptation) -> None:
+        if self.swapper is None:
+            if adaptation is None:
+                return
+            raise EngineError("swapping weights needs the host model and adapted matrices")
+        await self.swapper(key, adaptation)
+
+    def _lora_request(self, adapter: Adapter | None):
+        if adapter is None:
+            return None
+        return self.api.LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=str(adapter.path))
+
+    async def _register(self, adapter: Adapter) -> None:
+        await self.llm.add_lora(self._lora_request(adapter))  # vLLM validates it here, not mid-batch
+
+    async def _unregister(self, adapter: Adapter) -> None:
+        await self.llm.remove_lora(adapter.lora_id)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Nothing to do: the engine runs from ``from_options`` on (the native engine starts here)."""
+
+    @property
+    def ready(self) -> bool:
+        llm, gate = self.llm, self.gate
+        return (self._thread.is_alive() and self._dead is None and not self._stopping and llm is not None
+                and gate is not None and gate.dead is None and not getattr(llm, "errored", False))
+
+    def stats(self) -> dict:
+        if self.gate is None:
+            return {"running": 0, "waiting": 0}
+        return {"running": self.gate.active, "waiting": max(0, self._pending - self.gate.active),
+                "kv_tokens_used": 0, "swaps": self.gate.swaps, "swap_seconds": round(self.gate.swap_seconds, 3),
+                "adapters": len(self.cache), "adapter_builds": self.cache.builds,
+                "weights": self.gate.current}
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work, abort what is in flight, stop vLLM and the engine thread."""
+        self._stopping = True
+        await asyncio.to_thread(self.close, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if not self._thread.is_alive():
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout)
+        except Exception:
+            log.exception("stopping vLLM failed")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    async def _close(self) -> None:
+        self._stopping = True
+        tasks = list(self._serving)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.clear()
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    # --- requests ------------------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queue ``request`` and return its stream of outputs; raises at once when it cannot be queued.
+
+        Leaving the stream early (aclose, cancellation, client gone) aborts the request in vLLM."""
+        if self._stopping or not self.ready:
+            raise EngineDeadError("the engine is not running")
+        with self._lock:
+            check_admission(request, self.max_model_len, self._pending, self.max_waiting + self.options.max_num_seqs,
+                            score_budget=SCORE_BUDGET)
+            self._pending += 1
+        caller = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def push(out: RequestOutput) -> None:
+            try:
+                caller.call_soon_threadsafe(q.put_nowait, out)
+            except RuntimeError:  # the caller's loop is closed: nobody listens any more
+                pass
+
+        fut = asyncio.run_coroutine_threadsafe(self._serve(request, push), self._loop)
+        self._tasks[request.request_id] = fut
+        return stream_outputs(q, lambda finished: self._closed(request.request_id, fut, finished))
+
+    def _closed(self, request_id: str, fut, finished: bool) -> None:
+        if self._tasks.get(request_id) is fut:
+            del self._tasks[request_id]
+        if not finished:
+            fut.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        fut = self._tasks.get(request_id)
+        if fut is not None:
+            fut.cancel()
+
+    def adapter_report(self, adaptation) -> dict:
+        """How ``adaptation`` is served here (for SVF in lora mode: rank and relative error per matrix)."""
+        return asyncio.run_coroutine_threadsafe(self._report(adaptation), self._loop).result()
+
+    async def _report(self, adaptation) -> dict:
+        return await asyncio.to_thread(self.router.report, adaptation)  # may plan: tensor work
+
+    async def _serve(self, req: GenerationRequest, push: Callable[[RequestOutput], None]) -> None:
+        route: Route | None = None
+        n = len(req.prompt_ids)
+        task = asyncio.current_task()
+        self._serving.add(task)
+        try:
+            route = await self.router.route(req.adaptation)
+            async with self.gate.admitted(route.plan.weights_key, route.plan.weights):
+                lora = self._lora_request(route.adapter)
+                salt = route.plan.weights_key
+                if req.score is not None:
+                    push(await self._score(req, lora, salt))
+                else:
+                    await self._generate(req, lora, salt, push)
+        except asyncio.CancelledError:
+            push(RequestOutput(req.request_id, [], "", True, "abort", prompt_tokens=n))
+            raise
+        except Exception as e:
+            if not isinstance(e, EngineError):
+                log.exception("request %s failed", req.request_id)
+            push(RequestOutput(req.request_id, [], "", True, "abort", prompt_tokens=n,
+                               error=f"{type(e).__name__}: {e}"))
+        finally:
+            self._serving.discard(task)
+            with self._lock:
+                self._pending -= 1
+            if route is not None:
+                await self.router.release(route)
+
+    def _prompt(self, ids: list[int], salt: str | None) -> dict:
+        prompt: dict = {"type": "token", "prompt_token_ids": list(ids)}  # vLLM's TokensInput: no re-rendering
+        if salt is not None:  # blocks computed under swapped weights are never reused under others
+            prompt["cache_salt"] = salt
+        return prompt
+
+    def sampling_params(self, p: SamplingParams):
+        return self.api.SamplingParams(
+            n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0),
+            seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
+            ignore_eos=p.ignore_eos, detokenize=self.options.detokenize, skip_special_tokens=True,
+            output_kind=self.api.RequestOutputKind.DELTA)
+
+    async def _generate(self, req: GenerationRequest, lora, salt, push) -> None:
+        n, count = len(req.prompt_ids), 0
+        async for o in self.llm.generate(self._prompt(req.prompt_ids, salt), self.sampling_params(req.params),
+                                         req.request_id, lora_request=lora):
+            c = o.outputs[0]
+            count += len(c.token_ids)
+            reason = _finish_reason(c.finish_reason) if o.finished else None
+            push(RequestOutput(req.request_id, list(c.token_ids), c.text or "", o.finished, reason,
+                               prompt_tokens=n, completion_tokens=count))
+            if o.finished:
+                return
+        raise EngineError("vLLM ended the request without finishing it")
+
+    async def _score(self, req: GenerationRequest, lora, salt) -> RequestOutput:
+        params = self.api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                         output_kind=self.api.RequestOutputKind.FINAL_ONLY)
+
+        async def one(j: int, ids: list[int]) -> list[float | None]:
+            last = None
+            async for o in self.llm.generate(self._prompt(ids, salt), params, f"{req.request_id}#score{j}",
+                                             lora_request=lora):
+                last = o
+            if last is None:
+                raise EngineError("vLLM returned nothing for a score request")
+            return token_logprobs(last.prompt_logprobs, ids)
+
+        prompts = score_prompts(req.prompt_ids, req.score)
+        logprobs = await asyncio.gather(*(one(j, ids) for j, ids in enumerate(prompts)))
+        out = RequestOutput(req.request_id, [], "", True, "stop", prompt_tokens=len(req.prompt_ids))
+        out.scores = score_result(req.prompt_ids, req.score, logprobs)
+        return out

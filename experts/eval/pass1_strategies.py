@@ -1,0 +1,110 @@
+"""Transformer²'s pass-1 strategies as evaluation strategies, built on the serving code of issue 5:
+``prompt`` and ``cls_expert`` decide with ``experts.pass1.dispatch.Dispatcher`` (the same classification
+prompt and label scoring as a live request), ``few_shot`` searches mixing weights once per task with
+``experts.pass1.few_shot.FewShotSearch`` (CEM) and applies the mixture to every example.
+
+That code talks to an asynchronous engine; ``SyncEngineAdapter`` gives it one over the synchronous
+engine the evaluation drives, so every example's pass 1 of one call shares engine batches.
+
+Few-shot shots: the first ``shots`` examples of the task's train split when it has one (ARC-Challenge),
+else the last ``shots`` of its test split (MATH-500, HumanEval); a shot that is among the evaluated
+examples is left out of the score (``held_out``), so no shot is ever graded.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from experts.eval.strategies import EvalContext, StrategyResult, StrategyUnavailable, register_strategy
+from experts.tasks import Example, Task
+
+TRAINED_TASKS = ("gsm8k", "mbpp", "arc-easy")  # whose experts few-shot mixes
+
+
+class SyncEngineAdapter:
+    """``async generate(request)`` over ``LLMEngine``: whichever waiting coroutine finds nothing to read
+    runs one engine step and hands every output to its request's queue."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self._queues: dict[str, deque] = {}
+
+    async def generate(self, req):
+        q = self._queues[req.request_id] = deque()
+        self.engine.add_request(req)
+        await asyncio.sleep(0)  # let the other gathered requests join before the first step
+        try:
+            while True:
+                while not q:
+                    for out in self.engine.step():
+                        self._queues[out.request_id].append(out)
+                    await asyncio.sleep(0)
+                out = q.popleft()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(req.request_id, None)
+
+
+def _registry(ctx: EvalContext):
+    from experts.store.registry import ExpertRegistry
+
+    reg = ExpertRegistry()
+    for name, expert in ctx.experts.items():
+        reg.put(expert, {"kind": "svf", "category": ctx.categories.get(name, "other")})
+    return reg
+
+
+def _dispatch(strategy: str, ctx: EvalContext, task: Task, examples: list[Example]) -> StrategyResult:
+    from experts.pass1.dispatch import Dispatcher
+
+    disp = Dispatcher(SyncEngineAdapter(ctx.engine), _registry(ctx))
+    if strategy == "cls_expert" and disp.classifier_expert() is None:
+        raise StrategyUnavailable("cls_expert needs an expert with category 'classifier' (--expert or --store)")
+    if not disp.experts_by_category():
+        raise StrategyUnavailable(f"{strategy} needs experts with categories (math, code, reasoning) loaded")
+
+    async def decide_all():
+        return await asyncio.gather(*(disp.decide(strategy, e.question) for e in examples))
+
+    t0 = time.perf_counter()
+    decisions = asyncio.run(decide_all())
+    return StrategyResult([d.adaptation for d in decisions], chosen=[d.chosen for d in decisions],
+                          pass1_seconds=time.perf_counter() - t0)
+
+
+def _few_shot(ctx: EvalContext, task: Task, examples: list[Example]) -> StrategyResult:
+    from experts.pass1.cem import CEMConfig
+    from experts.pass1.few_shot import FewShotSearch, FewShotSpec, Shot
+
+    names = list(dict.fromkeys(ctx.task_experts[t] for t in TRAINED_TASKS if ctx.task_experts.get(t) in ctx.experts))
+    if len(names) < 2:
+        raise StrategyUnavailable("few_shot needs at least two trained task experts (gsm8k, mbpp, arc-easy)")
+    k = int(ctx.options.get("shots", 10))
+    own = "train" in task.splits
+    pool = task.load(ctx.data, "train")[:k] if own else task.load(ctx.data, "test")[-k:]
+    shots = [Shot(e.question, e.reference) for e in pool]
+    shot_ids = {e.id for e in pool}
+    cfg = CEMConfig(population=int(ctx.options.get("cem_population", 32)),
+                    generations=int(ctx.options.get("cem_generations", 50)), seed=ctx.seed)
+    spec = FewShotSpec(task.name, names, shots, cfg, fitness="loglik")
+    search = FewShotSearch(SyncEngineAdapter(ctx.engine), spec, [ctx.experts[n] for n in names])
+    t0 = time.perf_counter()
+    result = asyncio.run(search.run())
+    mix = search.adaptation(result.best, label=f"few_shot:{task.name}")
+    return StrategyResult([mix] * len(examples), pass1_seconds=time.perf_counter() - t0,
+                          held_out=[i for i, e in enumerate(examples) if e.id in shot_ids],
+                          notes={"experts": names, "alpha": result.best.tolist(), "fitness": result.best_fitness,
+                                 "shots": len(shots), "shots_from": "train" if own else "test (never scored)",
+                                 "population": cfg.population, "generations": cfg.generations})
+
+
+def register() -> None:
+    register_strategy("prompt", lambda c, t, e: _dispatch("prompt", c, t, e))
+    register_strategy("cls_expert", lambda c, t, e: _dispatch("cls_expert", c, t, e))
+    register_strategy("few_shot", _few_shot)
+
+
+register()

@@ -1,0 +1,126 @@
+"""Few-shot adaptation: find mixing weights α over K experts for a task from a few examples (CEM).
+
+Fitness of one α is measured on the task's shots through the engine: every (member, shot) pair is one
+score request whose rows carry that member's mixture, so a whole population is evaluated in shared
+batches. Fitness is the mean per-token log-likelihood of the answers (`loglik`), or the exact-match
+accuracy of greedy answers with the log-likelihood as tie-break (`exact_match`).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+import torch
+
+from adapters.adaptation import Adaptation, SVFExpert
+from engine.contract import GenerationRequest, SamplingParams, ScoreSpec
+from experts.pass1.cem import CEMConfig, CEMResult, cem
+
+_ids = itertools.count()
+
+
+@dataclass
+class Shot:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class FewShotSpec:
+    task: str
+    experts: list[str]
+    shots: list[Shot]
+    cem: CEMConfig
+    per_matrix: bool = False  # α per expert × matrix instead of one per expert
+    fitness: str = "loglik"  # loglik | exact_match
+
+    def digest(self, expert_digests: list[str]) -> str:
+        """Identity of the inputs: the same experts (by content), shots and settings give the same α."""
+        blob = json.dumps({"experts": self.experts, "digests": expert_digests,
+                           "shots": [[s.prompt, s.answer] for s in self.shots], "cem": vars(self.cem),
+                           "per_matrix": self.per_matrix, "fitness": self.fitness}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                            add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer.encode(text)
+
+
+class FewShotSearch:
+    def __init__(self, engine, spec: FewShotSpec, experts: list[SVFExpert]):
+        self.engine, self.spec, self.experts = engine, spec, experts
+        self.targets = list(experts[0].z)
+        tok = engine.tokenizer
+        self._shots = []
+        for s in spec.shots:
+            p = prompt_ids(tok, s.prompt)
+            a = tok.encode(s.answer, add_special_tokens=False)
+            if not a:
+                raise ValueError("every shot needs a non-empty answer")
+            self._shots.append((p, a))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.experts), len(self.targets)) if self.spec.per_matrix else (len(self.experts),)
+
+    def adaptation(self, alpha: torch.Tensor, label: str = "") -> Adaptation:
+        alpha = alpha.to(torch.float32)
+        if self.spec.per_matrix:
+            return Adaptation.per_matrix_mixture(self.experts, alpha, self.targets, label=label)
+        return Adaptation.mixture(list(zip(self.experts, alpha)), label=label)
+
+    async def _run(self, req: GenerationRequest):
+        last = None
+        async for out in self.engine.generate(req):
+            last = out
+        if last is None or last.error:
+            raise RuntimeError(f"fitness evaluation failed: {getattr(last, 'error', None)}")
+        return last
+
+    async def _loglik(self, adaptations: list[Adaptation]) -> list[list[float]]:
+        """Mean per-token log-likelihood of every shot's answer under every adaptation: (P, shots).
+
+        Requests go in shot-major order (shot 0 of every member, then shot 1, ...): the engine admits in
+        arrival order, so each prefill batch holds copies of one or two shots, rows of (nearly) equal
+        length, and little of the batch is padding.
+        """
+        reqs = [GenerationRequest(f"cem-{next(_ids)}", p + ans, SamplingParams(max_tokens=1), a,
+                                  score=ScoreSpec(continuation_start=len(p)))
+                for p, ans in self._shots for a in adaptations]
+        outs = await asyncio.gather(*(self._run(r) for r in reqs))
+        ll = [o.scores.continuation_logprob / o.scores.continuation_tokens for o in outs]
+        P = len(adaptations)
+        return [ll[i::P] for i in range(P)]
+
+    async def _exact(self, a: Adaptation) -> list[float]:
+        tok = self.engine.tokenizer
+        reqs = [GenerationRequest(f"cem-{next(_ids)}", p, SamplingParams(max_tokens=len(ans) + 8, temperature=0), a)
+                for p, ans in self._shots]
+        texts = []
+        for r in reqs:
+            parts = []
+            async for out in self.engine.generate(r):
+                parts.append(out.text)
+            texts.append("".join(parts))
+        return [float(t.strip() == s.answer.strip()) for t, s in zip(texts, self.spec.shots)]
+
+    async def fitness(self, population: torch.Tensor) -> torch.Tensor:
+        """(P, *shape) α -> (P,) fitness; all members' requests are in flight together."""
+        adaptations = [self.adaptation(alpha) for alpha in population]
+        ll = await self._loglik(adaptations)
+        scores = torch.tensor([sum(x) / len(x) for x in ll], dtype=torch.float64)
+        if self.spec.fitness == "exact_match":
+            acc = await asyncio.gather(*(self._exact(a) for a in adaptations))
+            # Accuracy first; the log-likelihood (negative, small) only breaks ties between equal accuracies.
+            scores = torch.tensor([sum(x) / len(x) for x in acc], dtype=torch.float64) + 1e-3 * torch.tanh(scores)
+        return scores
+
+    async def run(self, progress=None) -> CEMResult:
+        return await cem(self.fitness, self.shape, len(self.experts), self.spec.cem, progress)

@@ -1,0 +1,241 @@
+"""The vLLM engine's own logic on the CPU, with vLLM replaced by a stand-in that decodes a copy of the
+model (``_fake_vllm``): every kind of adaptation, swaps, scores and errors against the native engine."""
+from __future__ import annotations
+
+import asyncio
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters import Adaptation, SAPTBundle, SVFExpert, install
+from adapters.lora_export import rel_error
+from adapters.targets import weight_matrix
+from engine.contract import Engine, GenerationRequest, PromptTooLongError, QueueFullError, SamplingParams, ScoreSpec
+from engine.native.async_engine import AsyncEngine
+from engine.native.llm_engine import EngineConfig, LLMEngine
+from engine.vllm.engine import VLLMEngine, VLLMOptions
+from engine.vllm.peft_folder import read_peft_adapter
+from tests.support.fake_vllm import fake_connect
+
+PROMPTS = ["The capital of France is", "def square(n):"]
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_llama_dir, tmp_path_factory):
+    """The native engine's model (float32, every matrix adapted), with the SVD cache the engine shares."""
+    cache = tmp_path_factory.mktemp("t2cache")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval().requires_grad_(False)
+    runtime = install(model, "all", cache / "svd", progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return SimpleNamespace(model=model, runtime=runtime, tok=tok, cache=cache,
+                           prompts=[tok(p).input_ids for p in PROMPTS])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir, ref):
+    opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=ref.cache, dtype="float32",
+                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, svf_mode="lora",
+                       lora_error_budget=1e-9, lora_max_rank=64, swap_quantum=0.01)
+    eng = VLLMEngine.from_options(opts, connect=fake_connect)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def adaptations(ref):
+    """Two SVF experts (MLP) and two SAPT mixtures (q_proj, v_proj) of one bundle."""
+    g = torch.Generator().manual_seed(0)
+    mlp = [t for t in ref.runtime.targets if ".mlp." in t.name]
+    svf = [Adaptation.expert(SVFExpert(f"e{i}", {t.name: 1.5 * torch.randn(t.rank, generator=g) for t in mlp}))
+           for i in range(2)]
+    torch.manual_seed(1)
+    bundle = SAPTBundle({t.name: (t.out_features, t.in_features) for t in ref.runtime.targets
+                         if t.name.endswith(("q_proj", "v_proj"))}, d_model=64, num_tasks=2, rank=4)
+    with torch.no_grad():
+        for task in bundle.tasks:
+            for B in task.B:
+                B.normal_(0, 0.5)
+    bundle.requires_grad_(False)
+    sapt = [Adaptation.sapt_weights(bundle, torch.tensor(a)) for a in ([0.8, 0.2], [0.1, 0.9])]
+    return svf + sapt
+
+
+def request(rid, ids, adaptation=None, n=TOKENS, **kw):
+    return GenerationRequest(rid, list(ids), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                             adaptation, **kw)
+
+
+def native(ref, reqs, model=None, runtime=None) -> dict:
+    """Greedy tokens of each request on the native engine (its own per-row adaptations)."""
+    eng = LLMEngine(model or ref.model, ref.tok, EngineConfig(max_num_seqs=16, max_model_len=256),
+                    ref.runtime if runtime is None else runtime)
+    for r in reqs:
+        eng.add_request(copy.copy(r))
+    out: dict = {}
+    while eng.has_work:
+        for o in eng.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.scores is not None:
+                out[o.request_id] = o.scores
+    return out
+
+
+def served(engine, reqs) -> dict:
+    """Outputs of the requests sent to ``engine`` all at once: tokens, or the scores of score requests."""
+    async def one(r):
+        toks, last = [], None
+        async for o in engine.generate(r):
+            toks += o.token_ids
+            last = o
+        assert last.finished and last.error is None, last.error
+        return r.request_id, (last.scores if r.score is not None else toks)
+
+    async def main():
+        return dict(await asyncio.gather(*(one(r) for r in reqs)))
+
+    return asyncio.run(main())
+
+
+def merged_model(ref, adaptation):
+    """A plain copy of the base model with the native engine's merged weights W'."""
+    model = copy.deepcopy(ref.model)
+    merged = ref.runtime.merged_weights(adaptation)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for t in ref.runtime.targets:
+            if t.name in merged:
+                weight_matrix(modules[t.name].weight, t.kind).copy_(merged[t.name])
+    return model
+
+
+def test_both_engines_satisfy_the_engine_contract(engine, ref):
+    assert isinstance(engine, Engine) and engine.ready
+    native_engine = AsyncEngine(LLMEngine(ref.model, ref.tok, EngineConfig(max_num_seqs=2, max_model_len=64),
+                                          ref.runtime), "tiny")
+    assert isinstance(native_engine, Engine)
+    assert engine.model is not None and engine.runtime.targets == ref.runtime.targets
+
+
+def test_mixed_batch_of_base_and_four_adaptations_matches_the_native_engine(engine, ref, adaptations):
+    engine.router.svf_mode = "lora"
+    fake = engine.llm
+    builds, rpcs = engine.cache.builds, len(fake.rpcs)
+    reqs = [request(f"r{i}-{j}", ids, a) for i, a in enumerate([None, *adaptations])
+            for j, ids in enumerate(ref.prompts)]
+    got, want = served(engine, reqs), native(ref, reqs)
+    assert got == want
+    by_prompt = [[got[f"r{i}-{j}"] for i in range(5)] for j in range(2)]
+    assert all(len({tuple(t) for t in row}) == 5 for row in by_prompt)  # each row its own result
+    assert engine.cache.builds - builds == 4 and len(fake.rpcs) == rpcs  # four adapters, no swap
+    loras = {r["id"]: r["lora"] for r in fake.requests[-10:]}
+    assert loras["r0-0"] is None and len({loras[f"r{i}-0"].lora_int_id for i in range(1, 5)}) == 4
+
+
+def test_swap_mode_serves_the_native_merged_weights_and_restores_the_base(engine, ref, adaptations):
+    engine.router.svf_mode = "swap"
+    fake = engine.llm
+    e0, e1 = adaptations[:2]
+    reqs = [request(f"s{i}", ref.prompts[i % 2], a) for i, a in enumerate([None, e0, e1, None, e0, e1])]
+    got = served(engine, reqs)
+    for rid, a in [("s1", e0), ("s2", e1), ("s4", e0), ("s5", e1)]:
+        r = next(x for x in reqs if x.request_id == rid)
+        want = native(ref, [request(rid, r.prompt_ids)], merged_model(ref, a), ref.runtime)
+        assert got[rid] == want[rid]
+    assert got["s0"] == native(ref, [reqs[0]])["s0"]
+    assert fake.swaps_in_flight == 0 and fake.rpcs.count("t2_load_weights") >= 2
+    salts = {r["id"]: r["salt"] for r in fake.requests}
+    assert salts["s0"] is None and salts["s1"] == Adaptation(svf=e0.svf).key
+    # A base request after the adapted ones: the base weights are back, bit for bit.
+    assert served(engine, [request("s6", ref.prompts[0])])["s6"] == got["s0"]
+    names = [t.name for t in ref.runtime.targets]
+    sums = fake.worker.t2_weight_sums(names)
+    for t in ref.runtime.targets:
+        w = weight_matrix(ref.model.get_submodule(t.name).weight, t.kind).double()
+        assert sums[t.name] == pytest.approx([float(w.sum()), float(w.pow(2).sum())], rel=1e-12)
+    assert fake.prefix_resets >= engine.gate.swaps
+
+
+def test_lora_mode_keeps_the_error_budget_reports_it_and_falls_back_to_swap(engine, ref, adaptations):
+    engine.router.svf_mode, engine.router.budget = "lora", 0.3
+    a = adaptations[0]
+    try:
+        got = served(engine, [request("l0", ref.prompts[0], a)])
+        report = engine.adapter_report(a)
+        assert report["svf"] == "lora" and 0 < report["rank"] < 64 and report["max_rel_error"] <= 0.3
+        _, loras = read_peft_adapter(report["adapter_path"])
+        merged = ref.runtime.merged_weights(a)
+        for m in report["matrices"]:
+            layer = ref.model.get_submodule(m["name"])
+            exact = merged[m["name"]] - layer.weight
+            assert m["rel_error"] <= 0.3 and m["rank"] <= report["rank"]
+            assert rel_error(exact, loras[m["name"]].B @ loras[m["name"]].A) == pytest.approx(m["rel_error"], abs=1e-5)
+        assert len(got["l0"]) == TOKENS
+        engine.router.max_rank = 8  # the budget needs more: the expert is served exactly, by swapping
+        swaps = engine.gate.swaps
+        got = served(engine, [request("l1", ref.prompts[0], a)])
+        report = engine.adapter_report(a)
+        assert report["svf"] == "swap" and "fallback" in report and engine.gate.swaps == swaps + 1
+        assert got["l1"] == native(ref, [request("l1", ref.prompts[0])], merged_model(ref, a), ref.runtime)["l1"]
+    finally:
+        engine.router.budget, engine.router.max_rank = 1e-9, 64
+
+
+def test_score_requests_match_the_native_engine(engine, ref, adaptations):
+    engine.router.svf_mode = "lora"
+    ids = ref.prompts[0] + ref.tok(" Paris, of course", add_special_tokens=False).input_ids
+    spec = dict(next_token_ids=[5, 17, 301], continuation_start=len(ref.prompts[0]))
+    reqs = [request(f"q{i}", ids, a, n=1, score=ScoreSpec(**spec)) for i, a in enumerate([None, *adaptations])]
+    got, want = served(engine, reqs), native(ref, reqs)
+    for r in reqs:
+        g, w = got[r.request_id], want[r.request_id]
+        assert g.next_logprobs == pytest.approx(w.next_logprobs, abs=1e-4)
+        assert g.continuation_logprob == pytest.approx(w.continuation_logprob, abs=1e-4)
+        assert g.continuation_tokens == w.continuation_tokens
+    assert all(r["params"].max_tokens == 1 and r["params"].prompt_logprobs == 0
+               for r in engine.llm.requests if "#score" in r["id"])  # prompt log-probs, nothing generated
+
+
+def test_requests_that_cannot_be_queued_raise_at_once(engine, ref):
+    async def main():
+        with pytest.raises(PromptTooLongError):
+            engine.generate(request("big", ref.prompts[0], n=300))
+        with pytest.raises(PromptTooLongError):
+            engine.generate(request("empty", []))
+        engine._pending += 1000
+        try:
+            with pytest.raises(QueueFullError):
+                engine.generate(request("full", ref.prompts[0]))
+        finally:
+            engine._pending -= 1000
+
+    asyncio.run(main())
+
+
+def test_leaving_a_stream_aborts_and_releases_its_adapter(engine, ref, adaptations):
+    engine.router.svf_mode = "lora"
+
+    async def main():
+        stream = engine.generate(request("gone", ref.prompts[1], adaptations[3], n=200))
+        first = await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats()["running"] == 0 and engine._pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        return first
+
+    first = asyncio.run(main())
+    assert not first.finished
+    assert engine._pending == 0 and engine.gate.active == 0
+    assert all(a.refs == 0 for a in engine.cache._entries.values())
+
+
+def test_the_http_edge_refuses_a_sapt_bundle_above_the_largest_lora_rank(engine, ref):
+    bundle = SAPTBundle({t.name: (t.out_features, t.in_features) for t in ref.runtime.targets
+                         if t.name.endswith("q_proj")}, d_model=64, num_tasks=9, rank=8)  # rank 72 > 64
+    with pytest.raises(ValueError, match="vllm_lora_max_rank"):
+        engine.runtime.validate(Adaptation.sapt_weights(bundle, torch.full((9,), 1 / 9)))

@@ -1,0 +1,142 @@
+"""The official `openai` Python client against the live server: completions, chat, streaming, usage,
+n > 1, batches, seeds and stop strings."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.support.live import MODEL
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_completion(client):
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    assert len(r.choices) == 1 and r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_greedy_is_deterministic_and_matches_token_id_prompt(client, server):
+    ids = server.engine.tokenizer.encode("Hello there")
+    by_text = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=10, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                                                              {"role": "user", "content": "Hi!"}],
+                                       max_completion_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str) and msg.content
+    assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_uses_the_chat_template(client, server):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    expected = server.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == len(server.engine.tokenizer.encode(expected, add_special_tokens=False))
+
+
+def test_streamed_completion_equals_whole_one(client):
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_streamed_chat_with_usage(client):
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}],
+                                            max_tokens=15, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}],
+                                           max_tokens=15, temperature=0)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_and_seeds(client):
+    kw = dict(model=MODEL, prompt="The weather today", max_tokens=12, temperature=1.0, seed=123)
+    a = client.completions.create(n=3, **kw)
+    b = client.completions.create(n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same text
+    assert len({c.text for c in a.choices}) > 1  # each choice gets its own seed (seed + i)
+    assert a.usage.completion_tokens == 36
+    single = client.completions.create(n=1, **kw)
+    assert single.choices[0].text == a.choices[0].text
+
+
+def test_batch_of_prompts_with_n(client):
+    prompts = ["One", "Two words"]
+    r = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for p, prompt in enumerate(prompts):
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+        assert r.choices[2 * p].text == r.choices[2 * p + 1].text == alone.choices[0].text
+
+
+def test_streamed_n_choices(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", n=2, max_tokens=6, temperature=0,
+                                            stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_stop_string_cuts_the_text(client):
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    """Requests that share engine steps (continuous batching) answer as they would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Request number {i} says" + " more" * (i * 7) for i in range(8)]
+
+    def ask(i: int) -> str:
+        if i % 2:
+            chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=10 + i, temperature=0,
+                                               stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=10 + i,
+                                         temperature=0).choices[0].text
+
+    alone = [ask(i) for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, range(len(prompts))))
+    assert together == alone
