@@ -34,6 +34,13 @@ step_system() {
         apt-get install -y --no-install-recommends python3 python3-venv ca-certificates
         rm -rf /var/lib/apt/lists/*
     fi
+    # The code sandbox (scoring generated programs) runs them under bubblewrap with a seccomp filter.
+    if ! command -v bwrap >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends bubblewrap libseccomp2
+        rm -rf /var/lib/apt/lists/*
+    fi
     groupadd --gid "$T2_UID" t2
     useradd --uid "$T2_UID" --gid t2 --home-dir "$T2_HOME" --no-create-home --shell /usr/sbin/nologin t2
     # The user owns only what the server writes (its home, caches, the expert store); the venv stays root's.

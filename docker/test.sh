@@ -102,7 +102,7 @@ make_base() { # image [packages]: a minimal Debian bookworm, imported once
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$image" >/dev/null
     rm -rf "$root"
 }
-make_base "$BASE" python3,python3-venv,ca-certificates
+make_base "$BASE" python3,python3-venv,ca-certificates,bubblewrap,libseccomp2
 
 # --- 3. build -------------------------------------------------------------------------------------------
 log "the two Dockerfiles share their body"

@@ -46,6 +46,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(_FOLDER_MARKERS[parts[0]])
 
 
+@pytest.fixture()
+def isolation() -> None:
+    """For tests that run generated code: skipped where the sandbox's OS isolation cannot be set up here
+    (it then refuses to run code, which its own tests check), failed instead when ``T2_REQUIRE_SANDBOX``
+    is set (CI installs bubblewrap)."""
+    from experts.tasks.sandbox import isolation_problem
+
+    problem = isolation_problem()
+    if problem is not None:
+        if os.environ.get("T2_REQUIRE_SANDBOX"):
+            pytest.fail(f"the code sandbox cannot run here: {problem}")
+        pytest.skip(f"the code sandbox cannot run here: {problem}")
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The test run's cache folder (converted models, SVD factors), shared by all tests and later runs."""

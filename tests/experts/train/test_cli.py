@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from server.cli import main
 from tests.support.train_data import write_all
 
 
+@pytest.mark.usefixtures("isolation")
 def test_train_then_eval(tiny_llama_dir, tmp_path, capsys):
     data, cache, store = write_all(tmp_path / "data"), tmp_path / "cache", tmp_path / "store"
     common = ["--data", str(data), "--model", str(tiny_llama_dir), "--cache-dir", str(cache), "--device", "cpu"]

@@ -51,6 +51,7 @@ def short_replies(monkeypatch):
         monkeypatch.setattr(get_task(name), "max_tokens", 4)
 
 
+@pytest.mark.usefixtures("isolation")
 def test_table_with_pass1_strategies(ctx, monkeypatch):
     short_replies(monkeypatch)
     table = run_table(ctx, rows=[r for r in ROWS if r[0] != "expert"])

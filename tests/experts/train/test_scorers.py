@@ -84,6 +84,7 @@ def test_math500(data):
     assert not task.score(five, "the answer is 5")  # no box, no credit
 
 
+@pytest.mark.usefixtures("isolation")
 def test_mbpp_runs_tests_in_sandbox(data):
     task = get_task("mbpp")
     ex = task.load(data, "test")[0]
@@ -100,6 +101,7 @@ def test_mbpp_runs_tests_in_sandbox(data):
         del task.limits
 
 
+@pytest.mark.usefixtures("isolation")
 def test_humaneval_body_or_whole_function(data):
     task = get_task("humaneval")
     ex = task.load(data, "test")[0]
