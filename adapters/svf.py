@@ -52,10 +52,10 @@ def svf_scale(sigma: torch.Tensor, z: torch.Tensor, parametrization: Parametriza
     z = z.to(sigma.dtype)
     if check_parametrization(parametrization) == "direct":
         return sigma * z
-    m = torch.sigmoid(z)
-    sm = sigma * m
-    # Nuclear-norm rescale: keeps Σ singular values fixed, so only the relative shape of m matters.
-    return sm * (sigma.sum() / sm.sum())
+    # σ⊙m · Σσ / Σ(σ⊙m) (the nuclear-norm rescale keeps Σ singular values fixed, so only the relative shape
+    # of m matters) computed as Σσ · softmax(log σ + log m): the same value, but finite for every finite z
+    # (m = sigmoid(z) underflows to 0 for z below about -100, and the plain quotient is then 0/0).
+    return sigma.sum() * torch.softmax(torch.log(sigma) + F.logsigmoid(z), dim=-1)
 
 
 def merged_weight(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:

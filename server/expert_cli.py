@@ -1,10 +1,11 @@
-"""``t2serve experts ...``: import, export, list and delete experts from the command line.
+"""``t2serve experts ...``: import, export, list, check and delete experts from the command line.
 
 ``import`` reads the files of a format (see ``experts.store.importers``) and either sends them to a running
 server (``--url``, with ``--admin-key``): the server imports and serves them at once) or, without a
 server, loads the model named by the settings flags (for the target matrices and the fingerprint)
 and writes into the expert folder; a server reads that folder when it starts. Both go through the
-same upload code as ``POST /v1/experts``. ``export`` writes a stored expert in another format.
+same upload code as ``POST /v1/experts``. ``export`` writes a stored expert in another format. ``check``
+validates every stored expert again (a store written before a rule existed, e.g. the value bounds).
 Writing to a folder that running servers use is safe: writers lock it, and the servers serve the new
 expert within ``store_poll_interval``.
 """
@@ -149,6 +150,18 @@ def cmd_list(args, settings) -> int:
     return 0
 
 
+def cmd_check(args, settings) -> int:
+    """Validate every stored expert again, against the served model and today's rules (value bounds
+    included): one line per expert, exit 1 if any would not be served."""
+    experts = _open_store(settings, with_model=True).list()
+    for s in experts:
+        print("\t".join([s.name, str(s.record.version), s.status, s.reason or ""]))
+    bad = [s.name for s in experts if not s.ready]
+    summary = f"{len(experts) - len(bad)} of {len(experts)} expert(s) pass"
+    print(summary + (f"; not served: {', '.join(bad)}" if bad else ""), file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_delete(args, settings) -> int:
     if args.url:
         print(json.dumps(_request(f"{args.url.rstrip('/')}/v1/experts/{args.name}", "DELETE", args.admin_key)))
@@ -164,7 +177,7 @@ def cmd_delete(args, settings) -> int:
 
 
 def add_subcommand(sub, add_settings_flags: Callable, settings_from_args: Callable) -> None:
-    experts = sub.add_parser("experts", help="import, export, list and delete experts")
+    experts = sub.add_parser("experts", help="import, export, list, check and delete experts")
     cmds = experts.add_subparsers(dest="experts_command", required=True)
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -193,6 +206,7 @@ def add_subcommand(sub, add_settings_flags: Callable, settings_from_args: Callab
     exp.add_argument("out", help="output folder")
     exp.add_argument("--task", type=int, help="peft: which task of a SAPT bundle")
     command("list", cmd_list, "list stored experts")
+    command("check", cmd_check, "re-validate every stored expert against the model (exit 1 if any fails)")
     rm = command("delete", cmd_delete, "delete an expert (every version)")
     rm.add_argument("name")
 

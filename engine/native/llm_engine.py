@@ -18,12 +18,14 @@ from engine.loader import eos_ids
 from engine.native.kv_cache import SlotKVCache
 from engine.native.prefix_cache import PrefixCache
 from engine.native.runner import ModelRunner
-from engine.native.sampling import sample
+from engine.native.sampling import FAILED, sample, unusable_rows
 from engine.native.scheduler import Scheduler
 from engine.native.sequence import Detokenizer, Sequence
 
 log = logging.getLogger("t2serve.engine")
 TTFT_SAMPLES = 4096
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request under its adaptation; "
+              "the request was stopped, others were not affected")
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EngineCounters:
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0
+    failed: int = 0  # requests ended alone with an error (non-finite logits)
     step_seconds: float = 0.0
     # The most recent times to first token (bounded: one sample per request would grow without end).
     ttft_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_SAMPLES))
@@ -162,9 +165,13 @@ class LLMEngine:
         self.counters.prefill_tokens += sum(rem)
         outs = []
         gen = [i for i, s in enumerate(seqs) if s.score is None]
+        unusable = unusable_rows(logits).tolist()
         for i, s in enumerate(seqs):
             if s.score is not None:
-                outs.append(self._finish_score(s, logits[i], None if hidden is None else hidden[i], starts[i]))
+                if unusable[i]:
+                    outs.append(self._fail(s, NON_FINITE))
+                else:
+                    outs.append(self._finish_score(s, logits[i], None if hidden is None else hidden[i], starts[i]))
         if gen:
             outs += self._postprocess([seqs[i] for i in gen], logits[gen])
         return outs
@@ -197,10 +204,12 @@ class LLMEngine:
         return self._postprocess(seqs, logits)
 
     def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample every row, then advance each sequence. A row that cannot be sampled (non-finite logits,
+        e.g. from its adaptation) ends its own request with an error; the other rows go on."""
         ps = [s.params for s in seqs]
         dev = logits.device
         if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = torch.where(unusable_rows(logits), FAILED, logits.argmax(dim=-1)).tolist()
         else:
             tokens = sample(
                 logits,
@@ -212,6 +221,9 @@ class LLMEngine:
         now = time.monotonic()
         outs = []
         for s, tok in zip(seqs, tokens):
+            if tok == FAILED:
+                outs.append(self._fail(s, NON_FINITE))
+                continue
             s.output_ids.append(tok)
             self.counters.generated_tokens += 1
             if s.first_token_at is None:
@@ -235,6 +247,15 @@ class LLMEngine:
             outs.append(self._output(s, s.output_ids[s.sent_tokens:], text, reason))
             s.sent_tokens = len(s.output_ids)
         return outs
+
+    def _fail(self, s: Sequence, error: str) -> RequestOutput:
+        """End ``s`` alone with ``error`` (its slot is freed; the batch goes on)."""
+        self._by_id.pop(s.request_id, None)
+        self.scheduler.finish(s)
+        self.counters.failed += 1
+        out = self._output(s, [], "", "abort")
+        out.error = error
+        return out
 
     def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
         return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,

@@ -25,6 +25,14 @@ from experts.store.tensor_files import check_floats
 
 MAX_MIXTURE_EXPERTS = 16
 MAX_ALPHA = 10.0  # the same bound as requests' explicit mixture weights
+# Value bounds that keep adapted weights finite and meaningful in any serving dtype (float16 included):
+# - sakana z: any finite z gives finite weights (the rescale keeps Σ s = Σσ, computed stably); |z| <= 1e4
+#   only refuses values no training produces (sigmoid is flat beyond ±20).
+# - direct z: s = σ⊙z, so W' grows with z; |z| <= 64 keeps every singular value within 64x of the base
+#   one, and a mixture (at most 16 experts x |alpha| <= 10) within 1e4x: finite in float16 for σ < 6.
+# - SAPT tensors (LoRA A, B, keys, query projection): |x| <= 1e3.
+MAX_Z = {"sakana": 1e4, "direct": 64.0}
+MAX_SAPT_VALUE = 1e3
 
 
 @dataclass
@@ -117,9 +125,13 @@ def _prepare_svf(draft: ExpertDraft, tensors: dict, base: BaseModelInfo | None) 
         extra = [t for t in tensors if t not in declared]
         if extra:
             raise bad_tensors(f"z vector(s) for undeclared target(s) {_few(extra)}", code="unknown_target")
+    bound = MAX_Z[draft.parametrization]
     for name, z in tensors.items():
         if z.dim() != 1:
             raise bad_tensors(f"z of {name} must be a vector, got shape {tuple(z.shape)}", code="shape_mismatch")
+        if z.numel() and float(z.abs().max()) > bound:
+            raise bad_tensors(f"z of {name} has values beyond ±{bound:g}, the bound for {draft.parametrization} "
+                              "experts (it keeps adapted weights finite)", code="out_of_range")
     if base is not None:
         if not base.targets:
             raise bad_tensors(f"{base.name} is served without adapted matrices (T2_ADAPT_TARGETS=none): "
@@ -184,6 +196,10 @@ def _prepare_sapt(draft: ExpertDraft, tensors: dict, base: BaseModelInfo | None)
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
         raise bad_metadata("a sapt expert needs lora_alpha > 0 (the LoRA scaling is lora_alpha / r)",
                            param="lora_alpha")
+    for name, x in tensors.items():
+        if x.numel() and float(x.abs().max()) > MAX_SAPT_VALUE:
+            raise bad_tensors(f"SAPT tensor {name} has values beyond ±{MAX_SAPT_VALUE:g} (the bound that keeps "
+                              "adapted weights finite)", code="out_of_range")
     bundle = bundle_from_tensors(tensors, float(a), bundle_id=draft.name,
                                  target_order=[t.name for t in base.targets] if base else None)
     if base is not None:

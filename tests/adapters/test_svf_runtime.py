@@ -197,3 +197,21 @@ def test_gradient_to_z_matches_finite_differences():
     fn = lambda al, za, zb: loss(al, za, zb, *z0[2:])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (alpha, *zs[:2]), eps=1e-6, atol=1e-6)
     assert runtime._resolved == {}  # trained adaptations are never cached
+
+
+def test_sakana_scale_is_finite_for_every_finite_z_and_equals_the_plain_formula():
+    """s = σ⊙m · Σσ/Σ(σ⊙m) with m = sigmoid(z): the plain quotient is 0/0 once every m underflows (z below
+    about -100); the stable form stays finite, gives the limit where it is representable (equal z: the base
+    σ), and the same values elsewhere."""
+    from adapters.svf import svf_scale
+
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.rand(32, generator=g) * 3 + 0.01
+    for z in (torch.full((32,), -200.0), torch.full((32,), -1e30), torch.linspace(-300, 5, 32)):
+        s = svf_scale(sigma, z, "sakana")
+        assert torch.isfinite(s).all() and float(s.sum()) == pytest.approx(float(sigma.sum()), rel=1e-5)
+    assert torch.allclose(svf_scale(sigma, torch.full((32,), -200.0), "sakana"), sigma, rtol=1e-3)
+    z = torch.randn(32, generator=g) * 3
+    s64, z64 = sigma.double(), z.double()
+    plain = s64 * torch.sigmoid(z64) * (s64.sum() / (s64 * torch.sigmoid(z64)).sum())
+    assert torch.allclose(svf_scale(sigma, z, "sakana").double(), plain, rtol=1e-5)

@@ -159,3 +159,62 @@ def test_cache_growth_then_compaction(tiny):
     assert c.capacity >= 170 and len(res["b"]["ids"]) == 20
     e.add_request(req(tok, "c", prompt=long_prompt, max_tokens=20, temperature=0.0, ignore_eos=True))
     assert drain(e)["c"]["ids"] == res["b"]["ids"]
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tiny_llama_dir):
+    """A request whose adaptation overflows (a direct-parametrized z of 1e30, which uploads refuse but the
+    engine must survive) ends alone with an error; greedy, sampled and score requests in the same batch
+    give exactly what they give alone."""
+    from adapters import Adaptation, SVFExpert, install
+    from engine.contract import ScoreSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    runtime = install(model, "mlp", None, progress=False)
+    e = LLMEngine(model, tok, EngineConfig(max_num_seqs=6, max_model_len=256), runtime)
+    bad = Adaptation.expert(SVFExpert("bad", {t.name: torch.full((t.rank,), 1e30) for t in runtime.targets},
+                                      "direct"))
+
+    def requests():
+        ids = tok("Hello there, how are").input_ids
+        return {
+            "greedy": GenerationRequest("greedy", ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)),
+            "sampled": GenerationRequest("sampled", ids, SamplingParams(max_tokens=8, temperature=1.0, seed=3,
+                                                                        ignore_eos=True)),
+            "score": GenerationRequest("score", ids, SamplingParams(max_tokens=1), score=ScoreSpec([5, 7])),
+            "bad-greedy": GenerationRequest("bad-greedy", ids, SamplingParams(max_tokens=8, temperature=0), bad),
+            "bad-sampled": GenerationRequest("bad-sampled", ids, SamplingParams(max_tokens=8, temperature=1.0,
+                                                                                seed=5), bad),
+            "bad-score": GenerationRequest("bad-score", ids, SamplingParams(max_tokens=1), bad,
+                                           score=ScoreSpec([5, 7])),
+        }
+
+    def run(names):
+        res = {}
+        reqs = requests()
+        for n in names:
+            e.add_request(reqs[n])
+        while e.has_work:
+            for o in e.step():
+                r = res.setdefault(o.request_id, {"ids": [], "error": None, "scores": None})
+                r["ids"] += o.token_ids
+                r["error"] = r["error"] or o.error
+                r["scores"] = o.scores or r["scores"]
+        return res
+
+    alone = {n: run([n])[n] for n in ("greedy", "sampled", "score")}
+    mixed = run(["greedy", "bad-greedy", "sampled", "bad-sampled", "score", "bad-score"])
+    for n in ("greedy", "sampled"):
+        assert mixed[n]["error"] is None and mixed[n]["ids"] == alone[n]["ids"] and len(alone[n]["ids"]) == 8
+    assert mixed["score"]["scores"].next_logprobs == pytest.approx(alone["score"]["scores"].next_logprobs, abs=1e-5)
+    for n in ("bad-greedy", "bad-sampled", "bad-score"):
+        assert "non-finite logits" in (mixed[n]["error"] or ""), (n, mixed[n])
+        assert mixed[n]["ids"] == []
+    assert e.counters.failed == 3 and not e.scheduler.running and not e.scheduler.waiting
+
+
+def test_sampling_a_row_that_has_no_distribution_fails_that_row_only():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 1.0], [float("-inf")] * 3])
+    out = sample(logits, torch.ones(3), torch.zeros(3, dtype=torch.long), torch.ones(3),
+                 [torch.Generator().manual_seed(0)] * 3)
+    assert out[0].item() in (0, 1, 2) and out[1].item() == -1 and out[2].item() == -1

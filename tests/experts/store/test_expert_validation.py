@@ -45,6 +45,10 @@ def _cases(z):
                 400, "non_finite", "file", "NaN or infinite"),
         "inf": (lambda c: post_files(c, {"name": "e"}, [("file", st({**z, first: z[first] / 0}))]),
                 400, "non_finite", "file", first),
+        "extreme sakana z": (lambda c: post_json(c, "e", {**z, first: z[first] * 0 - 1e30}), 400, "out_of_range",
+                             "z", "±10000"),
+        "extreme direct z": (lambda c: post_json(c, "e", {**z, first: z[first] * 0 + 100}, parametrization="direct"),
+                             400, "out_of_range", "z", "direct"),
         "dtype": (lambda c: post_files(c, {"name": "e"}, [("file", st({**z, first: z[first].to(torch.int32)}))]),
                   400, "invalid_dtype", "file", "int32"),
         "missing target": (lambda c: post_json(c, "e", {n: z[n] for n in names[1:]}, targets=names),
@@ -153,3 +157,26 @@ def test_valid_upload_after_all_that(srv, z):
         assert r.status_code == 200, r.text
         assert c.delete("/v1/experts/fine").status_code == 200
     assert as_lists(z)  # the fixture tensors were not modified by any upload
+
+
+def test_experts_check_finds_what_todays_rules_refuse(tmp_path, tiny_llama_dir, base_mlp, monkeypatch, capsys):
+    """A store written before the value bounds existed: ``t2serve experts check`` names the expert that
+    would now be refused (and exits 1); the others pass."""
+    from experts.store import validation
+    from experts.store.expert_store import ExpertStore
+    from experts.store.validation import ExpertDraft
+    from server.cli import main
+
+    monkeypatch.setitem(validation.MAX_Z, "sakana", 1e40)  # the store of an older release
+    store = ExpertStore(tmp_path / "store", base=base_mlp)
+    store.load()
+    store.put(ExpertDraft("fine", "svf", random_z(base_mlp, 1)))
+    store.put(ExpertDraft("extreme", "svf", {n: v * 0 - 1e30 for n, v in random_z(base_mlp, 2).items()}))
+    monkeypatch.undo()
+    args = ["experts", "check", "--model", str(tiny_llama_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--expert-dir", str(tmp_path / "store")]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.out.splitlines()}
+    assert lines["fine"][2] == "ready" and lines["extreme"][2] == "incompatible" and "±10000" in lines["extreme"][3]
+    assert "1 of 2 expert(s) pass; not served: extreme" in out.err
