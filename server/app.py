@@ -23,7 +23,7 @@ from experts.store.registry import ExpertRegistry
 from experts.store.shipped import install_shipped
 from experts.store.watcher import StoreWatcher
 from server.api import api_router
-from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.middleware import AuthGate, BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.state import ServerState
 from server.config import Settings
 from server.errors import install_error_handlers
@@ -111,9 +111,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     app.state.t2 = state
     install_error_handlers(app)
     app.include_router(api_router())
-    # The last added is the outermost: metrics see every answer, the 413s of the body limit included.
-    # Expert uploads may be larger than other bodies (SAPT bundles); multipart framing adds a little.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       route_limits={"/v1/experts": max(settings.max_body_bytes, settings.max_expert_bytes + 65536)})
+    # The last added is the outermost: metrics see every answer; keys are checked before any body is read;
+    # then the body limit of the route (expert uploads may be larger: SAPT bundles; multipart adds a little).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout,
+                       route_limits={"/v1/experts": max(settings.max_body_bytes, settings.max_expert_bytes + 65536),
+                                     "/v1/adaptations": min(settings.max_body_bytes, 1 << 20),
+                                     "/v1/training": 64 * 1024})
+    app.add_middleware(AuthGate, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
     return app

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     port: int = 8000
     api_key: str | None = None  # Bearer key for inference routes
     admin_api_key: str | None = None  # Bearer key for managing experts
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body (bytes) of the "
+                                "generation routes; larger ones get 413")
+    body_read_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive whole; "
+                                     "slower ones get 408")
     max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
     log_level: str = "info"
     shutdown_timeout: int = Field(25, ge=0, description="seconds in-flight requests get to finish after SIGTERM "

@@ -1,35 +1,68 @@
-"""Plain ASGI middleware: the request body size limit and per-route request metrics.
+"""Plain ASGI middleware: API keys checked from the headers before any body is read, the request body size
+limit and read timeout, and per-route request metrics.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: that one runs the app in a separate task
 and breaks streaming responses' disconnect detection, which the generation routes rely on.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.auth import admin_key_error, api_key_error, bearer_token, key_for_route
+from server.config import Settings
 from server.errors import APIError
 from server.metrics import Metrics
 
 
-async def send_error(send: Send, err: APIError) -> None:
+async def send_error(send: Send, err: APIError, close: bool = False) -> None:
+    """Answer ``err`` in the OpenAI error shape; ``close``: the body was not read, so the connection ends."""
     body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class AuthGate:
+    """Checks the API key of every request that carries a body from its ``Authorization`` header, before a
+    byte of the body is read: an unauthenticated client cannot make the server buffer (or wait for) a body."""
+
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            need = key_for_route(scope["method"], scope.get("path", ""))
+            if need is not None:
+                token = bearer_token(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+                check = admin_key_error if need == "admin" else api_key_error
+                err = check(self.settings, token)
+                if err is not None:
+                    await send_error(send, err, close=True)
+                    return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
     """Answers 413 to bodies over ``max_bytes`` (or the limit of the first ``route_limits`` path prefix
-    that matches, e.g. expert uploads) before the app parses them.
+    that matches, e.g. expert uploads) before the app parses them, and 408 to a body that has not arrived
+    whole within ``read_timeout`` seconds.
 
     The body is read here (it would be read whole by the JSON parser anyway) and replayed to the app;
     after the replay, ``receive`` goes to the server again, so the app still sees ``http.disconnect``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None,
+                 read_timeout: float = 30.0):
         self.app, self.max_bytes, self.route_limits = app, max_bytes, dict(route_limits or {})
+        self.read_timeout = read_timeout
 
     def _limit(self, path: str) -> int:
         return next((n for prefix, n in self.route_limits.items() if path.startswith(prefix)), self.max_bytes)
@@ -50,8 +83,14 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.read_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await send_error(send, APIError(408, f"The request body did not arrive within {self.read_timeout:g} "
+                                                     "seconds.", code="request_timeout"), close=True)
+                return
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunks.append(message.get("body", b""))
