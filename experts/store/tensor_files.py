@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -82,6 +83,22 @@ def check_floats(tensors: Mapping[str, torch.Tensor], what: str = "tensor") -> d
             raise bad_tensors(f"{what} {name!r} has {bad} NaN or infinite value(s).", code="non_finite")
         out[name] = t.to(torch.float32).contiguous()
     return out
+
+
+def check_unpacked_size(data: bytes, what: str, limit: int) -> None:
+    """Refuse a zip archive (the format of ``torch.save`` files) whose members unpack to more than ``limit``
+    bytes, before anything reads them: a few compressed bytes can otherwise expand to gigabytes. The sizes
+    come from the central directory; a member whose local header claims otherwise fails to read later."""
+    if not data.startswith(b"PK"):
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise bad_tensors(f"{what} is not a readable archive: {e}", code="invalid_archive") from e
+    if total > limit:
+        raise ExpertError(f"{what} unpacks to {total} bytes; the limit is {limit} bytes (T2_MAX_EXPERT_BYTES).",
+                          code="expert_too_large", status=413, param="tensors")
 
 
 def load_reference_checkpoint(data: bytes, what: str) -> Any:

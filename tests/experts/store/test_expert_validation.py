@@ -33,6 +33,16 @@ def st(tensors) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items()})
 
 
+def zip_bomb(unpacked: int = 8 << 20) -> bytes:
+    """A torch-style archive whose one deflated member unpacks to ``unpacked`` zero bytes (a few KiB sent)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\0" * unpacked)
+    return buf.getvalue()
+
+
 def _cases(z):
     names = list(z)
     q_proj = "model.layers.0.self_attn.q_proj"
@@ -45,6 +55,9 @@ def _cases(z):
                 400, "non_finite", "file", "NaN or infinite"),
         "inf": (lambda c: post_files(c, {"name": "e"}, [("file", st({**z, first: z[first] / 0}))]),
                 400, "non_finite", "file", first),
+        "archive unpacks too large": (lambda c: post_files(c, {"name": "e", "format": "policy_params"},
+                                                           [("file", zip_bomb())]),
+                                      413, "expert_too_large", "file", "unpacks to"),
         "extreme sakana z": (lambda c: post_json(c, "e", {**z, first: z[first] * 0 - 1e30}), 400, "out_of_range",
                              "z", "±10000"),
         "extreme direct z": (lambda c: post_json(c, "e", {**z, first: z[first] * 0 + 100}, parametrization="direct"),
