@@ -45,6 +45,9 @@ class ScoreResult:
     continuation_tokens: int = 0
 
 
+USER, BACKGROUND = 0, 1  # request priorities: lower is admitted first (vLLM's convention)
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
@@ -53,6 +56,7 @@ class GenerationRequest:
     adaptation: Adaptation | None = None  # None = the base weights
     score: ScoreSpec | None = None  # set: score the prompt, generate nothing
     prefix_len: int = 0  # leading prompt tokens shared by many requests: their KV is computed once and reused
+    priority: int = 0  # USER, or BACKGROUND (few-shot fitness): admitted only while no user request waits
 
 
 @dataclass

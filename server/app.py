@@ -93,8 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.gather(loading, return_exceptions=True)
         if state.store_watcher is not None:
             await asyncio.to_thread(state.store_watcher.stop)
-        if state.jobs is not None:  # few-shot searches: stopped before the engine they run on
-            await state.jobs.cancel_all()
+        await state.jobs.cancel_all()  # few-shot searches: stopped before the engine they run on
         if state.engine is not None:
             await state.engine.shutdown()
 

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
     max_stop: int = Field(16, ge=0, description="most stop strings per request")
+    max_adaptation_jobs: int = Field(2, ge=1, description="few-shot (CEM) jobs queued or running at once; more get "
+                                     "429. Their engine requests run at background priority, behind users' requests")
 
     # --- the vllm engine --------------------------------------------------------------------------
     vllm_svf_mode: Literal["swap", "lora"] = Field(

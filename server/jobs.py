@@ -1,7 +1,10 @@
-"""Background jobs with progress (few-shot CEM searches, SAPT training): started by a request, polled by id.
+"""Background jobs with progress (few-shot CEM searches, SAPT training): started by a request, polled by id,
+cancelled by id.
 
-Jobs run as asyncio tasks on the server's event loop; their heavy work is engine requests, which run
-on the engine thread, so the loop stays free. Finished jobs are kept (bounded) for their results.
+Jobs run as asyncio tasks on the server's event loop; their heavy work is engine requests (run on the
+engine thread at background priority) or a child process, so the loop stays free. ``start`` checks the
+number of jobs of a kind and starts the job in one step, with no await in between: concurrent requests
+cannot both pass the check. Finished jobs are kept (bounded) for their results.
 """
 from __future__ import annotations
 
@@ -14,6 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("t2serve.jobs")
+
+
+class JobLimitError(Exception):
+    """As many jobs of this kind as allowed are queued or running already."""
+
+    def __init__(self, kind: str, limit: int):
+        super().__init__(f"{limit} {kind} job(s) are running already; at most {limit} at a time")
+        self.kind, self.limit = kind, limit
 
 
 @dataclass
@@ -29,6 +40,10 @@ class Job:
     finished: float | None = None
     _task: asyncio.Task | None = field(default=None, repr=False)
 
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "object": "adaptation.job", "kind": self.kind, "task": self.task,
                 "status": self.status, "progress": self.progress, "result": self.result, "error": self.error,
@@ -40,7 +55,11 @@ class JobBoard:
         self.keep = keep
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
-    def start(self, kind: str, task: str, work: Callable[[Job], Awaitable[dict]]) -> Job:
+    def start(self, kind: str, task: str, work: Callable[[Job], Awaitable[dict]], limit: int | None = None) -> Job:
+        """Start ``work`` as a job, unless ``limit`` jobs of ``kind`` are queued or running (JobLimitError).
+        Synchronous on purpose: the check and the start are one step of the event loop."""
+        if limit is not None and sum(1 for j in self._jobs.values() if j.kind == kind and j.active) >= limit:
+            raise JobLimitError(kind, limit)
         job = Job(f"adapt-{uuid.uuid4().hex[:16]}", kind, task)
         self._jobs[job.id] = job
         job._task = asyncio.get_running_loop().create_task(self._run(job, work))
@@ -73,7 +92,7 @@ class JobBoard:
 
     def running(self, kind: str) -> Job | None:
         """A queued or running job of this kind, if any."""
-        return next((j for j in self._jobs.values() if j.kind == kind and j.status in ("queued", "running")), None)
+        return next((j for j in self._jobs.values() if j.kind == kind and j.active), None)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job (its work stops what it started); False if it had ended."""
@@ -85,7 +104,7 @@ class JobBoard:
         return True
 
     def running_for(self, task: str) -> Job | None:
-        return next((j for j in self._jobs.values() if j.task == task and j.status in ("queued", "running")), None)
+        return next((j for j in self._jobs.values() if j.task == task and j.active), None)
 
     async def cancel_all(self) -> None:
         tasks = [j._task for j in self._jobs.values() if j._task is not None and not j._task.done()]
@@ -96,6 +115,6 @@ class JobBoard:
     def _trim(self) -> None:
         while len(self._jobs) > self.keep:
             oldest = next(iter(self._jobs))
-            if self._jobs[oldest].status in ("queued", "running"):
+            if self._jobs[oldest].active:
                 break
             self._jobs.popitem(last=False)

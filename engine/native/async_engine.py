@@ -67,9 +67,9 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     def stats(self) -> dict:
-        s = dict(self._stats)
-        s["waiting"] = s.get("waiting", 0) + self._inbox.qsize()
-        return s
+        # Waiting = accepted and not yet running (in the inbox or the engine's queue); the inbox also
+        # carries aborts, which are not requests.
+        return {**self._stats, "waiting": self._pending}
 
     # --- requests -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:

@@ -99,7 +99,7 @@ class LLMEngine:
             gen = torch.Generator(device=self.device).manual_seed(p.seed)
         seq = Sequence(req.request_id, list(req.prompt_ids), p, req.adaptation,
                        Detokenizer(self.tokenizer, p.stop), generator=gen, score=req.score,
-                       prefix_len=req.prefix_len)
+                       prefix_len=req.prefix_len, priority=req.priority)
         self._by_id[req.request_id] = seq
         self.scheduler.add(seq)
 

@@ -24,10 +24,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots (FIFO) within the prefill token budget.
+    def _next(self) -> Sequence:
+        """The waiting sequence to admit next: the first of the lowest priority value (users before
+        background work, each in arrival order)."""
+        return min(self.waiting, key=lambda s: s.priority)
 
-        The first waiting sequence is always admitted when a slot is free, whatever its length, so a long
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots (by priority, then FIFO) within the prefill token budget.
+
+        The first sequence chosen is always admitted when a slot is free, whatever its length, so a long
         prompt cannot starve. Admitted sequences take slots len(running).. contiguously.
         """
         free = self.max_num_seqs - len(self.running)
@@ -44,10 +49,11 @@ class Scheduler:
         new: list[Sequence] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
-            n = len(self.waiting[0].prompt_ids)
+            seq = self._next()
+            n = len(seq.prompt_ids)
             if new and n > budget:
                 break
-            seq = self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status, seq.slot = Status.RUNNING, len(self.running)
             self.running.append(seq)
             new.append(seq)

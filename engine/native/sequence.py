@@ -80,6 +80,7 @@ class Sequence:
     generator: torch.Generator | None = None
     score: Any = None  # ScoreSpec: answered from the prefill, never decoded
     prefix_len: int = 0  # leading prompt tokens whose KV may come from the prefix cache
+    priority: int = 0  # lower is admitted first (engine.contract.USER / BACKGROUND)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None

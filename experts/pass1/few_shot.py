@@ -3,7 +3,9 @@
 Fitness of one α is measured on the task's shots through the engine: every (member, shot) pair is one
 score request whose rows carry that member's mixture, so a whole population is evaluated in shared
 batches. Fitness is the mean per-token log-likelihood of the answers (`loglik`), or the exact-match
-accuracy of greedy answers with the log-likelihood as tie-break (`exact_match`).
+accuracy of greedy answers with the log-likelihood as tie-break (`exact_match`). The requests run at
+background priority, a bounded number at a time: a search never delays users' requests by more than the
+engine steps already under way.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.adaptation import Adaptation, SVFExpert
-from engine.contract import GenerationRequest, SamplingParams, ScoreSpec
+from engine.contract import BACKGROUND, GenerationRequest, SamplingParams, ScoreSpec
 from experts.pass1.cem import CEMConfig, CEMResult, cem
 
 _ids = itertools.count()
@@ -54,8 +56,11 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 class FewShotSearch:
-    def __init__(self, engine, spec: FewShotSpec, experts: list[SVFExpert]):
+    def __init__(self, engine, spec: FewShotSpec, experts: list[SVFExpert], max_in_flight: int = 64):
         self.engine, self.spec, self.experts = engine, spec, experts
+        # Background work: at most this many requests queued or running at once, so users keep their room
+        # in the engine's queue (and the scheduler admits them first: priority BACKGROUND).
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self.targets = list(experts[0].z)
         tok = engine.tokenizer
         self._shots = []
@@ -78,8 +83,9 @@ class FewShotSearch:
 
     async def _run(self, req: GenerationRequest):
         last = None
-        async for out in self.engine.generate(req):
-            last = out
+        async with self._in_flight:
+            async for out in self.engine.generate(req):
+                last = out
         if last is None or last.error:
             raise RuntimeError(f"fitness evaluation failed: {getattr(last, 'error', None)}")
         return last
@@ -92,7 +98,7 @@ class FewShotSearch:
         length, and little of the batch is padding.
         """
         reqs = [GenerationRequest(f"cem-{next(_ids)}", p + ans, SamplingParams(max_tokens=1), a,
-                                  score=ScoreSpec(continuation_start=len(p)))
+                                  score=ScoreSpec(continuation_start=len(p)), priority=BACKGROUND)
                 for p, ans in self._shots for a in adaptations]
         outs = await asyncio.gather(*(self._run(r) for r in reqs))
         ll = [o.scores.continuation_logprob / o.scores.continuation_tokens for o in outs]
@@ -101,13 +107,15 @@ class FewShotSearch:
 
     async def _exact(self, a: Adaptation) -> list[float]:
         tok = self.engine.tokenizer
-        reqs = [GenerationRequest(f"cem-{next(_ids)}", p, SamplingParams(max_tokens=len(ans) + 8, temperature=0), a)
+        reqs = [GenerationRequest(f"cem-{next(_ids)}", p, SamplingParams(max_tokens=len(ans) + 8, temperature=0), a,
+                                  priority=BACKGROUND)
                 for p, ans in self._shots]
         texts = []
         for r in reqs:
             parts = []
-            async for out in self.engine.generate(r):
-                parts.append(out.text)
+            async with self._in_flight:
+                async for out in self.engine.generate(r):
+                    parts.append(out.text)
             texts.append("".join(parts))
         return [float(t.strip() == s.answer.strip()) for t, s in zip(texts, self.spec.shots)]
 

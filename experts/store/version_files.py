@@ -94,8 +94,11 @@ def remove_versions(directory: Path, keep: int) -> None:
 
 
 def sweep(root: Path) -> None:
-    """Remove deleted experts still in the trash and staged tensors never committed (recovery only)."""
+    """Remove deleted experts still in the trash, staged tensors never committed, and temporary files of
+    atomic writes in the store folder itself (the ``.generation`` counter's) (recovery only)."""
     for p in root.iterdir():
         if p.name.startswith(TRASH_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
+            p.unlink(missing_ok=True)
     shutil.rmtree(root / INCOMING, ignore_errors=True)

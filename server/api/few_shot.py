@@ -2,7 +2,8 @@
 returns its job id at once; GET /v1/adaptations/{id} reports progress and the result. The result is
 stored as a `mixture` expert named after the task, so requests use it with `adaptation: {"task": name}`.
 The same inputs (experts by content, examples, settings, seed) reuse the stored result instead of
-searching again."""
+searching again. At most ``max_adaptation_jobs`` run at once (429 beyond); DELETE /v1/adaptations/{id}
+cancels one. A search's engine requests run at background priority: users' requests are admitted first."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,10 @@ from server.api.auth import require_admin_key, require_read_key
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import ready_engine, server_state
 from server.errors import APIError, invalid_request
+from server.jobs import JobLimitError
 
 router = APIRouter(tags=["adaptations"])
+KIND = "few_shot"
 
 
 class Example(BaseModel):
@@ -45,15 +48,6 @@ class AdaptationCreate(BaseModel):
     fitness: str = Field("loglik", pattern="^(loglik|exact_match)$")
 
 
-def _jobs(request: Request):
-    state = server_state(request)
-    if getattr(state, "jobs", None) is None:
-        from server.jobs import JobBoard
-
-        state.jobs = JobBoard()
-    return state.jobs
-
-
 @router.post("/v1/adaptations", status_code=202, responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
              summary="Start a few-shot (CEM) adaptation for a task")
 async def create_adaptation(body: AdaptationCreate, request: Request) -> dict:
@@ -78,10 +72,10 @@ async def create_adaptation(body: AdaptationCreate, request: Request) -> dict:
         raise invalid_request(str(e), param="cem") from e
     digest = spec.digest([e.expert.digest() for e in entries])
     source = f"few_shot:{digest}"
-    jobs = _jobs(request)
+    jobs = state.jobs
     stored = state.registry.get(body.task)
     if stored is not None and stored.meta.get("source") == source:  # computed before: reuse, don't search again
-        return jobs.done("few_shot", body.task, {"expert": body.task, "reused": True, **stored.meta.get("result", {})}).view()
+        return jobs.done(KIND, body.task, {"expert": body.task, "reused": True, **stored.meta.get("result", {})}).view()
     if stored is not None and stored.meta.get("kind") != "mixture":
         raise invalid_request(f"{body.task!r} names an expert that is not a few-shot result", param="task")
     if jobs.running_for(body.task) is not None:
@@ -108,13 +102,29 @@ async def create_adaptation(body: AdaptationCreate, request: Request) -> dict:
         return {"expert": body.task, "reused": False, "alpha": alpha.tolist(), "experts": list(body.experts),
                 "best_fitness": res.best_fitness, "history": res.history}
 
-    return jobs.start("few_shot", body.task, work).view()
+    try:
+        return jobs.start(KIND, body.task, work, limit=state.settings.max_adaptation_jobs).view()
+    except JobLimitError as e:
+        raise APIError(429, f"{e}; retry when one has finished or cancel one (DELETE /v1/adaptations/{{id}})",
+                       type="rate_limit_error", code="too_many_jobs") from e
 
 
 @router.get("/v1/adaptations/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_read_key)],
             summary="Progress and result of an adaptation job")
 async def get_adaptation(job_id: str, request: Request) -> dict:
-    job = _jobs(request).get(job_id)
-    if job is None:
+    job = server_state(request).jobs.get(job_id)
+    if job is None or job.kind != KIND:
         raise APIError(404, f"no adaptation job {job_id!r}", code="not_found", param="job_id")
     return job.view()
+
+
+@router.delete("/v1/adaptations/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
+               summary="Cancel an adaptation job")
+async def cancel_adaptation(job_id: str, request: Request) -> dict:
+    """Stops the search: its engine requests still queued or running are aborted; nothing is stored."""
+    jobs = server_state(request).jobs
+    job = jobs.get(job_id)
+    if job is None or job.kind != KIND:
+        raise APIError(404, f"no adaptation job {job_id!r}", code="not_found", param="job_id")
+    cancelled = await jobs.cancel(job_id)
+    return {**job.view(), "cancelled": cancelled}

@@ -27,7 +27,7 @@ class ServerState:
     registry: ExpertRegistry | None = None  # given to create_app, or filled from the store at load
     store: ExpertStore | None = None  # writes to the registry (once the model is loaded)
     store_watcher: StoreWatcher | None = None  # other replicas' writes to a shared store
-    jobs: JobBoard | None = None  # background jobs (few-shot searches, SAPT training; created on first use)
+    jobs: JobBoard = field(default_factory=JobBoard)  # background jobs (few-shot searches, SAPT training)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
 
     @property

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.auth import require_admin_key, require_read_key
-from server.api.few_shot import _jobs
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import ready_engine, server_state
 from server.errors import APIError, invalid_request
+from server.jobs import JobLimitError
 
 router = APIRouter(tags=["training"])
 KIND = "sapt_train"
@@ -90,15 +90,12 @@ async def create_training(body: SAPTTraining, request: Request) -> dict:
     existing = state.registry.get(body.name)
     if existing is not None and existing.meta.get("kind") != "sapt":
         raise invalid_request(f"{body.name!r} names an expert that is not a SAPT bundle", param="name")
-    jobs = _jobs(request)
-    if jobs.running(KIND) is not None:
-        raise APIError(409, "a training job is already running", code="job_running")
-    folder, _ = await asyncio.to_thread(resolve_model_folder, settings.model, settings.cache_dir)
     options = body.model_dump(exclude={"name", "tasks"}, exclude_none=True)
     device = engine.model.device
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
 
     async def work(job) -> dict:
+        folder, _ = await asyncio.to_thread(resolve_model_folder, settings.model, settings.cache_dir)
         spec = SAPTJobSpec(name=body.name, tasks=list(body.tasks), model=str(folder), device=str(device), dtype=dtype,
                            store=str(settings.resolved_expert_dir()), run_dir=str(settings.cache_dir / "training" / job.id),
                            options=options, data=None if settings.train_data_dir is None else str(settings.train_data_dir),
@@ -115,14 +112,17 @@ async def create_training(body: SAPTTraining, request: Request) -> dict:
                 "tasks": summary["tasks"], "seconds": summary["seconds"], "metrics": summary.get("metrics"),
                 "matrix": summary.get("matrix"), "attention": summary.get("attention"), "run_dir": spec.run_dir}
 
-    job = jobs.start(KIND, body.name, work)
+    try:  # one at a time: the check and the start happen in one step (no await between them)
+        job = state.jobs.start(KIND, body.name, work, limit=1)
+    except JobLimitError as e:
+        raise APIError(409, "a training job is already running", code="job_running") from e
     return job.view()
 
 
 @router.get("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_read_key)],
             summary="Progress and result of a training job")
 async def get_training(job_id: str, request: Request) -> dict:
-    job = _jobs(request).get(job_id)
+    job = server_state(request).jobs.get(job_id)
     if job is None or job.kind != KIND:
         raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")
     return job.view()
@@ -131,7 +131,7 @@ async def get_training(job_id: str, request: Request) -> dict:
 @router.delete("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
                summary="Stop a training job")
 async def cancel_training(job_id: str, request: Request) -> dict:
-    jobs = _jobs(request)
+    jobs = server_state(request).jobs
     job = jobs.get(job_id)
     if job is None or job.kind != KIND:
         raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")

@@ -96,3 +96,32 @@ def test_fitness_is_the_answers_loglik_under_each_mixture(cem_server, tiny_llama
                 lp = model(torch.tensor([p + a])).logits[0].float().log_softmax(-1)
             per_shot.append(float(lp[len(p) - 1 : -1].gather(1, torch.tensor(a)[:, None]).mean()))
         assert abs(float(got[row]) - sum(per_shot) / len(per_shot)) < 1e-4
+
+
+def test_jobs_are_bounded_and_cancellable_and_users_go_first(tiny_settings, tiny_llama_dir, tmp_path_factory):
+    """With one job allowed, a second is refused (429) while the first runs; DELETE stops the first (its
+    engine requests are aborted, nothing is stored), after which a new one may start; and while a search
+    fills the engine, a user's request is still answered promptly (background priority)."""
+    weights = mlp_targets(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
+    settings = tiny_settings(expert_dir=tmp_path_factory.mktemp("store"), max_adaptation_jobs=1)
+    big = {"experts": ["a", "b"], "examples": EXAMPLES * 8, "cem": {"population": 32, "generations": 50, "seed": 1}}
+    with serve(settings) as srv, srv.client() as c:
+        for i, n in enumerate(["a", "b"]):
+            srv.state.store.put(_draft(random_expert(n, weights, 30 + i)))
+        first = c.post("/v1/adaptations", json={"task": "long", **big})
+        assert first.status_code == 202, first.text
+        err = assert_error_shape(c.post("/v1/adaptations", json={"task": "other", **big}), 429)
+        assert err["code"] == "too_many_jobs"
+        srv.wait_until(lambda s: s["waiting"] >= 16, timeout=30)  # the search fills the engine's queue
+        t0 = time.monotonic()
+        user = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        assert user.status_code == 200 and time.monotonic() - t0 < 5
+        assert c.get(f"/v1/adaptations/{first.json()['id']}").json()["status"] == "running"
+        gone = c.delete(f"/v1/adaptations/{first.json()['id']}").json()
+        assert gone["cancelled"] is True and gone["status"] == "failed" and gone["error"] == "cancelled"
+        srv.wait_idle(timeout=15)  # its queued and running requests were aborted
+        assert "long" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+        again = c.post("/v1/adaptations", json={"task": "short", "experts": ["a", "b"], "examples": EXAMPLES,
+                                                "cem": {"population": 4, "generations": 1, "seed": 1}})
+        assert again.status_code == 202 and wait_job(c, again.json()["id"])["status"] == "done"
+        assert assert_error_shape(c.delete("/v1/adaptations/adapt-nope"), 404)["code"] == "not_found"

@@ -1,7 +1,8 @@
-"""Scheduler: FIFO admission into contiguous slots, grouped admissions while decoding, compaction."""
+"""Scheduler: admission by priority then FIFO into contiguous slots, grouped admissions while decoding,
+compaction; and the engine's waiting count."""
 from __future__ import annotations
 
-from engine.contract import SamplingParams
+from engine.contract import BACKGROUND, SamplingParams
 from engine.native.scheduler import Scheduler
 from engine.native.sequence import Sequence, Status
 
@@ -39,3 +40,40 @@ def test_prefill_budget_limits_a_group_but_admits_one_long_prompt():
         s.add(seq(i, n))
     assert [q.request_id for q in s.admit()] == ["r0"]  # longer than the budget, still admitted alone
     assert [q.request_id for q in s.admit()] == ["r1", "r2"]
+
+
+def test_users_are_admitted_before_background_work_each_in_arrival_order():
+    s = Scheduler(2, 10_000, lambda *a: None)
+    background = [Sequence(f"b{i}", [1, 2], SamplingParams(), None, detok=None, priority=BACKGROUND) for i in range(3)]
+    for b in background:
+        s.add(b)
+    s.add(seq(0))
+    s.add(seq(1))
+    assert [q.request_id for q in s.admit()] == ["r0", "r1"]  # the users first, though they came last
+    s.finish(s.running[0])
+    s.finish(s.running[0])
+    assert [q.request_id for q in s.admit()] == ["b0", "b1"]  # then background work, FIFO
+
+
+def test_waiting_counts_requests_not_queued_aborts():
+    """The engine's waiting count (t2_requests_waiting) is requests accepted and not yet running; the
+    abort messages that share the engine thread's inbox are not requests."""
+    import asyncio
+
+    from engine.native.async_engine import AsyncEngine
+
+    class Idle:  # the parts of LLMEngine the asyncio side reads before its thread runs
+        tokenizer, config, eos_token_ids, model = None, type("C", (), {"max_model_len": 64, "max_num_seqs": 2}), [], None
+        runner = type("R", (), {"adapt": None})
+
+        def stats(self):
+            return {"running": 0, "waiting": 0}
+
+    engine = AsyncEngine(Idle(), "tiny")
+
+    async def aborts():
+        for i in range(5):
+            await engine.abort(f"gone-{i}")
+
+    asyncio.run(aborts())
+    assert engine.stats()["waiting"] == 0

@@ -96,6 +96,23 @@ def test_one_training_at_a_time_and_cancel_stops_the_child(server):
         assert c.delete(f"/v1/training/{job_id}").json()["cancelled"] is False  # already ended
 
 
+def test_concurrent_starts_start_one_training(server):
+    """Four POSTs at the same moment: exactly one training starts (the check and the start are one step),
+    the others get 409; cancelling it leaves no child behind."""
+    import concurrent.futures as cf
+
+    body = {"tasks": ["reverse"], **TINY, "steps": 100_000}
+    with server.client() as c, cf.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: c.post("/v1/training/sapt", json={"name": f"race{i}", **body}), range(4)))
+        assert sorted(r.status_code for r in answers) == [202, 409, 409, 409], [r.text for r in answers]
+        started = next(r.json()["id"] for r in answers if r.status_code == 202)
+        assert c.delete(f"/v1/training/{started}").json()["cancelled"] is True
+        deadline = time.monotonic() + 30
+        while _children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _children() == []
+
+
 def _children() -> list[int]:
     """Our child processes running ``experts.train sapt``."""
     me, out = os.getpid(), []

@@ -78,12 +78,14 @@ def test_recovery_removes_leftovers_and_falls_back(tmp_path, base_mlp):
     store.put(svf("math", random_z(base_mlp, 0)))
     store.put(svf("code", random_z(base_mlp, 1)))
     d = tmp_path / "math"
-    # Leftovers of interrupted writes: an uncommitted v2 tensor file, a temp file, staged bytes, trash.
+    # Leftovers of interrupted writes: an uncommitted v2 tensor file, temp files (in a name's folder and of
+    # the store's change counter), staged bytes, trash.
     (d / "v000002.safetensors").write_bytes(b"partial")
     (d / ".v000002.json.abc.tmp").write_text("{")
     (tmp_path / ".incoming").mkdir(exist_ok=True)
     (tmp_path / ".incoming" / ".math.x.tmp").write_bytes(b"x")
     (tmp_path / ".trash-old-1234").mkdir()
+    (tmp_path / ".generation.x1y2.tmp").write_bytes(b"7")  # the change counter's update, killed mid-way
     (tmp_path / "half").mkdir()  # a new name whose first version never committed
     (tmp_path / "half" / "v000001.safetensors").write_bytes(b"x")
     # code's newest record is corrupt (bit rot, a hand edit): the older complete version is used instead.
