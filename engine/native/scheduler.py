@@ -11,9 +11,15 @@ from engine.native.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, move_slot: Callable[[int, int, int], None],
-                 admit_batch: int = 1, admit_max_delay: int = 0):
+                 admit_batch: int = 1, admit_max_delay: int = 0, background_prefill_tokens: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        # Background work (priority > 0) is admitted only in steps that admit no user request, and at most
+        # this many of its prompt tokens per step (one longer prompt alone, when nothing else runs): a user
+        # who arrives meanwhile waits for at most one such short step. Its tokens are dearer than users'
+        # (every row its own mixture, scored over the whole continuation), hence the small share.
+        self.background_prefill_tokens = (max_prefill_tokens // 16 if background_prefill_tokens is None
+                                          else background_prefill_tokens)
         self.admit_batch = admit_batch  # while decoding, wait for this many free slots before a prefill ...
         self.admit_max_delay = admit_max_delay  # ... but never for more than this many steps
         self._delayed = 0
@@ -47,10 +53,15 @@ class Scheduler:
             return []
         self._delayed = 0
         new: list[Sequence] = []
-        budget = self.max_prefill_tokens
+        budget, background = self.max_prefill_tokens, self.background_prefill_tokens
+        busy = bool(self.running)
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self._next()
             n = len(seq.prompt_ids)
+            if seq.priority > 0:
+                if any(s.priority == 0 for s in new) or (n > background and (new or busy)):
+                    break
+                background -= n
             if new and n > budget:
                 break
             self.waiting.remove(seq)

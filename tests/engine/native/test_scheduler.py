@@ -77,3 +77,13 @@ def test_waiting_counts_requests_not_queued_aborts():
 
     asyncio.run(aborts())
     assert engine.stats()["waiting"] == 0
+
+
+def test_background_work_never_shares_a_step_with_users_and_is_budgeted_while_they_run():
+    s = Scheduler(8, 1000, lambda *a: None, background_prefill_tokens=10)
+    for i in range(3):
+        s.add(Sequence(f"b{i}", [1, 2, 3, 4], SamplingParams(), None, detok=None, priority=BACKGROUND))
+    s.add(seq(0))
+    assert [q.request_id for q in s.admit()] == ["r0"]  # no background prefill in the users' step
+    assert [q.request_id for q in s.admit()] == ["b0", "b1"]  # then 10 tokens of it per step while r0 runs
+    assert [q.request_id for q in s.admit()] == ["b2"]
