@@ -44,12 +44,10 @@ class EngineConfig:
 @dataclass
 class EngineCounters:
     steps: int = 0
-    prefill_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0
     failed: int = 0  # requests ended alone with an error (non-finite logits)
-    step_seconds: float = 0.0
     # The most recent times to first token (bounded: one sample per request would grow without end).
     ttft_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_SAMPLES))
 
@@ -124,7 +122,6 @@ class LLMEngine:
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         new = self.scheduler.admit()
         if new:
@@ -133,7 +130,6 @@ class LLMEngine:
         if running:
             outputs += self._decode(running)
         self.counters.steps += 1
-        self.counters.step_seconds += time.perf_counter() - t0
         return outputs
 
     def _reuse_prefixes(self, seqs: list[Sequence]) -> list[int]:
@@ -162,7 +158,6 @@ class LLMEngine:
             if s.prefix_len and st == 0:  # computed now: keep it for the next request with this prefix
                 self.prefix_cache.put(PrefixCache.key(s.prompt_ids[: s.prefix_len], s.adaptation),
                                       *self.cache.read_prefix(s.slot, s.prefix_len))
-        self.counters.prefill_tokens += sum(rem)
         outs = []
         gen = [i for i, s in enumerate(seqs) if s.score is None]
         unusable = unusable_rows(logits).tolist()
