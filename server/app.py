@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -41,19 +41,28 @@ async def _load_engine(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(load_engine, state.settings.engine_spec())
     except Exception as e:
-        log.exception("loading the model failed; /health stays 503")
-        state.load_error = f"{type(e).__name__}: {e}"
+        _load_failed(state, "loading the model failed", e)
         return
     engine.start()
     try:  # reading and validating the experts is start-up work too: off the event loop
         await asyncio.to_thread(attach_experts, state, engine)
     except Exception as e:
-        log.exception("opening the expert store failed; /health stays 503")
-        state.load_error = f"{type(e).__name__}: {e}"
+        _load_failed(state, "opening the expert store failed", e)
         await engine.shutdown()
         return
     state.engine = engine
     log.info("model %s loaded; serving", engine.model_name)
+
+
+def _load_failed(state: ServerState, what: str, e: Exception) -> None:
+    """Record why; then either keep answering 503 (an embedding program decides) or, given
+    ``on_load_failure`` (``t2serve serve``: stop the server, then exit 1), call it."""
+    state.load_error = f"{type(e).__name__}: {e}"
+    if state.on_load_failure is not None:
+        log.error("%s: %s", what, state.load_error.splitlines()[0])
+        state.on_load_failure()
+    else:
+        log.exception("%s; /health stays 503", what)
 
 
 def attach_experts(state: ServerState, engine: Engine) -> None:
@@ -99,13 +108,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, *,
-               registry: ExpertRegistry | None = None) -> FastAPI:
+               registry: ExpertRegistry | None = None, on_load_failure: Callable[[], None] | None = None) -> FastAPI:
     """The app for ``settings``; with ``engine`` given, serve that engine instead of loading one.
     ``registry`` (an ExpertRegistry) replaces the one loaded from the expert directory."""
     settings = settings or Settings()
     if engine is None:
         check_engine_available(settings.engine)  # e.g. --engine vllm without vLLM: one clear error now, not at load
-    state = ServerState(settings, engine=engine, registry=registry)
+    state = ServerState(settings, engine=engine, registry=registry, on_load_failure=on_load_failure)
     app = FastAPI(title="t2serve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.t2 = state
     install_error_handlers(app)

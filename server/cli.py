@@ -28,10 +28,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+    logging.getLogger("uvicorn.access").addFilter(_NoHealthProbes())
+    servers: list[uvicorn.Server] = []  # a model that cannot load stops the server: exit 1 below
+    app = create_app(settings, on_load_failure=lambda: setattr(servers[0], "should_exit", True))
+    servers.append(uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                                 log_level=settings.log_level,
+                                                 timeout_graceful_shutdown=settings.shutdown_timeout)))
+    servers[0].run()
+    error = app.state.t2.load_error
+    if error is not None:
+        print(f"t2serve: error: the model could not be served: {error.splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+class _NoHealthProbes(logging.Filter):
+    """Orchestrators probe /health every few seconds: those lines would drown the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = str(args[2]) if len(args) > 2 else ""
+        return not (path == "/health" or path.startswith("/health?"))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fastapi import Request
 
@@ -23,6 +24,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None  # once loaded and started
     load_error: str | None = None  # why loading failed, if it did
+    on_load_failure: Callable[[], None] | None = None  # t2serve serve: stop (exit 1) rather than 503 forever
     resolver: Resolver | None = None  # pass 1, once the experts are attached to the engine
     registry: ExpertRegistry | None = None  # given to create_app, or filled from the store at load
     store: ExpertStore | None = None  # writes to the registry (once the model is loaded)
