@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters import AdaptationRuntime
-from engine.contract import GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
+from engine.contract import FinishReason, GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
 from engine.loader import eos_ids
 from engine.native.kv_cache import SlotKVCache
 from engine.native.prefix_cache import PrefixCache
@@ -183,10 +183,7 @@ class LLMEngine:
             targets = torch.tensor(s.prompt_ids[cs:], device=h.device)
             result.continuation_logprob = float(self.runner.token_logprobs(h, targets).sum())
             result.continuation_tokens = len(targets)
-        self._by_id.pop(s.request_id, None)
-        self.scheduler.finish(s)
-        self.counters.finished += 1
-        out = self._output(s, [], "", "stop")
+        out = self._retire(s, "stop")
         out.scores = result
         return out
 
@@ -245,12 +242,19 @@ class LLMEngine:
 
     def _fail(self, s: Sequence, error: str) -> RequestOutput:
         """End ``s`` alone with ``error`` (its slot is freed; the batch goes on)."""
-        self._by_id.pop(s.request_id, None)
-        self.scheduler.finish(s)
-        self.counters.failed += 1
-        out = self._output(s, [], "", "abort")
+        out = self._retire(s, "abort")
         out.error = error
         return out
+
+    def _retire(self, s: Sequence, reason: FinishReason) -> RequestOutput:
+        """Take ``s`` out of the engine at once (a score answered, or a failure): its final, empty output."""
+        self._by_id.pop(s.request_id, None)
+        self.scheduler.finish(s)
+        if reason == "abort":
+            self.counters.failed += 1
+        else:
+            self.counters.finished += 1
+        return self._output(s, [], "", reason)
 
     def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
         return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,

@@ -14,7 +14,7 @@ from experts.pass1.cem import CEMConfig
 from experts.pass1.few_shot import FewShotSearch, FewShotSpec, Shot
 from server.api.auth import require_admin_key, require_read_key
 from server.api.serving import ERROR_RESPONSES
-from server.api.state import ready_engine, server_state
+from server.api.state import cancel_job, job_of_kind, ready_engine, server_state
 from server.errors import APIError, invalid_request
 from server.jobs import JobLimitError
 
@@ -112,19 +112,11 @@ async def create_adaptation(body: AdaptationCreate, request: Request) -> dict:
 @router.get("/v1/adaptations/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_read_key)],
             summary="Progress and result of an adaptation job")
 async def get_adaptation(job_id: str, request: Request) -> dict:
-    job = server_state(request).jobs.get(job_id)
-    if job is None or job.kind != KIND:
-        raise APIError(404, f"no adaptation job {job_id!r}", code="not_found", param="job_id")
-    return job.view()
+    return job_of_kind(request, job_id, KIND, "adaptation").view()
 
 
 @router.delete("/v1/adaptations/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
                summary="Cancel an adaptation job")
 async def cancel_adaptation(job_id: str, request: Request) -> dict:
     """Stops the search: its engine requests still queued or running are aborted; nothing is stored."""
-    jobs = server_state(request).jobs
-    job = jobs.get(job_id)
-    if job is None or job.kind != KIND:
-        raise APIError(404, f"no adaptation job {job_id!r}", code="not_found", param="job_id")
-    cancelled = await jobs.cancel(job_id)
-    return {**job.view(), "cancelled": cancelled}
+    return await cancel_job(request, job_id, KIND, "adaptation")

@@ -14,7 +14,7 @@ from experts.store.registry import ExpertRegistry
 from experts.store.watcher import StoreWatcher
 from server.config import Settings
 from server.errors import APIError, model_not_found, unavailable
-from server.jobs import JobBoard
+from server.jobs import Job, JobBoard
 from server.metrics import Metrics
 
 
@@ -63,3 +63,18 @@ def check_model(engine, requested: str | None, registry=None) -> str:
     if registry is not None and requested in registry:
         return requested
     raise model_not_found(requested)
+
+
+def job_of_kind(request: Request, job_id: str, kind: str, what: str) -> Job:
+    """The job ``job_id`` if it is of ``kind``; 404 naming ``what`` otherwise."""
+    job = server_state(request).jobs.get(job_id)
+    if job is None or job.kind != kind:
+        raise APIError(404, f"no {what} job {job_id!r}", code="not_found", param="job_id")
+    return job
+
+
+async def cancel_job(request: Request, job_id: str, kind: str, what: str) -> dict:
+    """Cancel a job of ``kind`` (404 if there is none); its view, with whether it was still running."""
+    job = job_of_kind(request, job_id, kind, what)
+    cancelled = await server_state(request).jobs.cancel(job_id)
+    return {**job.view(), "cancelled": cancelled}

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.auth import require_admin_key, require_read_key
 from server.api.serving import ERROR_RESPONSES
-from server.api.state import ready_engine, server_state
+from server.api.state import cancel_job, job_of_kind, ready_engine, server_state
 from server.errors import APIError, invalid_request
 from server.jobs import JobLimitError
 
@@ -122,18 +122,10 @@ async def create_training(body: SAPTTraining, request: Request) -> dict:
 @router.get("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_read_key)],
             summary="Progress and result of a training job")
 async def get_training(job_id: str, request: Request) -> dict:
-    job = server_state(request).jobs.get(job_id)
-    if job is None or job.kind != KIND:
-        raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")
-    return job.view()
+    return job_of_kind(request, job_id, KIND, "training").view()
 
 
 @router.delete("/v1/training/{job_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)],
                summary="Stop a training job")
 async def cancel_training(job_id: str, request: Request) -> dict:
-    jobs = server_state(request).jobs
-    job = jobs.get(job_id)
-    if job is None or job.kind != KIND:
-        raise APIError(404, f"no training job {job_id!r}", code="not_found", param="job_id")
-    cancelled = await jobs.cancel(job_id)
-    return {**job.view(), "cancelled": cancelled}
+    return await cancel_job(request, job_id, KIND, "training")

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.support.live import LONG, MODEL, assert_error_shape, serve
+from tests.support.reliability.http import partial_request_status
 
 HELLO = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
 
@@ -77,31 +78,6 @@ def test_body_sent_in_pieces(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-def _raw_status(url: str, head: bytes, body_part: bytes, wait: float) -> tuple[int | None, float]:
-    """Send a request's head and only part of its body, then wait for an answer without sending more:
-    (status, seconds until it came), or (None, wait) if none came."""
-    import re
-    import socket
-    import time
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port), timeout=wait) as s:
-        t0 = time.monotonic()
-        s.sendall(head + body_part)
-        got = b""
-        try:
-            while b"\r\n" not in got:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:  # timed out: no answer
-            return None, wait
-    m = re.match(rb"HTTP/1\.[01] (\d{3}) ", got)
-    return (int(m.group(1)) if m else None), time.monotonic() - t0
-
-
 def _head(path: str, length: int, key: str | None) -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
@@ -116,13 +92,13 @@ def test_keys_are_checked_before_the_body_is_read(tiny_settings):
                                         ("/v1/completions", 3_000_000, "nope", 401),
                                         ("/v1/adaptations", 500_000, "user", 403),
                                         ("/v1/training/sapt", 60_000, None, 401)]:
-            status, seconds = _raw_status(srv.url, _head(path, length, key), b'{"x": ', wait=5)
+            status, seconds = partial_request_status(srv.url, _head(path, length, key), b'{"x": ', wait=5)
             assert status == want and seconds < 2, (path, key, status, seconds)
 
 
 def test_a_body_that_does_not_arrive_gets_408(tiny_settings):
     with serve(tiny_settings(body_read_timeout=1.0)) as srv, srv.client() as c:
-        status, seconds = _raw_status(srv.url, _head("/v1/completions", 1000, None), b'{"prompt": "x', wait=10)
+        status, seconds = partial_request_status(srv.url, _head("/v1/completions", 1000, None), b'{"prompt": "x', wait=10)
         assert status == 408 and 0.9 < seconds < 5
         assert c.post("/v1/completions", json=HELLO).status_code == 200  # the server goes on
 

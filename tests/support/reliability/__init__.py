@@ -1,1 +1,2 @@
-"""Helpers of the reliability suite: crafted payloads, raw HTTP, process control, the budget and report."""
+"""Helpers of the reliability suite and the limit tests: crafted payloads, raw HTTP, process control, the
+budget and report."""

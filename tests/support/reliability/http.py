@@ -25,17 +25,35 @@ def raw_exchange(url: str, data: bytes, timeout: float = 10.0) -> int | None:
             s.shutdown(socket.SHUT_WR)
         except OSError:  # the server answered and closed while we were still sending
             pass
-        got = b""
-        try:
-            while b"\r\n" not in got:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:
-            pass
+        return _status_line(s)
+
+
+def _status_line(s: socket.socket) -> int | None:
+    """The status of the answer's first line, or None if none came (closed, or the socket timed out)."""
+    got = b""
+    try:
+        while b"\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        return None
     m = re.match(rb"HTTP/1\.[01] (\d{3}) ", got)
     return int(m.group(1)) if m else None
+
+
+def partial_request_status(url: str, head: bytes, body_part: bytes, wait: float) -> tuple[int | None, float]:
+    """Send a request's head and only part of its body, then wait for an answer without sending more:
+    (status, seconds until it came), or (None, wait) if none came."""
+    import time
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=wait) as s:
+        t0 = time.monotonic()
+        s.sendall(head + body_part)
+        status = _status_line(s)
+    return status, (time.monotonic() - t0 if status is not None else wait)
 
 
 def assert_serving_and_idle(srv, client: httpx.Client) -> None:
