@@ -5,7 +5,7 @@ What is timed is one KV-free decode step: every row feeds one token and the mode
 attention does and which SVF does not touch: the ratio reported is an upper bound on a real decode
 step's ratio.
 - ``--shape smollm2`` (default): the full SmolLM2-135M causal LM (30 layers + tied lm_head) from
-  ``--model`` (a Hugging Face folder, default /tmp/smol/hf), fp32 on CPU.
+  ``--model`` (a Hugging Face folder; default the embedded SmolLM2, converted once into the cache), fp32 on CPU.
 - ``--shape llama3-8b``: ``--layers`` (default 4) Llama-3-8B-shaped decoder layers with random weights
   (hidden 4096, MLP 14336, 32 heads / 8 kv heads, bf16) and no lm_head, on ``--device cuda``.
 
@@ -37,13 +37,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapters import Adaptation, SVFExpert, install  # noqa: E402
 from bench.common import Timer, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from engine.loader import resolve_model_folder  # noqa: E402
+from engine.spec import default_cache_dir  # noqa: E402
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel
 
     if args.shape == "smollm2":
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        folder, _ = resolve_model_folder(args.model, default_cache_dir())  # None: the embedded SmolLM2
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         return model.eval(), model.config.vocab_size
     cfg = LlamaConfig(
         vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
@@ -93,7 +96,7 @@ def run_cases(cases: dict, device, rounds: int, iters: int, warmup: int) -> dict
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="/tmp/smol/hf", help="HF folder (shape smollm2)")
+    ap.add_argument("--model", default=None, help="HF folder (shape smollm2; default: the embedded SmolLM2)")
     ap.add_argument("--shape", choices=["smollm2", "llama3-8b"], default="smollm2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
