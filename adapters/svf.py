@@ -58,6 +58,27 @@ def svf_scale(sigma: torch.Tensor, z: torch.Tensor, parametrization: Parametriza
     return sigma.sum() * torch.softmax(torch.log(sigma) + F.logsigmoid(z), dim=-1)
 
 
+def svf_scale_segments(
+    sigma: torch.Tensor, z: torch.Tensor, segments: torch.Tensor, num_segments: int, parametrization: Parametrization
+) -> torch.Tensor:
+    """``svf_scale`` of many matrices at once, their vectors laid end to end.
+
+    sigma, z: (..., K) with matrix ``segments[j]`` owning column j (segments: (K,) int64, values in
+    [0, num_segments)) -> (..., K). The sakana rescale is a softmax within each matrix's columns.
+    """
+    z = z.to(sigma.dtype)
+    if check_parametrization(parametrization) == "direct":
+        return sigma * z
+    t = torch.log(sigma) + F.logsigmoid(z)
+    shape = t.shape[:-1] + (num_segments,)
+    idx = segments.expand_as(t)
+    peak = torch.full(shape, float("-inf"), dtype=t.dtype, device=t.device).scatter_reduce(-1, idx, t, "amax")
+    e = torch.exp(t - peak.gather(-1, idx))
+    total = torch.zeros(shape, dtype=t.dtype, device=t.device).scatter_add(-1, idx, e)
+    sigma_sum = torch.zeros(shape, dtype=t.dtype, device=t.device).scatter_add(-1, idx, sigma.expand_as(t))
+    return sigma_sum.gather(-1, idx) * e / total.gather(-1, idx)
+
+
 def merged_weight(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """W' = U diag(s) Vᵀ.  U: (out, k), s: (k,), Vh: (k, in) -> (out, in), in float32+ then U's dtype."""
     wd = s.dtype

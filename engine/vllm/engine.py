@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from adapters.targets import Target
 from engine.contract import (
     EngineDeadError,
     EngineError,
@@ -39,7 +40,11 @@ from engine.contract import (
 from engine.loader import eos_ids, install_adapters, resolve_model_folder
 from engine.spec import VLLM_LORA_RANKS, EngineSpec, default_cache_dir, spec_from
 from engine.vllm.adapter_cache import Adapter, AdapterCache
-from engine.vllm.router import Route, Router
+from engine.vllm.router import SVF_MODES, Route, Router
+from engine.vllm.row_router import RowRouter, RowsView
+from engine.vllm.rows import RECIPE_KEY
+from engine.vllm.rows_worker import ENV as ROWS_ENV
+from engine.vllm.rows_worker import RowsConfig
 from engine.vllm.scoring import score_prompts, score_result, token_logprobs
 from engine.vllm.swap_gate import WeightGate
 from engine.vllm.weight_swap import WeightSwapper
@@ -66,7 +71,8 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
-    svf_mode: str = "swap"  # swap | lora
+    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | swap | lora
+    max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
     lora_error_budget: float = 0.1  # lora mode: largest ‖ΔW − ΔW_k‖ / ‖ΔW‖ per matrix
     lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
     max_loras: int = 8  # distinct adapters in one batch
@@ -103,11 +109,26 @@ class VLLMApi:
     RequestOutputKind: Any
 
 
+def rows_config(options: VLLMOptions) -> RowsConfig | None:
+    """The workers' per-row configuration (rows mode with adapted matrices), else None."""
+    if options.svf_mode != "rows" or options.adapt_targets == "none":
+        return None
+    svd = None if options.load_format == "dummy" else str(options.cache_dir / "svd")  # random weights: not kept
+    targets = options.adapt_targets.split(",") if "," in options.adapt_targets else options.adapt_targets
+    return RowsConfig(targets=targets, sapt_rank=options.lora_max_rank, svd_cache=svd)
+
+
 def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
     """Start vLLM's AsyncLLM for ``options`` (in the calling thread's running loop)."""
-    if options.dtype not in ("bfloat16", "float16"):
+    rows = rows_config(options)
+    if options.dtype not in ("bfloat16", "float16") and rows is None:
         raise ValueError(f"the vLLM engine serves bfloat16 or float16 (vLLM's LoRA kernels), not {options.dtype}")
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads: never fork it
+    if rows is not None:  # read by the workers (engine.vllm.rows_worker), which inherit this environment
+        os.environ[ROWS_ENV] = rows.to_env()
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # the runner the per-row hooks are written against
+    else:
+        os.environ.pop(ROWS_ENV, None)
     if importlib.util.find_spec("flashinfer") is None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from vllm import AsyncEngineArgs
@@ -121,10 +142,11 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         seed=options.seed, max_model_len=options.max_model_len, max_num_seqs=options.max_num_seqs,
         tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
-        enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
-        specialize_active_lora=options.specialize_active_lora,
-        max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules,
-        worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True)
+        worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+        **({} if options.svf_mode not in SVF_MODES else dict(
+            enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
+            specialize_active_lora=options.specialize_active_lora,
+            max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules)))
     return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind)
 
 
@@ -136,7 +158,7 @@ def load_host_model(options: VLLMOptions):
     model = AutoModelForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype))
     model.eval().requires_grad_(False)
     runtime = None
-    if options.adapt_targets != "none":
+    if options.adapt_targets != "none" and options.svf_mode != "rows":  # rows: the workers hold the factors
         gpu = torch.cuda.is_available()
         if gpu:
             model.to("cuda")
@@ -209,6 +231,7 @@ class VLLMEngine:
         self._dead: BaseException | None = None
         self._serving: set[asyncio.Task] = set()  # requests being served (engine loop)
         self.llm = self.api = self.cache = self.router = self.swapper = self.gate = None
+        self.rows: RowRouter | None = None  # rows mode
         self.runtime = None
 
     # --- construction --------------------------------------------------------------------------------
@@ -247,10 +270,23 @@ class VLLMEngine:
 
     async def _open(self) -> None:
         self.llm, self.api = self._connect(self.options)
+        if rows_config(self.options) is not None:
+            info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install
+            targets = [Target(n, "linear", o, i) for n, o, i in info["targets"]]
+            self.rows = RowRouter(self._rpc, self.scratch / "rows", RowsView(targets, info["sapt_rank"]),
+                                  max_experts=self.options.max_experts)
+            self.rows_info = info
+            self.runtime = self.rows.view
+            self.gate = WeightGate(self._load_weights, quantum=self.options.swap_quantum)
+            log.info("per-row adaptation: %d matrices, %d request slots, SAPT bank %d, tables %.1f MB, "
+                     "factors %.1f MB", len(targets), info["rows"], info["sapt_rank"], info["table_bytes"] / 2**20,
+                     info["factor_bytes"] / 2**20)
+            return
         self.cache = AdapterCache(self.scratch / "adapters", self.options.max_adapters,
                                   on_load=self._register, on_evict=self._unregister)
         self.router = Router(self._host_runtime, self.cache, self.options.model, getattr(torch, self.options.dtype),
-                             svf_mode=self.options.svf_mode, budget=self.options.lora_error_budget,
+                             svf_mode=self.options.svf_mode if self.options.svf_mode in SVF_MODES else "swap",
+                             budget=self.options.lora_error_budget,
                              max_rank=self.options.lora_max_rank)
         swap = None
         if self._host_runtime is not None and self._host_runtime.layers:
@@ -293,6 +329,8 @@ class VLLMEngine:
     def stats(self) -> dict:
         if self.gate is None:
             return {"running": 0, "waiting": 0}
+        if self.rows is not None:
+            return {"running": self._pending, "waiting": 0, "kv_tokens_used": 0, **self.rows.stats()}
         return {"running": self.gate.active, "waiting": max(0, self._pending - self.gate.active),
                 "kv_tokens_used": 0, "swaps": self.gate.swaps, "swap_seconds": round(self.gate.swap_seconds, 3),
                 "adapters": len(self.cache), "adapter_builds": self.cache.builds,
@@ -366,6 +404,11 @@ class VLLMEngine:
         return asyncio.run_coroutine_threadsafe(self._report(adaptation), self._loop).result()
 
     async def _report(self, adaptation) -> dict:
+        if self.rows is not None:
+            self.rows.check(adaptation)
+            sapt = adaptation.sapt
+            return {"label": adaptation.label, "svf": "rows" if adaptation.svf is not None else None,
+                    "sapt_rank": sapt.bundle.num_tasks * sapt.bundle.rank if sapt is not None else 0, "exact": True}
         return await asyncio.to_thread(self.router.report, adaptation)  # may plan: tensor work
 
     async def _serve(self, req: GenerationRequest, push: Callable[[RequestOutput], None]) -> None:
@@ -374,6 +417,9 @@ class VLLMEngine:
         task = asyncio.current_task()
         self._serving.add(task)
         try:
+            if self.rows is not None:
+                await self._serve_rows(req, push)
+                return
             route = await self.router.route(req.adaptation)
             async with self.gate.admitted(route.plan.weights_key, route.plan.weights):
                 lora = self._lora_request(route.adapter)
@@ -397,22 +443,35 @@ class VLLMEngine:
             if route is not None:
                 await self.router.release(route)
 
+    async def _serve_rows(self, req: GenerationRequest, push) -> None:
+        lease = await self.rows.acquire(req.adaptation)
+        try:
+            extra = {RECIPE_KEY: lease.recipe} if lease is not None else None
+            salt = lease.salt if lease is not None else None  # prefixes are shared only under one adaptation
+            if req.score is not None:
+                push(await self._score(req, None, salt, extra))
+            else:
+                await self._generate(req, None, salt, push, extra)
+        finally:
+            await self.rows.release(lease)
+
     def _prompt(self, ids: list[int], salt: str | None) -> dict:
         prompt: dict = {"type": "token", "prompt_token_ids": list(ids)}  # vLLM's TokensInput: no re-rendering
         if salt is not None:  # blocks computed under swapped weights are never reused under others
             prompt["cache_salt"] = salt
         return prompt
 
-    def sampling_params(self, p: SamplingParams):
+    def sampling_params(self, p: SamplingParams, extra_args: dict | None = None):
         return self.api.SamplingParams(
+            extra_args=extra_args,
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0),
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, detokenize=self.options.detokenize, skip_special_tokens=True,
             output_kind=self.api.RequestOutputKind.DELTA)
 
-    async def _generate(self, req: GenerationRequest, lora, salt, push) -> None:
+    async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
         n, count = len(req.prompt_ids), 0
-        async for o in self.llm.generate(self._prompt(req.prompt_ids, salt), self.sampling_params(req.params),
+        async for o in self.llm.generate(self._prompt(req.prompt_ids, salt), self.sampling_params(req.params, extra),
                                          req.request_id, lora_request=lora):
             c = o.outputs[0]
             count += len(c.token_ids)
@@ -423,9 +482,9 @@ class VLLMEngine:
                 return
         raise EngineError("vLLM ended the request without finishing it")
 
-    async def _score(self, req: GenerationRequest, lora, salt) -> RequestOutput:
+    async def _score(self, req: GenerationRequest, lora, salt, extra: dict | None = None) -> RequestOutput:
         params = self.api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                         output_kind=self.api.RequestOutputKind.FINAL_ONLY)
+                                         output_kind=self.api.RequestOutputKind.FINAL_ONLY, extra_args=extra)
 
         async def one(j: int, ids: list[int]) -> list[float | None]:
             last = None

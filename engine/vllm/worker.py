@@ -8,58 +8,19 @@ worker's tensor-parallel shard, so one file serves any tensor-parallel size. Par
 in place (same storage), which keeps CUDA graphs valid. A LoRA-wrapped layer keeps its weight in
 ``base_layer``.
 
-Kept free of other project imports: it is imported by vLLM in its worker processes.
+The per-row adaptation's RPCs (``t2_rows_*``) are here too; importing this module in a worker whose
+environment names a per-row configuration (``T2_ROWS``) installs its hooks in vLLM's model runner, before
+the runner exists (vLLM imports the extension class first).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-
-def vllm_slot(model: torch.nn.Module, hf_name: str) -> tuple[torch.nn.Module, object, int | None]:
-    """(linear layer holding ``hf_name``'s weight, the shard id its loader takes or None, shard index)."""
-    packed = getattr(model, "packed_modules_mapping", None) or {}
-    parent, _, leaf = hf_name.rpartition(".")
-    index = None
-    for fused, parts in packed.items():
-        if leaf in parts:
-            leaf, index = fused, parts.index(leaf)
-            break
-    module = model.get_submodule(f"{parent}.{leaf}" if parent else leaf)
-    layer = getattr(module, "base_layer", module)
-    if index is None:
-        return layer, None, None
-    shard = "qkv"[index] if type(layer).__name__.startswith("QKV") else index
-    return layer, shard, index
-
-
-def load_matrix(model: torch.nn.Module, hf_name: str, weight: torch.Tensor) -> None:
-    layer, shard, _ = vllm_slot(model, hf_name)
-    param = layer.weight
-    loader = getattr(param, "weight_loader", None)
-    if loader is None:  # a plain parameter: the whole matrix, no sharding
-        param.data.copy_(weight)
-    elif shard is None:
-        loader(param, weight)
-    else:
-        loader(param, weight, shard)
-
-
-def shard_rows(layer: torch.nn.Module, index: int | None) -> slice:
-    """Rows of this worker's ``layer.weight`` that hold its part of sub-matrix ``index`` of a fused layer
-    (vLLM's ``output_sizes`` are the full sizes; each rank holds 1/tp of every one)."""
-    if index is None:
-        return slice(None)
-    sizes = list(layer.output_sizes)
-    tp = getattr(layer, "tp_size", 1)
-    start = sum(sizes[:index]) // tp
-    return slice(start, start + sizes[index] // tp)
-
-
-def replicas(layer: torch.nn.Module, index: int | None) -> int:
-    """How many ranks hold the same rows: key/value heads are copied when there are more ranks than them."""
-    if index in (1, 2) and type(layer).__name__.startswith("QKV"):
-        return int(getattr(layer, "num_kv_head_replicas", 1))
-    return 1
+from engine.vllm.layers import load_matrix, replicas, shard_rows, vllm_slot
+from engine.vllm.rows_worker import ENV as ROWS_ENV
+from engine.vllm.rows_worker import install_runner_hooks, rows_of
 
 
 class WeightSwapExtension:
@@ -92,3 +53,26 @@ class WeightSwapExtension:
                 n = replicas(layer, index)
                 out[name] = [float(w.sum()) / n, float(w.pow(2).sum()) / n]
         return out
+
+    # --- per-row adaptation (engine.vllm.rows_worker) ------------------------------------------------
+    def t2_rows_info(self) -> dict:
+        return rows_of(self).info()
+
+    def t2_rows_sigma(self) -> dict[str, torch.Tensor]:
+        return rows_of(self).sigma()
+
+    def t2_rows_put_expert(self, digest: str, path: str, parametrization: str) -> None:
+        rows_of(self).put_expert(digest, path, parametrization)
+
+    def t2_rows_drop_expert(self, digest: str) -> None:
+        rows_of(self).tables.drop_expert(digest)
+
+    def t2_rows_put_bundle(self, key: str, path: str, rank: int, offset: int) -> int:
+        return rows_of(self).put_bundle(key, path, rank, offset)
+
+    def t2_rows_drop_bundle(self, key: str) -> None:
+        rows_of(self).drop_bundle(key)
+
+
+if os.environ.get(ROWS_ENV):
+    install_runner_hooks()

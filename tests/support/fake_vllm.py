@@ -4,17 +4,28 @@ A Hugging Face model (its own copy, as vLLM holds its own weights) is decoded gr
 cache; LoRA adapters are read from their PEFT folders and applied as W + B A for the request; weight
 swaps go through the real worker extension (``WeightSwapExtension``) on that model. It records what it
 was asked, and whether a swap ever happened while a request was in flight.
+
+Rows mode (``engine.vllm.rows``): the model's adapted ``nn.Linear`` layers are turned into row-adapted
+layers by the real ``WorkerRows.install``; the fake then plays vLLM's runner: ``max_num_seqs`` request
+slots, a request waits for a free one, its slot's row is written from its recipe when it gets one, and
+requests decode one token per turn, interleaved, each step mapping its tokens to its own slot.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import types
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.vllm.engine import VLLMApi
+from adapters.targets import find_targets
+from engine.vllm.engine import VLLMApi, rows_config
 from engine.vllm.peft_folder import read_peft_adapter
+from engine.vllm.rows import RECIPE_KEY
+from engine.vllm.rows_worker import Sub, WorkerRows
 from engine.vllm.worker import WeightSwapExtension
 
 
@@ -51,6 +62,72 @@ class FakeLLM:
         self.requests: list[dict] = []  # what each generate() was asked
         self.prefix_resets = 0
         self.shut = False
+        self.rows = None
+        config = rows_config(options)
+        if config is not None:
+            self._install_rows(config)
+
+    # --- rows mode: the runner's request slots -------------------------------------------------------------
+    def _install_rows(self, config) -> None:
+        found = [(self.model.get_submodule(t.name), [Sub(t.name, None, slice(None))], [t.name])
+                 for t in find_targets(self.model, config.targets)]
+        self.rows = WorkerRows.install(found, config, self.options.max_num_seqs, self.options.max_model_len + 8)
+        for layer, _, _ in self.rows.layers:
+            layer.forward = types.MethodType(_rows_forward, layer)
+        self.worker.model_runner = SimpleNamespace(t2_rows=self.rows)
+        self.free_slots = list(range(self.options.max_num_seqs))
+        self.slot_freed = asyncio.Event()
+        self.slots_used: list[tuple[str, int]] = []  # (request id, slot), in admission order
+        self.waited = 0  # requests that found every slot taken
+        self.events: list[tuple[str, str]] = []  # ("start" | "end", request id) as slots are taken and freed
+        self.peak_slots = 0
+
+    async def _take_slot(self) -> int:
+        waited = False
+        while not self.free_slots:
+            waited = True
+            self.slot_freed.clear()
+            await self.slot_freed.wait()
+        self.waited += waited
+        slot = self.free_slots.pop(0)
+        self.peak_slots = max(self.peak_slots, self.options.max_num_seqs - len(self.free_slots))
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        self.free_slots.append(slot)
+        self.slot_freed.set()
+
+    async def _generate_rows(self, ids, params, request_id):
+        recipe = (getattr(params, "extra_args", None) or {}).get(RECIPE_KEY)
+        slot = await self._take_slot()
+        self.slots_used.append((request_id, slot))
+        self.events.append(("start", request_id))
+        try:
+            self.rows.tables.admit(slot, recipe)  # what vLLM's runner does when it first schedules the request
+            with torch.no_grad():
+                if getattr(params, "prompt_logprobs", None) is not None:
+                    self._map(slot, len(ids))
+                    yield self._out([], "length", True, self._prompt_logprobs(ids))
+                    return
+                seq = list(ids)
+                eos = self.model.generation_config.eos_token_id
+                eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+                for i in range(params.max_tokens):
+                    self._map(slot, len(seq))
+                    t = int(self.model(torch.tensor([seq])).logits[0, -1].argmax())
+                    seq.append(t)
+                    last = i == params.max_tokens - 1 or (not getattr(params, "ignore_eos", False) and t in eos)
+                    yield self._out([t], ("length" if i == params.max_tokens - 1 else "stop") if last else None,
+                                    last, None)
+                    if last:
+                        return
+                    await asyncio.sleep(0)  # other requests step in between, on their own slots
+        finally:
+            self.events.append(("end", request_id))
+            self._free_slot(slot)
+
+    def _map(self, slot: int, n: int) -> None:
+        self.rows.tables.map_tokens(np.array([slot]), np.array([n]), n)
 
     # --- the AsyncLLM surface the engine uses ----------------------------------------------------------
     async def add_lora(self, req) -> bool:
@@ -81,6 +158,15 @@ class FakeLLM:
         ids = list(prompt["prompt_token_ids"])
         self.requests.append({"id": request_id, "ids": ids, "lora": lora_request, "salt": prompt.get("cache_salt"),
                               "params": params})
+        if self.rows is not None:
+            assert lora_request is None, "rows mode sends no LoRA"
+            self.in_flight += 1
+            try:
+                async for out in self._generate_rows(ids, params, request_id):
+                    yield out
+            finally:
+                self.in_flight -= 1
+            return
         self.in_flight += 1
         try:
             with torch.no_grad(), self._lora(lora_request):  # all compute at once: adapters never interleave
@@ -134,6 +220,12 @@ class FakeLLM:
     def _out(self, tokens, reason, finished, plp):
         done = SimpleNamespace(token_ids=list(tokens), text="", finish_reason=reason)
         return SimpleNamespace(outputs=[done], finished=finished, prompt_logprobs=plp)
+
+
+def _rows_forward(self, x):
+    """A row-adapted ``nn.Linear`` on (batch, tokens, in) inputs: the row math takes one row per token."""
+    y = self.quant_method.apply(self, x.reshape(-1, x.shape[-1]), self.bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def fake_connect(options):

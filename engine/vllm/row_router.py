@@ -1,0 +1,217 @@
+"""The front end of per-row adaptation (``engine.vllm.rows``): what a request carries, what workers hold.
+
+A request's adaptation travels as a small recipe in ``SamplingParams.extra_args`` (expert digests and
+their α; a SAPT bundle's key and the request's attention), which each worker turns into the request's
+scale row when vLLM admits it. Before a request is sent, every expert and SAPT bundle its recipe names is
+registered on every worker (``t2_rows_put_*``, once per content) and pinned until the request ends;
+experts beyond ``max_experts`` and bundles that need the bank's room are dropped least recently used,
+never while a request holds them. A bundle that finds the bank full of bundles in use waits for one
+to be released: a request is never served with another request's weights.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import torch
+
+from adapters.adaptation import Adaptation
+from adapters.targets import Target
+from engine.vllm.rows import first_fit
+
+log = logging.getLogger("t2serve.vllm")
+
+Rpc = Callable[[str, tuple], Awaitable[list]]
+
+
+@dataclass
+class Lease:
+    """What one request holds while it runs: its recipe and the worker-side entries it pins."""
+
+    recipe: dict
+    salt: str
+    experts: list[str] = field(default_factory=list)
+    bundle: str | None = None
+
+
+@dataclass
+class _Entry:
+    refs: int = 0
+    ready: asyncio.Future | None = None  # set once every worker has it
+
+
+class RowsView:
+    """What the HTTP edge validates adaptations against on the rows path (``engine.runtime``)."""
+
+    def __init__(self, targets: list[Target], sapt_rank: int):
+        self.targets = targets
+        self.layers: list = []
+        self.sapt_rank = sapt_rank
+        self._k = {t.name: t.rank for t in targets}
+
+    def validate(self, adaptation: Adaptation) -> None:
+        if adaptation.svf is not None:
+            for name in adaptation.svf.target_names:
+                if name not in self._k:
+                    raise ValueError(f"expert matrix {name} is not adapted by this server")
+                k = adaptation.svf.experts[0].z[name].shape[0]
+                if k != self._k[name]:
+                    raise ValueError(f"{name}: z has {k} values, the matrix has {self._k[name]}")
+        if adaptation.sapt is not None:
+            bundle = adaptation.sapt.bundle
+            width = bundle.num_tasks * bundle.rank
+            if width > self.sapt_rank:
+                raise ValueError(f"this SAPT bundle has rank {width} (tasks x r); this server's SAPT bank holds "
+                                 f"{self.sapt_rank} (setting vllm_lora_max_rank)")
+            if bundle.prompt_len:
+                raise ValueError("SAPT soft prompts are not served by the vLLM engine")
+            missing = [n for n in bundle.target_names if n not in self._k]
+            if missing:
+                raise ValueError(f"SAPT matrices not adapted by this server: {missing[:3]}")
+
+
+def bundle_key(bundle) -> str:
+    return hashlib.sha256(repr(bundle.version()).encode()).hexdigest()[:32]
+
+
+class RowRouter:
+    def __init__(self, rpc: Rpc, scratch: Path, view: RowsView, max_experts: int = 256):
+        self.rpc, self.scratch, self.view, self.max_experts = rpc, scratch, view, max_experts
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._experts: OrderedDict[str, _Entry] = OrderedDict()
+        self._bundles: OrderedDict[str, _Entry] = OrderedDict()
+        self._placed: dict[str, tuple[int, int]] = {}  # bundle -> (bank offset, width), as every worker has it
+        self._room = asyncio.Condition()  # a bundle was released
+        self.puts = 0  # registrations sent to the workers (a figure for tests and stats)
+
+    def check(self, adaptation: Adaptation) -> None:
+        self.view.validate(adaptation)
+
+    # --- requests ---------------------------------------------------------------------------------------
+    async def acquire(self, adaptation: Adaptation | None) -> Lease | None:
+        if adaptation is None:
+            return None
+        self.check(adaptation)
+        lease = Lease(recipe={}, salt=adaptation.key)
+        try:
+            if adaptation.svf is not None:
+                mix = adaptation.svf
+                for e in mix.experts:
+                    digest = e.digest()
+                    await self._pin(self._experts, digest, lambda e=e, d=digest: self._put_expert(d, e))
+                    lease.experts.append(digest)
+                alpha = mix.alpha.detach().float().cpu()
+                lease.recipe["svf"] = {"experts": list(lease.experts), "alpha": alpha.tolist(),
+                                       "targets": list(mix.alpha_targets) if mix.alpha_targets else None}
+            if adaptation.sapt is not None:
+                bundle = adaptation.sapt.bundle
+                key = bundle_key(bundle)
+                await self._pin(self._bundles, key, lambda: self._put_bundle(key, bundle))
+                lease.bundle = key
+                lease.recipe["sapt"] = {"bundle": key,
+                                        "attention": adaptation.sapt.attention.detach().float().cpu().tolist()}
+        except BaseException:
+            await self.release(lease)
+            raise
+        await self._trim_experts()
+        return lease
+
+    async def release(self, lease: Lease | None) -> None:
+        if lease is None:
+            return
+        for d in lease.experts:
+            self._experts[d].refs -= 1
+        lease.experts = []
+        if lease.bundle is not None:
+            self._bundles[lease.bundle].refs -= 1
+            lease.bundle = None
+            async with self._room:
+                self._room.notify_all()
+
+    async def _pin(self, table: OrderedDict, key: str, put: Callable[[], Awaitable[None]]) -> None:
+        entry = table.get(key)
+        if entry is None:
+            entry = table[key] = _Entry(ready=asyncio.get_running_loop().create_future())
+            entry.refs += 1
+            try:
+                await put()
+            except BaseException as e:
+                del table[key]
+                entry.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+                entry.ready.exception()  # retrieved: waiters re-raise it themselves
+                raise
+            entry.ready.set_result(None)
+        else:
+            entry.refs += 1
+            try:
+                await asyncio.shield(entry.ready)
+            except BaseException:
+                entry.refs -= 1
+                raise
+        table.move_to_end(key)
+
+    # --- workers ----------------------------------------------------------------------------------------
+    async def _put_expert(self, digest: str, expert) -> None:
+        from safetensors.torch import save_file
+
+        path = self.scratch / f"expert-{digest[:32]}.safetensors"
+        await asyncio.to_thread(save_file, {n: v.detach().float().contiguous().cpu() for n, v in expert.z.items()},
+                                str(path))
+        try:
+            await self.rpc("t2_rows_put_expert", (digest, str(path), expert.parametrization))
+            self.puts += 1
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _trim_experts(self) -> None:
+        idle = [d for d, e in self._experts.items() if e.refs == 0 and e.ready.done()]
+        excess = len(self._experts) - self.max_experts
+        for d in idle[:max(0, excess)]:
+            del self._experts[d]
+            await self.rpc("t2_rows_drop_expert", (d,))
+
+    async def _put_bundle(self, key: str, bundle) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (A, B) in bundle.stacked_lora().items():
+            tensors[f"{name}.A"] = A.detach().float().contiguous().cpu()
+            tensors[f"{name}.B"] = B.detach().float().contiguous().cpu()
+        width = bundle.num_tasks * bundle.rank
+        while True:
+            offset = first_fit(list(self._placed.values()), width, self.view.sapt_rank)
+            if offset is not None:
+                break
+            if not await self._evict_bundle(key):
+                async with self._room:  # every bundle in the bank is in use: wait for a release
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), 1.0)
+        self._placed[key] = (offset, width)
+        path = self.scratch / f"bundle-{key}.safetensors"
+        try:
+            await asyncio.to_thread(save_file, tensors, str(path))
+            await self.rpc("t2_rows_put_bundle", (key, str(path), bundle.rank, offset))
+            self.puts += 1
+        except BaseException:
+            self._placed.pop(key, None)
+            raise
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _evict_bundle(self, keep: str) -> bool:
+        for k, e in list(self._bundles.items()):
+            if k != keep and e.refs == 0 and e.ready.done():
+                del self._bundles[k]
+                self._placed.pop(k, None)
+                await self.rpc("t2_rows_drop_bundle", (k,))
+                return True
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {"experts": len(self._experts), "bundles": len(self._bundles), "registrations": self.puts}
