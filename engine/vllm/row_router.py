@@ -31,19 +31,19 @@ Rpc = Callable[[str, tuple], Awaitable[list]]
 
 
 @dataclass
+class _Entry:
+    refs: int = 0
+    ready: asyncio.Future | None = None  # set once every worker has it
+
+
+@dataclass
 class Lease:
     """What one request holds while it runs: its recipe and the worker-side entries it pins."""
 
     recipe: dict
     salt: str
-    experts: list[str] = field(default_factory=list)
-    bundle: str | None = None
-
-
-@dataclass
-class _Entry:
-    refs: int = 0
-    ready: asyncio.Future | None = None  # set once every worker has it
+    pins: list[_Entry] = field(default_factory=list)
+    bundle: bool = False  # one of the pins is a SAPT bundle: a release may make room in the bank
 
 
 class RowsView:
@@ -86,6 +86,7 @@ class RowRouter:
         self.scratch.mkdir(parents=True, exist_ok=True)
         self._experts: OrderedDict[str, _Entry] = OrderedDict()
         self._bundles: OrderedDict[str, _Entry] = OrderedDict()
+        self._dropping: dict[str, asyncio.Future] = {}  # keys whose drop is on its way to the workers
         self._placed: dict[str, tuple[int, int]] = {}  # bundle -> (bank offset, width), as every worker has it
         self._room = asyncio.Condition()  # a bundle was released
         self.puts = 0  # registrations sent to the workers (a figure for tests and stats)
@@ -102,18 +103,19 @@ class RowRouter:
         try:
             if adaptation.svf is not None:
                 mix = adaptation.svf
+                digests = []
                 for e in mix.experts:
                     digest = e.digest()
-                    await self._pin(self._experts, digest, lambda e=e, d=digest: self._put_expert(d, e))
-                    lease.experts.append(digest)
+                    await self._pin(lease, self._experts, digest, lambda e=e, d=digest: self._put_expert(d, e))
+                    digests.append(digest)
                 alpha = mix.alpha.detach().float().cpu()
-                lease.recipe["svf"] = {"experts": list(lease.experts), "alpha": alpha.tolist(),
+                lease.recipe["svf"] = {"experts": digests, "alpha": alpha.tolist(),
                                        "targets": list(mix.alpha_targets) if mix.alpha_targets else None}
             if adaptation.sapt is not None:
                 bundle = adaptation.sapt.bundle
                 key = bundle_key(bundle)
-                await self._pin(self._bundles, key, lambda: self._put_bundle(key, bundle))
-                lease.bundle = key
+                await self._pin(lease, self._bundles, key, lambda: self._put_bundle(key, bundle))
+                lease.bundle = True
                 lease.recipe["sapt"] = {"bundle": key,
                                         "attention": adaptation.sapt.attention.detach().float().cpu().tolist()}
         except BaseException:
@@ -125,36 +127,47 @@ class RowRouter:
     async def release(self, lease: Lease | None) -> None:
         if lease is None:
             return
-        for d in lease.experts:
-            self._experts[d].refs -= 1
-        lease.experts = []
-        if lease.bundle is not None:
-            self._bundles[lease.bundle].refs -= 1
-            lease.bundle = None
+        for entry in lease.pins:  # the entries themselves: one dropped meanwhile is no one else's
+            entry.refs -= 1
+        lease.pins = []
+        if lease.bundle:
+            lease.bundle = False
             async with self._room:
                 self._room.notify_all()
 
-    async def _pin(self, table: OrderedDict, key: str, put: Callable[[], Awaitable[None]]) -> None:
+    async def _pin(self, lease: Lease, table: OrderedDict, key: str, put: Callable[[], Awaitable[None]]) -> None:
+        """Hold ``table[key]`` for ``lease``, registering it on the workers first if needed."""
+        while key in self._dropping:  # a drop of this key is on its way to the workers: put it back after
+            await asyncio.shield(self._dropping[key])
         entry = table.get(key)
         if entry is None:
             entry = table[key] = _Entry(ready=asyncio.get_running_loop().create_future())
             entry.refs += 1
+            lease.pins.append(entry)
             try:
                 await put()
             except BaseException as e:
-                del table[key]
+                if table.get(key) is entry:
+                    del table[key]
                 entry.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
                 entry.ready.exception()  # retrieved: waiters re-raise it themselves
                 raise
             entry.ready.set_result(None)
         else:
             entry.refs += 1
-            try:
-                await asyncio.shield(entry.ready)
-            except BaseException:
-                entry.refs -= 1
-                raise
+            lease.pins.append(entry)
+            await asyncio.shield(entry.ready)
         table.move_to_end(key)
+
+    async def _drop(self, table: OrderedDict, key: str, method: str) -> None:
+        """Remove an idle entry here and on the workers; pins of the same key wait until the drop is done."""
+        del table[key]
+        done = self._dropping[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self.rpc(method, (key,))
+        finally:
+            del self._dropping[key]
+            done.set_result(None)
 
     # --- workers ----------------------------------------------------------------------------------------
     async def _put_expert(self, digest: str, expert) -> None:
@@ -170,11 +183,12 @@ class RowRouter:
             path.unlink(missing_ok=True)
 
     async def _trim_experts(self) -> None:
-        idle = [d for d, e in self._experts.items() if e.refs == 0 and e.ready.done()]
-        excess = len(self._experts) - self.max_experts
-        for d in idle[:max(0, excess)]:
-            del self._experts[d]
-            await self.rpc("t2_rows_drop_expert", (d,))
+        while len(self._experts) > self.max_experts:
+            # chosen and removed with no await in between: an entry pinned meanwhile is never the one dropped
+            idle = next((d for d, e in self._experts.items() if e.refs == 0 and e.ready.done()), None)
+            if idle is None:
+                return
+            await self._drop(self._experts, idle, "t2_rows_drop_expert")
 
     async def _put_bundle(self, key: str, bundle) -> None:
         from safetensors.torch import save_file
@@ -205,13 +219,12 @@ class RowRouter:
             path.unlink(missing_ok=True)
 
     async def _evict_bundle(self, keep: str) -> bool:
-        for k, e in list(self._bundles.items()):
-            if k != keep and e.refs == 0 and e.ready.done():
-                del self._bundles[k]
-                self._placed.pop(k, None)
-                await self.rpc("t2_rows_drop_bundle", (k,))
-                return True
-        return False
+        idle = next((k for k, e in self._bundles.items() if k != keep and e.refs == 0 and e.ready.done()), None)
+        if idle is None:
+            return False
+        self._placed.pop(idle, None)
+        await self._drop(self._bundles, idle, "t2_rows_drop_bundle")
+        return True
 
     def stats(self) -> dict[str, Any]:
         return {"experts": len(self._experts), "bundles": len(self._bundles), "registrations": self.puts}
