@@ -161,6 +161,49 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The base model's modules and configs without its weights (meta tensors), its input embeddings
+    loaded: what the host needs when an engine holds the weights elsewhere (vLLM's rows mode). SAPT
+    routing reads the embeddings; ``model.t2_tensor(name)`` reads any other state-dict tensor from the
+    checkpoint on demand (a tied weight through the tensor it is tied to), which is how the expert
+    store's fingerprint samples the weights (``holds_weights`` is False for it)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass  # no generation_config.json: the one from the model config stays
+    where: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            where.update(dict.fromkeys(h.keys(), f))
+    params = model.state_dict(keep_vars=True)
+
+    def tensor(name: str) -> torch.Tensor:
+        source = name if name in where else next(
+            (n for n, t in params.items() if t is params[name] and n in where), None)
+        if source is None:
+            raise KeyError(f"{name} is in no safetensors file of {folder}")
+        with safe_open(str(where[source]), framework="pt") as h:
+            return h.get_tensor(source)
+
+    emb = model.get_input_embeddings()
+    name = next(n for n, t in params.items() if t is emb.weight)
+    emb.weight = torch.nn.Parameter(tensor(name).to(dtype), requires_grad=False)
+    model.t2_tensor = tensor
+    return model.eval().requires_grad_(False)
+
+
+def holds_weights(model: torch.nn.Module | None) -> bool:
+    """Whether ``model`` is a whole model (not None, not a ``load_skeleton`` skeleton)."""
+    return model is not None and not hasattr(model, "t2_tensor")
+
+
 def install_adapters(model: torch.nn.Module, adapt_targets: str, cache_dir: Path) -> AdaptationRuntime | None:
     """Put the adaptive layers into ``model`` (SVD factors from ``<cache_dir>/svd``, computed once
     otherwise); None when ``adapt_targets`` is "none"."""

@@ -37,7 +37,7 @@ from engine.contract import (
     check_admission,
     stream_outputs,
 )
-from engine.loader import eos_ids, install_adapters, resolve_model_folder
+from engine.loader import eos_ids, install_adapters, load_skeleton, resolve_model_folder
 from engine.spec import VLLM_LORA_RANKS, EngineSpec, default_cache_dir, spec_from
 from engine.vllm.adapter_cache import Adapter, AdapterCache
 from engine.vllm.router import SVF_MODES, Route, Router
@@ -151,14 +151,19 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
 
 
 def load_host_model(options: VLLMOptions):
-    """(host model on the CPU, its AdaptationRuntime or None). The SVD factors are computed on the GPU
-    when there is one (then cached on disk), before vLLM takes the GPU memory."""
+    """(host model on the CPU, its AdaptationRuntime or None). Rows mode needs no weights on the host:
+    a skeleton with the input embeddings (``load_skeleton``). Swap and lora modes compute from a whole
+    copy and its SVD factors (computed on the GPU when there is one, then cached on disk), before vLLM
+    takes the GPU memory."""
     from transformers import AutoModelForCausalLM
+
+    if options.svf_mode == "rows":
+        return load_skeleton(options.model, getattr(torch, options.dtype)), None
 
     model = AutoModelForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype))
     model.eval().requires_grad_(False)
     runtime = None
-    if options.adapt_targets != "none" and options.svf_mode != "rows":  # rows: the workers hold the factors
+    if options.adapt_targets != "none":
         gpu = torch.cuda.is_available()
         if gpu:
             model.to("cuda")

@@ -26,6 +26,8 @@ _SAMPLE = 1024  # values per tensor
 def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(b"t2serve-base/1")
     for name, t in model.state_dict().items():
+        if t.is_meta:  # a skeleton (engine.loader.load_skeleton): the weights are read from the checkpoint
+            t = model.t2_tensor(name)
         flat = t.detach().reshape(-1)
         n = min(_SAMPLE, flat.numel())
         # Evenly strided positions in integer arithmetic (float linspace rounds past the end of big tensors).

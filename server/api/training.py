@@ -66,14 +66,14 @@ def _check_targets(engine, lora_targets: str) -> None:
 @router.post("/v1/training/sapt", status_code=202, responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
              dependencies=[Depends(require_admin_key)], summary="Start SAPT training of a task sequence")
 async def create_training(body: SAPTTraining, request: Request) -> dict:
-    from engine.loader import resolve_dtype, resolve_model_folder
+    from engine.loader import holds_weights, resolve_dtype, resolve_model_folder
     from experts.sapt.job import SAPTJobSpec, run_sapt_job
     from experts.tasks import get_task
     from experts.tasks.synthetic import SyntheticTask
 
     engine, state = ready_engine(request), server_state(request)
     settings = state.settings
-    if state.store is None or engine.model is None:
+    if state.store is None or not holds_weights(engine.model):
         raise APIError(503, "training needs the native engine and an open expert store", type="server_error",
                        code="training_unavailable")
     if len(set(body.tasks)) != len(body.tasks):
