@@ -172,6 +172,10 @@ def _cached(path: Path, key: str, targets: Sequence[Target], weights: Sequence[t
             log.warning("SVD cache %s is corrupt or partial (%s); recomputing", path, e)
         return None
     log.info("SVD factors of %d matrices loaded from %s", len(targets), path)
+    try:
+        os.utime(path)  # last used now: the cache is pruned least recently used first (engine/cache.py)
+    except OSError:
+        pass  # a read-only cache
     return factors
 
 

@@ -22,6 +22,7 @@ from filelock import FileLock
 from adapters.atomic import atomic_folder
 from adapters.install import install
 from adapters.runtime import AdaptationRuntime
+from engine.cache import touch
 from engine.spec import ModelSpec
 
 log = logging.getLogger("t2serve.model")
@@ -82,6 +83,7 @@ def gguf_to_hf_folder(gguf: Path, cache_dir: Path) -> Path:
     """Dequantise `gguf` into a cached Hugging Face folder (once); return the folder."""
     target = cache_dir / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / _COMPLETE_MARK).exists():
+        touch(target)  # last used now: the cache is pruned least recently used first
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # One converter per model: a second server starting meanwhile waits and then uses its folder; and the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -38,6 +39,7 @@ and `top_k`. Errors always have the shape `{"error": {"message", "type", "param"
 
 
 async def _load_engine(state: ServerState) -> None:
+    started = time.time()
     try:
         engine = await asyncio.to_thread(load_engine, state.settings.engine_spec())
     except Exception as e:
@@ -52,6 +54,21 @@ async def _load_engine(state: ServerState) -> None:
         return
     state.engine = engine
     log.info("model %s loaded; serving", engine.model_name)
+    if state.settings.cache_max_gb is not None:
+        await asyncio.to_thread(_cap_cache, state.settings, started)
+
+
+def _cap_cache(settings, started: float) -> None:
+    """Evict the least recently used cache entries beyond ``cache_max_gb``; what this server loaded (used
+    since it started) stays."""
+    from engine.cache import entries, human, prune
+
+    root = settings.cache_dir
+    in_use = tuple(e.path for e in entries(root) if e.used >= started - 1)
+    removed = prune(root, max_bytes=int(settings.cache_max_gb * 1e9), keep=in_use,
+                    expert_dir=settings.resolved_expert_dir())
+    for e in removed:
+        log.info("cache over %s GB: removed %s %s (%s)", settings.cache_max_gb, e.kind, e.path, human(e.size))
 
 
 def _load_failed(state: ServerState, what: str, e: Exception) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from server.config import Settings
 
@@ -63,6 +64,53 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the cache folder's entries, or prune them (engine/cache.py says what each kind is)."""
+    from engine.cache import KINDS, entries, human, prune
+
+    settings = settings_from_args(args)
+    root, store = settings.cache_dir, settings.resolved_expert_dir()
+    if args.action == "list":
+        now = time.time()
+        listed = entries(root, store)
+        print(f"{'kind':<9} {'size':>9} {'last used':>10}  path")
+        for e in listed:
+            age = now - e.used
+            used = f"{age / 86400:.1f} d ago" if age >= 86400 else f"{age / 3600:.1f} h ago"
+            print(f"{e.kind:<9} {human(e.size):>9} {used:>10}  {e.path}" + (f"  ({e.about})" if e.about else ""))
+        total = sum(e.size for e in listed if e.prunable)
+        print(f"{len(listed)} entries in {root}; {human(total)} prunable")
+        return 0
+    removed = prune(root, kinds=tuple(args.kind or KINDS),
+                    older_than_s=None if args.older_than_days is None else args.older_than_days * 86400,
+                    max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9), expert_dir=store,
+                    dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in removed:
+        print(f"{verb} {e.kind} {e.path} ({human(e.size)})")
+    print(f"{verb} {len(removed)} entries, {human(sum(e.size for e in removed))}")
+    return 0
+
+
+def _add_cache_subcommand(sub) -> None:
+    from engine.cache import KINDS
+
+    cache = sub.add_parser("cache", help="list or prune the cache folder (converted models, SVD factors, ...)")
+    actions = cache.add_subparsers(dest="action", required=True)
+    for name, text in (("list", "every entry: kind, size, last use"), ("prune", "remove entries (default: all "
+                                                                                "prunable ones; never the expert store)")):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("--cache-dir", dest="cache_dir", default=None, help="the cache folder [env T2_CACHE_DIR]")
+        a.add_argument("--expert-dir", dest="expert_dir", default=None, help="the expert store [env T2_EXPERT_DIR]")
+        if name == "prune":
+            a.add_argument("--kind", action="append", choices=KINDS, help="only entries of this kind (repeatable)")
+            a.add_argument("--older-than-days", type=float, default=None, help="only entries unused this long")
+            a.add_argument("--max-gb", type=float, default=None,
+                           help="remove the least recently used until the prunable entries fit in this size")
+            a.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+        a.set_defaults(func=cmd_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2serve", description="Self-adaptive LLM server (Transformer², SAPT)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="convert and cache the model, then exit")
     _add_settings_flags(prep)
     prep.set_defaults(func=cmd_prepare)
+    _add_cache_subcommand(sub)
     from server.expert_cli import add_subcommand
 
     add_subcommand(sub, _add_settings_flags, settings_from_args)

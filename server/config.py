@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
     expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
+    cache_max_gb: float | None = Field(None, gt=0, description="largest size of the cache folder's converted models, "
+                                       "SVD factors, vLLM scratch and training runs: at start the least recently used "
+                                       "beyond it are removed (never the expert store, never what this server uses)")
     store_poll_interval: float = Field(1.0, ge=0, description="seconds between checks of the expert store for "
                                        "changes by other replicas sharing it: they are served within this plus "
                                        "the time to read the expert (0: never check; one server per store)")

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from adapters.targets import Target
+from engine.cache import scratch_alive
 from engine.contract import (
     EngineDeadError,
     EngineError,
@@ -199,15 +200,8 @@ def _eos_ids(model, tokenizer, folder: str) -> list[int]:
 def remove_stale_runs(root: Path) -> None:
     """Delete the adapter and swap folders of engines whose process is gone (``run-<pid>-...``)."""
     for d in root.glob("run-*"):
-        try:
-            pid = int(d.name.split("-")[1])
-            if pid != os.getpid():
-                os.kill(pid, 0)
-            continue  # alive (or this process): keep
-        except ProcessLookupError:
+        if not scratch_alive(d):
             shutil.rmtree(d, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
 
 
 def _finish_reason(reason: str | None) -> str:
