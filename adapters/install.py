@@ -12,8 +12,8 @@ from torch import nn
 
 from adapters.layer import ActiveTable, AdaptiveLinear
 from adapters.runtime import AdaptationRuntime
-from adapters.svd_cache import load_or_compute
-from adapters.targets import find_targets
+from adapters.svd_cache import SVDFactors, load_or_compute
+from adapters.targets import Target, find_targets
 
 
 def install(
@@ -37,9 +37,15 @@ def install(
         raise ValueError("adaptation layers are already installed in this model")
     found = find_targets(model, targets)
     factors = load_or_compute(model, found, svd_cache_dir, progress=progress)
+    install_factors(model, found, factors)
+    return AdaptationRuntime(model, **runtime_options)
+
+
+def install_factors(model: nn.Module, found: Sequence[Target], factors: dict[str, SVDFactors]) -> None:
+    """The surgery alone: an ``AdaptiveLinear`` in place of each of ``found`` (cheap; the factors are
+    computed already). A runtime made before (``expected=found``) then takes them with ``scan()``."""
     slot = ActiveTable()
     for t in found:
         parent_name, _, child = t.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, AdaptiveLinear(getattr(parent, child), t, factors[t.name], slot))
-    return AdaptationRuntime(model, **runtime_options)

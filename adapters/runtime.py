@@ -35,7 +35,7 @@ from adapters.adaptation import Adaptation
 from adapters.layer import ActiveTable, AdaptiveLinear, TargetStep
 from adapters.sapt import row_lora_scale
 from adapters.svf import merged_delta_weight
-from adapters.targets import weight_matrix
+from adapters.targets import Target, weight_matrix
 
 
 @dataclass
@@ -73,11 +73,26 @@ class AdaptationRuntime:
         max_resolved: int = 128,
         max_merged: int = 1,
         merge_after: int = 32,
+        expected: Sequence[Target] | None = None,
     ):
+        """``expected``: the targets whose layers are still being prepared (their SVD computed in the
+        background): until ``scan`` finds them installed, adaptations are validated against them but not
+        served (``ready`` is False)."""
         self.model = model
-        self.layers: list[AdaptiveLinear] = [m for m in model.modules() if isinstance(m, AdaptiveLinear)]
-        self.targets = [layer.target for layer in self.layers]
         self.max_resolved, self.max_merged, self.merge_after = max_resolved, max_merged, merge_after
+        self._expected = list(expected or [])
+        self.scan()
+
+    @property
+    def ready(self) -> bool:
+        """Whether adapted rows can be served (the expected layers, if any, are installed)."""
+        return bool(self.layers) or not self._expected
+
+    def scan(self) -> None:
+        """(Re)read the installed adaptive layers: after ``adapters.install_factors`` put them in."""
+        model = self.model
+        self.layers: list[AdaptiveLinear] = [m for m in model.modules() if isinstance(m, AdaptiveLinear)]
+        self.targets = [layer.target for layer in self.layers] or list(self._expected)
         self._slot = ActiveTable()
         for layer in self.layers:  # the last runtime made for a model drives its layers
             layer.slot = self._slot

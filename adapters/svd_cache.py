@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from filelock import FileLock
@@ -179,8 +179,14 @@ def _cached(path: Path, key: str, targets: Sequence[Target], weights: Sequence[t
     return factors
 
 
-def _compute(targets: Sequence[Target], weights: Sequence[torch.Tensor], progress: bool) -> dict[str, SVDFactors]:
-    return {t.name: thin_svd(w) for t, w in _progress(list(zip(targets, weights)), progress, "SVD of target matrices")}
+def _compute(targets: Sequence[Target], weights: Sequence[torch.Tensor], progress: bool,
+             on_progress: Callable[[int, int], None] | None = None) -> dict[str, SVDFactors]:
+    out = {}
+    for i, (t, w) in enumerate(_progress(list(zip(targets, weights)), progress, "SVD of target matrices")):
+        out[t.name] = thin_svd(w)
+        if on_progress is not None:
+            on_progress(i + 1, len(targets))
+    return out
 
 
 def load_or_compute(
@@ -188,11 +194,13 @@ def load_or_compute(
     targets: Sequence[Target],
     cache_dir: str | os.PathLike | None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, SVDFactors]:
     """SVD factors of every target, from ``cache_dir`` when a valid file exists, else computed (and
-    written there). ``cache_dir=None`` computes without touching the disk."""
+    written there). ``cache_dir=None`` computes without touching the disk. ``on_progress(done, total)``
+    is called after each matrix computed."""
     weights = [weight_matrix(m.weight, t.kind) for m, t in zip(_modules(model, targets), targets)]
-    return load_or_compute_matrices(weights, targets, cache_dir, progress)
+    return load_or_compute_matrices(weights, targets, cache_dir, progress, on_progress)
 
 
 def load_or_compute_matrices(
@@ -200,13 +208,14 @@ def load_or_compute_matrices(
     targets: Sequence[Target],
     cache_dir: str | os.PathLike | None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, SVDFactors]:
     """``load_or_compute`` for matrices held outside a Hugging Face model (``weights[i]`` is target
     ``i``'s W as (out, in)): the vLLM workers' own weights use the same cache as the native engine."""
     key = cache_key(weights_fingerprint(weights), targets)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is None:
-        return _compute(targets, weights, progress)
+        return _compute(targets, weights, progress, on_progress)
     factors = _cached(path, key, targets, weights)  # no lock for reading: the folder may be read-only
     if factors is not None:
         return factors
@@ -220,7 +229,7 @@ def load_or_compute_matrices(
         for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
             log.warning("removing %s, left by an interrupted write", leftover)
             leftover.unlink(missing_ok=True)
-        factors = _compute(targets, weights, progress)
+        factors = _compute(targets, weights, progress, on_progress)
         tensors: dict[str, torch.Tensor] = {}
         for t in targets:
             f = factors[t.name]

@@ -117,6 +117,7 @@ class Engine(Protocol):
     eos_token_ids: list[int]
     runtime: AdaptationRuntime | None  # validates adaptations, knows the targets; None without adapted matrices
     model: Any  # the base model's weights as a torch module (fingerprints, SAPT embeddings), or None
+    adaptation: dict  # how far the adaptive layers are: {"phase": "ready" | "svd" | "failed", "percent", ...}
 
     @property
     def ready(self) -> bool:
@@ -138,6 +139,10 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """End a request early; its stream ends with finish reason "abort"."""
+
+    async def wait_adaptation(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the adaptive layers (prepared in the background at start);
+        whether adapted requests are served now. An adapted request sent before waits in the engine."""
 
 
 async def stream_outputs(q: asyncio.Queue, on_exit: Callable[[bool], None]) -> AsyncIterator[RequestOutput]:

@@ -211,5 +211,9 @@ def install_adapters(model: torch.nn.Module, adapt_targets: str, cache_dir: Path
     otherwise); None when ``adapt_targets`` is "none"."""
     if adapt_targets == "none":
         return None
-    targets = adapt_targets.split(",") if "," in adapt_targets else adapt_targets
-    return install(model, targets, svd_cache_dir=Path(cache_dir) / "svd")
+    return install(model, target_spec(adapt_targets), svd_cache_dir=Path(cache_dir) / "svd")
+
+
+def target_spec(adapt_targets: str) -> str | list[str]:
+    """The ``adapt_targets`` setting as ``adapters.find_targets`` takes it (a set name, or module names)."""
+    return adapt_targets.split(",") if "," in adapt_targets else adapt_targets

@@ -99,7 +99,8 @@ def attach_experts(state: ServerState, engine: Engine) -> None:
                 state.store_watcher = StoreWatcher(store, settings.store_poll_interval).start()
         state.registry, state.store = registry, store
         log.info("%d expert(s) registered", len(registry))
-    state.resolver = Resolver(state.registry, engine, state.settings.default_strategy, state.store)
+    state.resolver = Resolver(state.registry, engine, state.settings.default_strategy, state.store,
+                              adaptation_wait_s=state.settings.adaptation_wait_s)
 
 
 @asynccontextmanager

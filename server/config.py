@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
     expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
+    adaptation_wait_s: float = Field(30.0, ge=0, description="at start the SVD of the adapted matrices runs in the "
+                                     "background (base requests are served meanwhile): how long an adapted request "
+                                     "waits for it before 503 with Retry-After")
     cache_max_gb: float | None = Field(None, gt=0, description="largest size of the cache folder's converted models, "
                                        "SVD factors, vLLM scratch and training runs: at start the least recently used "
                                        "beyond it are removed (never the expert store, never what this server uses)")

@@ -138,7 +138,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdaptationError)
     async def _adaptation(_: Request, exc: AdaptationError) -> JSONResponse:
-        return error_response(APIError(exc.status, exc.message, param=exc.param, code=exc.code))
+        resp = error_response(APIError(exc.status, exc.message, param=exc.param, code=exc.code,
+                                       type="server_error" if exc.status >= 500 else "invalid_request_error"))
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return resp
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:

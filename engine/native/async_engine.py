@@ -7,10 +7,16 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from pathlib import Path
 from typing import AsyncIterator
 
+from adapters.install import install_factors
+from adapters.runtime import AdaptationRuntime
+from adapters.svd_cache import load_or_compute
+from adapters.targets import find_targets
 from engine.contract import EngineDeadError, GenerationRequest, RequestOutput, check_admission, stream_outputs
-from engine.loader import install_adapters, load_model
+from engine.loader import install_adapters, load_model, target_spec
 from engine.native.llm_engine import EngineConfig, LLMEngine
 from engine.spec import EngineSpec
 
@@ -36,24 +42,93 @@ class AsyncEngine:
         self._stop = False
         self._dead: BaseException | None = None
         self._stats: dict = llm.stats()
+        self._to_prepare = None  # (targets, SVD cache folder): the adaptive layers still to prepare
+        self._deferred: list[GenerationRequest] = []  # adapted requests waiting for the adaptive layers
+        self.adaptation: dict = {"phase": "ready" if self._adaptive_ready else "waiting", "percent": 100.0}
 
     @classmethod
-    def from_spec(cls, spec: EngineSpec, adapt=None) -> "AsyncEngine":
-        """Load ``spec.model`` and install the adaptive layers (unless ``adapt`` is given)."""
+    def from_spec(cls, spec: EngineSpec, adapt=None, background: bool = True) -> "AsyncEngine":
+        """Load ``spec.model``; its adaptive layers are prepared in the background once the engine starts
+        (``background``; else before returning), unless ``adapt`` is given. Until they are in, base requests
+        are served and adapted ones wait in the engine (``adaptation`` says how far the preparation is)."""
         loaded = load_model(spec.model)
+        pending = None
         if adapt is None:
-            adapt = install_adapters(loaded.model, spec.model.adapt_targets, spec.model.cache_dir)
+            if background and spec.model.adapt_targets != "none":
+                found = find_targets(loaded.model, target_spec(spec.model.adapt_targets))
+                adapt = AdaptationRuntime(loaded.model, expected=found)
+                pending = (found, Path(spec.model.cache_dir) / "svd")
+            else:
+                adapt = install_adapters(loaded.model, spec.model.adapt_targets, spec.model.cache_dir)
         cfg = EngineConfig(max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
                            max_prefill_tokens=spec.max_prefill_tokens)
         eng = cls(LLMEngine(loaded.model, loaded.tokenizer, cfg, adapt), loaded.name, spec.max_waiting)
         eng.loaded = loaded
+        eng._to_prepare = pending
         return eng
+
+    # --- the adaptive layers, prepared in the background ------------------------------------------------
+    def _prepare_adaptation(self, found, svd_dir: Path) -> None:
+        """SVD factors of ``found`` (from the cache, or computed), then handed to the engine thread, which
+        installs the layers between two steps."""
+        t0 = time.time()
+        self.adaptation = {"phase": "svd", "percent": 0.0, "matrices": len(found)}
+
+        def progress(done: int, total: int) -> None:
+            elapsed = time.time() - t0
+            self.adaptation = {"phase": "svd", "percent": round(100 * done / total, 1), "matrices": total,
+                               "eta_s": round(elapsed / done * (total - done), 1)}
+            if done == total or done % max(1, total // 10) == 0:
+                log.info("SVD of the adapted matrices: %d/%d (%.0f s)", done, total, time.time() - t0)
+
+        try:
+            factors = load_or_compute(self.model, found, svd_dir, progress=False, on_progress=progress)
+        except Exception as e:
+            log.exception("preparing the adaptive layers failed: adapted requests cannot be served")
+            self.adaptation = {"phase": "failed", "error": f"{type(e).__name__}: {e}"}
+            self._inbox.put(("install", None))
+            self._wake.set()
+            return
+        self._inbox.put(("install", (found, factors, time.time() - t0)))
+        self._wake.set()
+
+    def _install(self, item) -> None:
+        """In the engine thread, between steps: the layers in, then the adapted requests that waited."""
+        if item is not None:
+            found, factors, seconds = item
+            install_factors(self.model, found, factors)
+            self.runtime.scan()
+            self.llm.runner.invalidate()
+            self.adaptation = {"phase": "ready", "percent": 100.0, "matrices": len(found),
+                               "seconds": round(seconds, 1)}
+            log.info("adaptive layers installed on %d matrices (%.1f s): adapted requests are served", len(found),
+                     seconds)
+        deferred, self._deferred = self._deferred, []
+        for req in deferred:
+            self._add(req)
+
+    async def wait_adaptation(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the adaptive layers; whether they are in."""
+        deadline = time.monotonic() + timeout
+        while not self._adaptive_ready and self.adaptation.get("phase") != "failed":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.2, left))
+        return self._adaptive_ready
+
+    @property
+    def _adaptive_ready(self) -> bool:
+        return self.runtime is None or self.runtime.ready
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="t2serve-engine", daemon=True)
             self._thread.start()
+            if self._to_prepare is not None:
+                threading.Thread(target=self._prepare_adaptation, args=self._to_prepare, name="t2serve-svd",
+                                 daemon=True).start()
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking work; abort whatever is still in flight; join the engine thread."""
@@ -118,12 +193,23 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                try:
-                    self.llm.add_request(item)
-                except Exception as e:  # validated before queueing; this is a last line of defence
-                    with self._lock:
-                        self._pending -= 1
-                    self._deliver(RequestOutput(item.request_id, [], "", True, "abort", error=str(e)))
+                if item.adaptation is not None and not self._adaptive_ready:
+                    if self.adaptation.get("phase") == "failed":
+                        with self._lock:
+                            self._pending -= 1
+                        self._deliver(RequestOutput(item.request_id, [], "", True, "abort",
+                                                    error=f"adaptive layers unavailable: {self.adaptation['error']}"))
+                    else:
+                        self._deferred.append(item)  # served once the layers are in
+                    continue
+                self._add(item)
+            elif kind == "install":
+                self._install(item)
+            elif any(r.request_id == item for r in self._deferred):
+                self._deferred = [r for r in self._deferred if r.request_id != item]
+                with self._lock:
+                    self._pending -= 1
+                self._deliver(RequestOutput(item, [], "", True, "abort"))
             else:
                 seq = self.llm._by_id.get(item)
                 out = self.llm.abort(item)
@@ -164,6 +250,14 @@ class AsyncEngine:
                 if out is not None:
                     self._deliver(out)
             self._stats = self.llm.stats()
+
+    def _add(self, item: GenerationRequest) -> None:
+        try:
+            self.llm.add_request(item)
+        except Exception as e:  # validated before queueing; this is a last line of defence
+            with self._lock:
+                self._pending -= 1
+            self._deliver(RequestOutput(item.request_id, [], "", True, "abort", error=str(e)))
 
     def _fail_running(self, err: Exception) -> list[RequestOutput]:
         outs = []

@@ -46,6 +46,10 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self._plans: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 
+    def invalidate(self) -> None:
+        """Forget the cached step tables (the adaptive layers changed)."""
+        self._plans.clear()
+
     def _table(self, adaptations: list):
         """Adaptation table for these rows, rebuilt only when the rows' adaptations change.
 

@@ -316,6 +316,11 @@ class VLLMEngine:
         await self.llm.remove_lora(adapter.lora_id)
 
     # --- lifecycle -----------------------------------------------------------------------------------
+    adaptation = {"phase": "ready", "percent": 100.0}  # the workers prepare their layers before vLLM is up
+
+    async def wait_adaptation(self, timeout: float) -> bool:
+        return True
+
     def start(self) -> None:
         """Nothing to do: the engine runs from ``from_options`` on (the native engine starts here)."""
 

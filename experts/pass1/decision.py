@@ -25,9 +25,11 @@ class AdaptationError(ValueError):
     """A request's adaptation cannot be decided. ``status``, ``code`` and ``param`` are what the HTTP edge
     answers (clients branch on ``code``)."""
 
-    def __init__(self, message: str, *, code: str = "invalid_value", param: str = "adaptation", status: int = 400):
+    def __init__(self, message: str, *, code: str = "invalid_value", param: str = "adaptation", status: int = 400,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.message, self.code, self.param, self.status = message, code, param, status
+        self.retry_after = retry_after  # seconds (503: when to try again)
 
 
 def model_not_found(name: str) -> AdaptationError:

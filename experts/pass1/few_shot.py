@@ -106,7 +106,6 @@ class FewShotSearch:
         return [ll[i::P] for i in range(P)]
 
     async def _exact(self, a: Adaptation) -> list[float]:
-        tok = self.engine.tokenizer
         reqs = [GenerationRequest(f"cem-{next(_ids)}", p, SamplingParams(max_tokens=len(ans) + 8, temperature=0), a,
                                   priority=BACKGROUND)
                 for p, ans in self._shots]

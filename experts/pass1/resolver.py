@@ -66,14 +66,33 @@ class Resolver:
     """Pass 1 of a server: ``decide`` turns one prompt's request fields into a ``Decision``."""
 
     def __init__(self, registry: ExpertRegistry, engine: Engine | None = None, default_strategy: str = "none",
-                 store: ExpertStore | None = None):
+                 store: ExpertStore | None = None, adaptation_wait_s: float = 30.0):
         self.registry = registry
+        self.engine = engine
+        self.adaptation_wait_s = adaptation_wait_s  # how long a request waits for the adaptive layers at start
         # The engine's AdaptationRuntime validates adaptations against the served model's targets.
         self.runtime: AdaptationRuntime | None = engine.runtime if engine is not None else None
         self.default_strategy = default_strategy
         self.model_name = engine.model_name if engine is not None else None  # the served base model's name
         self.dispatcher = Dispatcher(engine, registry) if engine is not None else None
         self.store = store  # SAPT bundles live in the store, not in the registry
+
+    async def _wait_ready(self) -> None:
+        """At start the adaptive layers are prepared in the background: wait for them up to
+        ``adaptation_wait_s``, then answer 503 with a Retry-After from the progress so far."""
+        engine = self.engine
+        if engine is None or engine.adaptation.get("phase") == "ready":
+            return
+        if await engine.wait_adaptation(self.adaptation_wait_s):
+            return
+        state = engine.adaptation
+        if state.get("phase") == "failed":
+            raise AdaptationError(f"adapted requests cannot be served: {state.get('error')}", status=503,
+                                  code="adaptation_unavailable")
+        percent = state.get("percent") or 0.0
+        raise AdaptationError(f"the adaptive layers are still being prepared ({percent:.0f}% of the SVD done): "
+                              "base requests are served now; retry this one later", status=503,
+                              code="adaptation_not_ready", retry_after=state.get("eta_s") or 10)
 
     def _check(self, adaptation: Adaptation) -> Adaptation:
         if self.runtime is not None:
@@ -108,6 +127,10 @@ class Resolver:
         named = self.registry.get(model) if model is not None else None
         if named is None and model not in (None, self.model_name) and self.model_name is not None:
             raise model_not_found(model)
+        base_only = (named is None and spec.get("task") is None and spec.get("experts") is None
+                     and (strategy or self.default_strategy) == "none")
+        if not base_only:
+            await self._wait_ready()
         if named is not None:
             if spec.get("experts") is not None:
                 raise _bad("`model` already names an expert; do not also give 'adaptation.experts'")

@@ -91,9 +91,9 @@ def to_draft(upload: Upload, store: ExpertStore) -> ExpertDraft:
                           code="invalid_metadata", param="kind")
     if m.lora_alpha is not None and not m.lora_alpha > 0:  # the HTTP model refuses it first; the CLI does not
         raise bad_metadata("lora_alpha must be > 0 (the LoRA scaling is lora_alpha / r)", param="lora_alpha")
-    for field, blobs in upload.files.items():  # archives are refused by their unpacked size, before loading
+    for form_field, blobs in upload.files.items():  # archives are refused by their unpacked size, before loading
         for data in blobs:
-            check_unpacked_size(data, field, store.max_bytes)
+            check_unpacked_size(data, form_field, store.max_bytes)
     extra = {"experts": (), "alpha_targets": None}
     if fmt == "policy_params":
         draft = import_policy_params(_one(upload, "file", fmt), m.name, store.base, m.reference_targets)
