@@ -6,20 +6,56 @@ import argparse
 import logging
 import sys
 import time
+import typing
+
+from pydantic import ValidationError
 
 from server.config import Settings
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line on stderr (exit 2), no usage block above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag_kind(annotation) -> tuple[type | None, list | None]:
+    """(argparse type, choices) of a settings field: bool fields become --x/--no-x, Literal ones take choices."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return None, list(typing.get_args(annotation))
+    t = args[0] if len(args) == 1 else None
+    if typing.get_origin(t) is typing.Literal:
+        return None, list(typing.get_args(t))
+    return (t if t in (bool, int, float) else None), None
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                       help=(field.description or "") + f" [env T2_{name.upper()}]")
+        kind, choices = _flag_kind(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        text = (field.description or "") + f" (default: {default}) [env T2_{name.upper()}]"
+        if kind is bool:
+            p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif choices:
+            p.add_argument(flag, dest=name, default=None, choices=choices, help=text)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), type=kind or str, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**overrides)
+
+
+def settings_error(e: ValidationError) -> str:
+    """One line for the first invalid setting: which flag (and variable), and why."""
+    err = e.errors()[0]
+    name = str(err["loc"][0]) if err.get("loc") else "?"
+    got = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"--{name.replace('_', '-')} (T2_{name.upper()}): {err['msg']}{got}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,7 +148,7 @@ def _add_cache_subcommand(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t2serve", description="Self-adaptive LLM server (Transformer², SAPT)")
+    p = Parser(prog="t2serve", description="Self-adaptive LLM server (Transformer², SAPT)")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     _add_settings_flags(serve)
@@ -140,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EngineUnavailableError as e:  # a setup problem: one line saying what to do, no traceback
         print(f"t2serve: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # a setting of the wrong type or out of range (flag or environment)
+        print(f"t2serve: error: {settings_error(e)}", file=sys.stderr)
         return 2
 
 
