@@ -1,7 +1,7 @@
 """Few-shot CEM wall time: 10 shots of a task, K experts, a whole population evaluated per generation
 through the engine (every member a different mixture in the same batches).
 
-    python bench/cem.py --data ../shared/data                    # CPU, SmolLM2
+    python bench/cem.py                                          # CPU, SmolLM2, data found as below
     python bench/cem.py --data DATA --device cuda --generations 50
 
 Experts are random SVF experts (the search's cost does not depend on what they learnt); shots are
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import engine_spec, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import data_dir, engine_spec, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 
 
 def arc_shots(data: Path, n: int):
@@ -72,7 +72,7 @@ async def run(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None, help="benchmark data root (default: $T2_DATA_DIR, ./data, ../shared/data)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shots", type=int, default=10)
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--out", default="results/bench_cem.json")
     args = ap.parse_args()
+    args.data = data_dir(args.data)
     res = asyncio.run(run(args))
     print()
     print_table([res], ["shots", "experts", "population", "generations", "wall_s", "per_generation_s", "requests_per_s"])

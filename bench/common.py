@@ -65,3 +65,22 @@ def write_json(path: str | None, data: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2))
         print(f"wrote {path}")
+
+
+DATA_PLACES = ("data", "../shared/data")  # relative to the checkout, tried in order after $T2_DATA_DIR
+
+
+def data_dir(given: str | None) -> str:
+    """The benchmark data root: ``given``, else ``$T2_DATA_DIR``, else the first of ``DATA_PLACES`` that
+    exists next to the checkout; otherwise exit 2 with one line saying what is expected where."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    candidates = [given] if given else [os.environ.get("T2_DATA_DIR")] + [str(root / p) for p in DATA_PLACES]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return c
+    where = given or f"$T2_DATA_DIR or {', '.join(str(root / p) for p in DATA_PLACES)}"
+    sys.exit(f"{Path(sys.argv[0]).name}: error: no benchmark data at {where}: lay it out as <root>/gsm8k/, mbpp/, "
+             "humaneval/, arc/, math500/ (README: 'Benchmark data') and pass --data <root>")

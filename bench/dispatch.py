@@ -6,7 +6,7 @@
 2. Cost: each request's pass 1 (classification) and pass 2 (128 generated tokens) timed one request at a
    time; pass 1 as a share of pass 2 and of the whole request (the paper's prompt strategy: 13-47%).
 
-    python bench/dispatch.py --data ../shared/data [--classifier experts/builtin/classifier.safetensors]
+    python bench/dispatch.py [--data DATA] [--classifier experts/builtin/classifier.safetensors]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import engine_spec, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import data_dir, engine_spec, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 
 
 def labelled(data: Path, per_category: int, seed: int) -> list[tuple[str, str]]:
@@ -115,7 +115,8 @@ async def main_async(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="benchmark data folder (gsm8k/, mbpp/, humaneval/, arc/, math500/)")
+    ap.add_argument("--data", default=None, help="benchmark data folder (gsm8k/, mbpp/, humaneval/, arc/, math500/); "
+                    "default: $T2_DATA_DIR, ./data, ../shared/data")
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier", default=None, help="classifier expert: safetensors of z per target, for cls_expert")
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/bench_pass1.json")
     args = ap.parse_args()
+    args.data = data_dir(args.data)
     res = asyncio.run(main_async(args))
     print()
     print_table(res["accuracy"], list(res["accuracy"][0].keys()))

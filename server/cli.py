@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from engine.factory import EngineUnavailableError
+    from experts.tasks.base import DataMissingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValidationError as e:  # a setting of the wrong type or out of range (flag or environment)
         print(f"t2serve: error: {settings_error(e)}", file=sys.stderr)
+        return 2
+    except DataMissingError as e:  # training or evaluation data not where the data root says
+        print(f"t2serve: error: {e}", file=sys.stderr)
         return 2
 
 

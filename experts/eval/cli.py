@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
+
+from experts.tasks.base import DataMissingError
 
 log = logging.getLogger("t2serve.eval")
 
@@ -93,6 +96,9 @@ def run_eval(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.table and not args.task:
         raise SystemExit("eval needs --task (with --strategy) or --table")
+    if not Path(args.data).is_dir():  # before the model loads: a wrong path is one line, at once
+        raise DataMissingError(f"no data root at {args.data}: benchmark data is not part of the repository; lay it out "
+                               "as <root>/gsm8k/, mbpp/, humaneval/, arc/, math500/ (README: 'Benchmark data')")
     base = load_base(args.model, device=args.device, dtype=args.dtype, targets=args.targets,
                      cache_dir=args.cache_dir, threads=args.threads)
     experts, categories, task_experts = load_experts(base, args.store, args.expert)
@@ -140,4 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experts.eval", description="Evaluate strategies on held-out data")
     add_eval_flags(p)
     args = p.parse_args(argv)
-    return run_eval(args)
+    try:
+        return run_eval(args)
+    except DataMissingError as e:  # one line saying which file is expected where, no traceback
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2

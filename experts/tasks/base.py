@@ -81,13 +81,18 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class DataMissingError(FileNotFoundError):
+    """A benchmark file is not where the data root says (the data is not part of the repository)."""
+
+
 def data_file(root: str | Path, folder: str, name: str) -> Path:
     """``<root>/<folder>/<name>``, or ``<root>/<name>`` when ``root`` is the task's own folder."""
     root = Path(root)
     for p in (root / folder / name, root / name):
         if p.is_file():
             return p
-    raise FileNotFoundError(f"{name} not found under {root} (looked in {root / folder} and {root})")
+    raise DataMissingError(f"{folder}/{name} not found under {root}: benchmark data is not part of the repository; "
+                           f"put the file at <data root>/{folder}/{name} (README: 'Benchmark data')")
 
 
 def in_val_fold(key: str, fraction: float) -> bool:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import fields
 
+from experts.tasks.base import DataMissingError
 from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
 from experts.train.flags import add_config_flags
 
@@ -83,4 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experts.train", description="Train Transformer² SVF experts and SAPT bundles")
     _add_kinds(p.add_subparsers(dest="kind", required=True))
     args = p.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DataMissingError as e:  # one line saying which file is expected where, no traceback
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
