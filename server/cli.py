@@ -31,8 +31,14 @@ def _flag_kind(annotation) -> tuple[type | None, list | None]:
     return (t if t in (bool, int, float) else None), None
 
 
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+MODEL_SETTINGS = ("model", "served_model_name", "dtype", "device", "cache_dir", "adapt_targets", "threads")
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per setting (``only``: these settings, for a subcommand that uses no others)."""
     for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         kind, choices = _flag_kind(field.annotation)
         default = field.get_default(call_default_factory=True)
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
     prep = sub.add_parser("prepare", help="convert and cache the model, then exit")
-    _add_settings_flags(prep)
+    _add_settings_flags(prep, only=MODEL_SETTINGS)
     prep.set_defaults(func=cmd_prepare)
     _add_cache_subcommand(sub)
     from server.expert_cli import add_subcommand

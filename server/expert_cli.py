@@ -176,13 +176,18 @@ def cmd_delete(args, settings) -> int:
     return 0
 
 
+# The settings the expert commands read: the model (its targets and fingerprint) and the store.
+EXPERT_SETTINGS = ("model", "served_model_name", "dtype", "device", "cache_dir", "adapt_targets", "threads",
+                   "expert_dir", "max_expert_bytes")
+
+
 def add_subcommand(sub, add_settings_flags: Callable, settings_from_args: Callable) -> None:
     experts = sub.add_parser("experts", help="import, export, list, check and delete experts")
     cmds = experts.add_subparsers(dest="experts_command", required=True)
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help)
-        add_settings_flags(p)
+        add_settings_flags(p, only=EXPERT_SETTINGS)
         p.add_argument("--url", help="a running server (e.g. http://127.0.0.1:8000): go through its API")
         p.add_argument("--admin-key", dest="admin_key", help="Bearer key for --url (the admin key if one is set)")
         p.set_defaults(func=lambda args: func(args, settings_from_args(args)))

@@ -40,3 +40,17 @@ def test_booleans_are_flags_and_help_shows_defaults_and_choices(capsys):
         p.parse_args(["serve", "--help"])
     out = capsys.readouterr().out
     assert "{auto,float32,bfloat16,float16}" in out and "(default: 8000)" in out and "--no-shipped-experts" in out
+
+
+def test_each_subcommand_shows_only_its_own_options(capsys):
+    p = build_parser()
+    for argv, absent in ((["experts", "list", "--help"], ("--port", "--max-num-seqs", "--api-key")),
+                         (["prepare", "--help"], ("--port", "--expert-dir")),
+                         (["cache", "list", "--help"], ("--model", "--port"))):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+        out = capsys.readouterr().out
+        assert not [f for f in absent if f in out], (argv, out)
+    with pytest.raises(SystemExit):
+        p.parse_args(["experts", "list", "--help"])
+    assert "--expert-dir" in capsys.readouterr().out
