@@ -59,7 +59,7 @@ def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
 def gram_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD through the eigendecomposition of the k × k Gram matrix (W Wᵀ or Wᵀ W) in float64, the
     other side as Σ⁻¹ Uᵀ W: one GEMM and a symmetric eigenproblem instead of a full SVD (several times
-    faster on a GPU; bench/svd_drivers.py). float64 keeps the squared condition number harmless: the
+    faster; bench/svd_drivers.py). float64 keeps the squared condition number harmless: the
     reconstruction error is that of torch.linalg.svd, V is as orthogonal. -> (U, σ, Vh) in float32."""
     wd = w.double()
     wide = wd.shape[0] <= wd.shape[1]
@@ -75,10 +75,11 @@ def gram_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def thin_svd(w: torch.Tensor) -> SVDFactors:
-    """Thin SVD of w (out, in) in float32+, factors cast back to w's dtype (σ stays float32+): on a GPU
-    through ``gram_svd``, elsewhere torch.linalg.svd."""
+    """Thin SVD of w (out, in) in float32+, factors cast back to w's dtype (σ stays float32+): through
+    ``gram_svd`` (GPU: 8x faster than torch.linalg.svd for a Llama-3-8B MLP matrix; CPU: 2-4x for
+    SmolLM2's), torch.linalg.svd for float64 weights."""
     wf = w.detach().to(_svd_dtype(w.dtype))
-    if w.is_cuda and w.dtype != torch.float64:
+    if w.dtype != torch.float64:
         U, S, Vh = gram_svd(wf)
     else:
         U, S, Vh = torch.linalg.svd(wf, full_matrices=False)  # (out,k), (k,), (k,in)

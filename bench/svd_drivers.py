@@ -5,7 +5,7 @@ native engine on its device). Candidates, each on float32 copies of bf16 weights
   svd          torch.linalg.svd (the default driver)
   gesvdj       torch.linalg.svd, cuSOLVER's Jacobi driver (CUDA only)
   eigh64       adapters.svd_cache.gram_svd: eigendecomposition of the Gram matrix W Wᵀ (or Wᵀ W) in
-               float64, then the other side as Σ⁻¹ Uᵀ W (what the GPU uses)
+               float64, then the other side as Σ⁻¹ Uᵀ W (what thin_svd uses for float32/bf16 weights)
 Matrices: the embedded model's MLP matrices (default), plus Llama-3-8B's MLP shapes (random, CUDA only).
 Reported per shape: seconds per matrix, relative reconstruction error ‖W − U diag(σ) Vᵀ‖/‖W‖ with U and
 V in bf16 (as served), orthogonality error of V, largest relative σ difference from torch.linalg.svd;

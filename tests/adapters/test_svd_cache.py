@@ -11,14 +11,17 @@ from tests.support.adapt import tiny_model
 
 @pytest.fixture
 def svd_calls(monkeypatch):
+    """Every matrix factorised (whichever driver ``thin_svd`` uses)."""
+    import adapters.svd_cache as svd_cache
+
     calls = []
-    real = torch.linalg.svd
+    real = svd_cache.thin_svd
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+    def counting(w):
+        calls.append(w.shape)
+        return real(w)
 
-    monkeypatch.setattr(torch.linalg, "svd", counting)
+    monkeypatch.setattr(svd_cache, "thin_svd", counting)
     return calls
 
 
@@ -105,3 +108,22 @@ def test_fingerprint_of_a_large_matrix():
     fp = weights_fingerprint([big])
     big[-1] = 1  # the last value is always sampled
     assert weights_fingerprint([big]) != fp
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_the_gram_svd_is_an_svd(shape):
+    from adapters.svd_cache import gram_svd
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g)
+    U, S, Vh = gram_svd(w)
+    k = min(shape)
+    assert U.shape == (shape[0], k) and S.shape == (k,) and Vh.shape == (k, shape[1])
+    torch.testing.assert_close((U * S) @ Vh, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S, torch.linalg.svd(w, full_matrices=False)[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(k), atol=1e-5, rtol=0)
+    assert torch.all(S[:-1] >= S[1:])  # descending, as the experts' z are indexed
+    low = U[:, :3] @ Vh[:3]  # rank 3: the null directions come out as zeros, not inf
+    U2, S2, Vh2 = gram_svd(low)
+    assert torch.isfinite(U2).all() and torch.isfinite(Vh2).all()
+    torch.testing.assert_close((U2 * S2) @ Vh2, low, rtol=1e-4, atol=1e-4)
