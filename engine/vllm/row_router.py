@@ -90,6 +90,7 @@ class RowRouter:
         self._placed: dict[str, tuple[int, int]] = {}  # bundle -> (bank offset, width), as every worker has it
         self._room = asyncio.Condition()  # a bundle was released
         self.puts = 0  # registrations sent to the workers (a figure for tests and stats)
+        self.bank_waits = 0  # times a bundle waited for room in the bank
 
     def check(self, adaptation: Adaptation) -> None:
         self.view.validate(adaptation)
@@ -203,6 +204,7 @@ class RowRouter:
             if offset is not None:
                 break
             if not await self._evict_bundle(key):
+                self.bank_waits += 1
                 async with self._room:  # every bundle in the bank is in use: wait for a release
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._room.wait(), 1.0)
@@ -227,4 +229,5 @@ class RowRouter:
         return True
 
     def stats(self) -> dict[str, Any]:
-        return {"experts": len(self._experts), "bundles": len(self._bundles), "registrations": self.puts}
+        return {"experts": len(self._experts), "bundles": len(self._bundles), "registrations": self.puts,
+                "bank_waits": self.bank_waits}
