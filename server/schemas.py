@@ -3,14 +3,16 @@
 Only the HTTP edge uses these. Handlers turn a request into the engine's plain dataclasses
 (``engine.contract``). Limits that do not depend on the running server are declared here;
 those that do (``n``, number of stop strings, model length, known model names) are checked by the
-handlers. Unknown request fields are rejected, as OpenAI does, so a misspelt parameter is never
-silently ignored. Our one extension of the request is the ``adaptation`` object (and ``top_k``).
+handlers. Unknown top-level request fields are accepted and ignored, as vLLM does (logged once each at
+debug level); fields that would change the output and are not implemented are refused. Our one extension
+of the request is the ``adaptation`` object (and ``top_k``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 FinishReason = Literal["stop", "length"]
 # The engine keeps these numbers in int64 tensors and generators: larger ones are refused here, not there.
@@ -32,8 +34,35 @@ class StreamOptions(_Request):
     include_usage: bool = Field(False, description="Send a last chunk with the token usage of the request.")
 
 
+log = logging.getLogger("t2serve.http")
+
+# Fields of OpenAI's or vLLM's request schemas that change what is generated and that this server does not
+# implement: refused with a 400 naming them, never ignored (the answer would not be what was asked for).
+UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "structured_outputs", "repetition_penalty", "min_p", "min_tokens", "prompt_logprobs",
+               "prediction", "audio")
+_ignored_logged: set[str] = set()
+
+
 class _SamplingRequest(_Request):
-    """Fields shared by completions and chat completions (order matters: `stream` before `stream_options`)."""
+    """Fields shared by completions and chat completions (order matters: `stream` before `stream_options`).
+
+    Fields this schema does not know are accepted and ignored, as vLLM does (clients such as the openai SDK
+    and LangChain send ``store``, ``metadata``, ``parallel_tool_calls``, ``service_tier`` ... by default);
+    each such name is logged once at debug level. Known fields that would change the output and are not
+    implemented (``UNSUPPORTED`` and the validators below) get a 400."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_fields(cls, data):
+        if isinstance(data, dict):
+            for name in data:
+                if name not in cls.model_fields and name not in _ignored_logged:
+                    _ignored_logged.add(name)
+                    log.debug("request field %r is not used by this server: ignored", name)
+        return data
 
     model: str | None = Field(None, description="Served model name; omitted = the server's model.")
     n: int = Field(1, ge=1, description="Choices to generate for each prompt.")
@@ -50,8 +79,28 @@ class _SamplingRequest(_Request):
     frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; only empty.")
     user: str | None = None
+    # Known to OpenAI or vLLM, not implemented: refused unless null (declared, so the 400 names the field).
+    functions: Any = Field(None, description="Not supported.")
+    function_call: Any = Field(None, description="Not supported.")
+    guided_json: Any = Field(None, description="Not supported.")
+    guided_regex: Any = Field(None, description="Not supported.")
+    guided_choice: Any = Field(None, description="Not supported.")
+    guided_grammar: Any = Field(None, description="Not supported.")
+    structured_outputs: Any = Field(None, description="Not supported.")
+    repetition_penalty: Any = Field(None, description="Not supported (1.0 or null only).")
+    min_p: Any = Field(None, description="Not supported (0 or null only).")
+    min_tokens: Any = Field(None, description="Not supported (0 or null only).")
+    prompt_logprobs: Any = Field(None, description="Not supported.")
+    prediction: Any = Field(None, description="Not supported.")
+    audio: Any = Field(None, description="Not supported.")
     adaptation: dict[str, Any] | None = Field(
         None, description="Extension: how to adapt the base model for this request (experts, strategy).")
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v, info: ValidationInfo):
+        neutral = {"repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0)}
+        return _not_supported(info.field_name, v, neutral.get(info.field_name, (None,)))
 
     @field_validator("stop")
     @classmethod

@@ -6,7 +6,8 @@
 - ``generation``: one HTTP request as engine requests: fan-out over prompts and ``n``, merged outputs,
   abort when the client goes away.
 - ``sse``: the Server-Sent Events response that aborts its generation on disconnect.
-- ``completions``, ``chat``, ``models``, ``health``, ``metrics``: the routes.
+- ``completions``, ``chat``, ``models``, ``tokenize`` (and /detokenize, /version), ``health``, ``metrics``: the
+  routes.
 - ``serving``: the steps completions and chat share (limits, tokenization, pass 1 through
   ``experts.pass1``, submission, the answer).
 - ``experts`` (with ``expert_uploads``, the upload body): storing, listing and deleting experts.
@@ -19,9 +20,9 @@ from fastapi import APIRouter
 
 
 def api_router() -> APIRouter:
-    from server.api import chat, completions, experts, few_shot, health, metrics, models, training
+    from server.api import chat, completions, experts, few_shot, health, metrics, models, tokenize, training
 
     router = APIRouter()
-    for module in (completions, chat, models, experts, few_shot, training, health, metrics):
+    for module in (completions, chat, models, tokenize, experts, few_shot, training, health, metrics):
         router.include_router(module.router)
     return router

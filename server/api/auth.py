@@ -67,7 +67,7 @@ def key_for_route(method: str, path: str) -> Literal["admin", "api"] | None:
         return None
     if any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES):
         return "admin"
-    return "api" if path.startswith("/v1/") else None
+    return "api" if path.startswith("/v1/") or path in ("/tokenize", "/detokenize") else None
 
 
 def require_api_key(request: Request) -> None:

@@ -140,3 +140,20 @@ def test_concurrent_requests_equal_sequential_ones(client):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, range(len(prompts))))
     assert together == alone
+
+
+def test_fields_clients_send_by_default_are_accepted_and_ignored(client, server):
+    # What the openai SDK passes through when asked to (store, metadata, user, service_tier ...), and extra keys
+    # a client may add: none changes the answer.
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                           temperature=0)
+    extra = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, store=False,
+        metadata={"team": "x"}, user="u-1", service_tier="auto", parallel_tool_calls=True,
+        extra_body={"temprature": 1.5, "some_future_field": {"a": 1}})
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    # LangChain's ChatOpenAI default payload (langchain-openai, recorded): model, messages, stream, n, temperature
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                 "stream": False, "n": 1, "temperature": 0.7, "max_tokens": 4})
+    assert r.status_code == 200, r.text
