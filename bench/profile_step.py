@@ -1,7 +1,7 @@
 """Profile one engine decode step against a plain Hugging Face forward with its own cache (same batch,
 same context length): wall time per step and the top operators by host time. A diagnostic, not a benchmark.
 
-    python bench/profile_step.py --model FOLDER --device cuda --batch 32
+    python bench/profile_step.py [--model FOLDER] [--device cuda] [--batch 32]
 """
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="Hugging Face folder or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
+    from engine.loader import resolve_model_folder
+    from engine.spec import default_cache_dir
+
+    args.model = str(resolve_model_folder(args.model, default_cache_dir())[0])
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = AutoTokenizer.from_pretrained(args.model)

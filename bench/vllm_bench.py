@@ -20,7 +20,7 @@ sampled) for both, vLLM's including the KV cache it reserves up front.
     python bench/vllm_bench.py --summarize results/vllm/*.json --out results/vllm/summary.json
 Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
 
-``--rows`` (vLLM only): one run with two engines, one after the other. First stock vLLM (no adaptation
+``--rows`` (vLLM only; also what runs without arguments, on the embedded model): one run with two engines, one after the other. First stock vLLM (no adaptation
 machinery: no hooks, no LoRA) serves the base workload; then the rows engine (every request its own exact
 adaptation, engine/vllm/rows.py; SVF on the MLP matrices and the SAPT bank beside them) serves
   base         every request on the base model (through the factored MLP)
@@ -458,11 +458,9 @@ def main(argv=None) -> None:
         args.model = str(resolve_model_folder(None, default_cache_dir())[0])  # the embedded SmolLM2
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA GPU")
-    if args.rows:
+    if args.rows or args.engine is None:  # no arguments: the rows comparison on the embedded model
         run_rows(args)
         return
-    if args.engine is None:
-        ap.error("--engine is needed (or --rows, or --summarize)")
     run(args)
 
 
