@@ -53,6 +53,7 @@ async def _load_engine(state: ServerState) -> None:
         await engine.shutdown()
         return
     state.engine = engine
+    state.metrics.model_name = engine.model_name  # the model_name label of vLLM's metric names
     log.info("model %s loaded; serving", engine.model_name)
     if state.settings.cache_max_gb is not None:
         await asyncio.to_thread(_cap_cache, state.settings, started)
@@ -145,4 +146,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
                                      "/v1/training": 64 * 1024})
     app.add_middleware(AuthGate, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    if settings.cors_origins:  # outermost: browsers' preflight requests carry no key and get their answer here
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Retry-After"])
     return app

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     body_read_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive whole; "
                                      "slower ones get 408")
     max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
+    cors_origins: str | None = Field(None, description="browser origins allowed to call the API, comma-separated "
+                                     "(e.g. https://app.example.com; * for any); unset: no CORS headers")
     log_level: str = "info"
     shutdown_timeout: int = Field(25, ge=0, description="seconds in-flight requests get to finish after SIGTERM "
                                   "before they are cancelled (keep below the orchestrator's grace period)")

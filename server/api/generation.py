@@ -87,7 +87,7 @@ class EngineRun:
         except EngineError as e:
             await self.close()
             raise from_engine_error(e) from e
-        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.metrics.count_prompt_tokens(self.prompt_tokens)
         self._pumps = [asyncio.create_task(self._pump(c, s)) for c, s in zip(self.choices, streams)]
 
     async def _pump(self, choice: Choice, stream: AsyncIterator[RequestOutput]) -> None:
@@ -128,7 +128,7 @@ class EngineRun:
                 raise APIError(500, f"Generation failed: {item}", type="server_error", code="engine_error")
             self._account(choice, item)
             yield choice, item
-        self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        self.metrics.observe_e2e(time.monotonic() - self.arrival)
 
     async def collect(self) -> list[Choice]:
         async for _ in self.outputs():
@@ -140,8 +140,8 @@ class EngineRun:
             raise APIError(500, f"Generation failed: {out.error}", type="server_error", code="engine_error")
         if out.token_ids and not self._first_token_seen:
             self._first_token_seen = True
-            self.metrics.ttft.observe(time.monotonic() - self.arrival)
-        self.metrics.generation_tokens.inc(len(out.token_ids))
+            self.metrics.observe_ttft(time.monotonic() - self.arrival)
+        self.metrics.count_generation_tokens(len(out.token_ids))
         choice.text.append(out.text)
         choice.completion_tokens = out.completion_tokens
         if out.finished:

@@ -12,5 +12,7 @@ router = APIRouter(tags=["operations"])
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = server_state(request)
-    state.metrics.observe_engine(state.engine.stats() if state.engine is not None else None, state.ready)
+    engine = state.engine
+    state.metrics.observe_engine(engine.stats() if engine is not None else None, state.ready,
+                                 engine.model_name if engine is not None else None)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -85,6 +85,8 @@ async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[i
     decisions = await asyncio.gather(*(state.resolver.decide(body.adaptation, p, body.model, t)
                                        for p, t in zip(prompts, texts)))
     infos = [d.info() for d in decisions]
+    for d in decisions:
+        state.metrics.count_adaptation(d.strategy, d.expert)
     return [d.adaptation for d in decisions], infos[0] if len(infos) == 1 else infos
 
 
