@@ -24,6 +24,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end the sequence
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # minus this for every token already generated (OpenAI)
+    frequency_penalty: float = 0.0  # minus this times each token's count in the generated text (OpenAI)
+    repetition_penalty: float = 1.0  # logits of tokens in prompt or output: /p if positive, *p if not (vLLM)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logit of each token (OpenAI)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (sampled rows)
+    min_tokens: int = 0  # EOS and stop_token_ids are not chosen before this many tokens
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits go through ``engine.native.sampling.process_logits`` before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -39,7 +39,7 @@ log = logging.getLogger("t2serve.http")
 # Fields of OpenAI's or vLLM's request schemas that change what is generated and that this server does not
 # implement: refused with a 400 naming them, never ignored (the answer would not be what was asked for).
 UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "structured_outputs", "repetition_penalty", "min_p", "min_tokens", "prompt_logprobs",
+               "structured_outputs", "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
                "prediction", "audio")
 _ignored_logged: set[str] = set()
 
@@ -75,9 +75,18 @@ class _SamplingRequest(_Request):
     stop: str | list[str] | None = Field(None, description="Strings that end generation (not returned).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, description="Only 0 is supported.")
-    frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; only empty.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Minus this for each token already generated.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                     description="Minus this times each token's count in the generated text.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
+                                                "added to its logit.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM's: logits of tokens in the prompt or "
+                                      "output divided by it (positive ones) or multiplied (negative ones).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM's: drop tokens less likely than min_p times the "
+                         "most likely one (sampling only).")
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX, description="vLLM's: no EOS or stop token before this many.")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM's: token ids that end generation.")
+    ignore_eos: bool = Field(False, description="vLLM's: keep generating past the end-of-sequence token.")
     user: str | None = None
     # Known to OpenAI or vLLM, not implemented: refused unless null (declared, so the 400 names the field).
     functions: Any = Field(None, description="Not supported.")
@@ -87,9 +96,8 @@ class _SamplingRequest(_Request):
     guided_choice: Any = Field(None, description="Not supported.")
     guided_grammar: Any = Field(None, description="Not supported.")
     structured_outputs: Any = Field(None, description="Not supported.")
-    repetition_penalty: Any = Field(None, description="Not supported (1.0 or null only).")
-    min_p: Any = Field(None, description="Not supported (0 or null only).")
-    min_tokens: Any = Field(None, description="Not supported (0 or null only).")
+    include_stop_str_in_output: Any = Field(None, description="Not supported (false or null only).")
+    skip_special_tokens: Any = Field(None, description="Not supported (true or null only).")
     prompt_logprobs: Any = Field(None, description="Not supported.")
     prediction: Any = Field(None, description="Not supported.")
     audio: Any = Field(None, description="Not supported.")
@@ -99,7 +107,7 @@ class _SamplingRequest(_Request):
     @field_validator(*UNSUPPORTED)
     @classmethod
     def _unsupported(cls, v, info: ValidationInfo):
-        neutral = {"repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0)}
+        neutral = {"include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True)}
         return _not_supported(info.field_name, v, neutral.get(info.field_name, (None,)))
 
     @field_validator("stop")
@@ -117,15 +125,17 @@ class _SamplingRequest(_Request):
             raise ValueError("stream_options is only allowed when stream is true")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v, info: ValidationInfo):
-        return _not_supported(f"a non-zero {info.field_name}", v, (0, 0.0))
-
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v):
-        return _not_supported("logit_bias", v or None, (None,))
+        if not v:
+            return None
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys are token ids as strings, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {b} for {k}")
+        return v
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

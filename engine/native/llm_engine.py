@@ -18,7 +18,7 @@ from engine.loader import eos_ids
 from engine.native.kv_cache import SlotKVCache
 from engine.native.prefix_cache import PrefixCache
 from engine.native.runner import ModelRunner
-from engine.native.sampling import FAILED, sample, unusable_rows
+from engine.native.sampling import FAILED, process_logits, sample, unusable_rows
 from engine.native.scheduler import Scheduler
 from engine.native.sequence import Detokenizer, Sequence
 
@@ -200,6 +200,10 @@ class LLMEngine:
         e.g. from its adaptation) ends its own request with an error; the other rows go on."""
         ps = [s.params for s in seqs]
         dev = logits.device
+        processed = [(i, s.params, s.prompt_ids, s.output_ids, self._ends(s.params))
+                     for i, s in enumerate(seqs) if s.params.processed]
+        if processed:  # penalties, biases, min_tokens: only these rows change
+            logits = process_logits(logits, processed)
         if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
             tokens = torch.where(unusable_rows(logits), FAILED, logits.argmax(dim=-1)).tolist()
         else:
@@ -209,6 +213,7 @@ class LLMEngine:
                 torch.tensor([p.top_k for p in ps], device=dev),
                 torch.tensor([p.top_p for p in ps], device=dev),
                 [s.generator for s in seqs],
+                torch.tensor([p.min_p for p in ps], device=dev) if any(p.min_p for p in ps) else None,
             ).tolist()
         now = time.monotonic()
         outs = []
@@ -239,6 +244,10 @@ class LLMEngine:
             outs.append(self._output(s, s.output_ids[s.sent_tokens:], text, reason))
             s.sent_tokens = len(s.output_ids)
         return outs
+
+    def _ends(self, p) -> list[int]:
+        """The tokens that end a sequence with ``p``: EOS (unless ignored) and its stop token ids."""
+        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
 
     def _fail(self, s: Sequence, error: str) -> RequestOutput:
         """End ``s`` alone with ``error`` (its slot is freed; the batch goes on)."""

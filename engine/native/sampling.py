@@ -27,6 +27,37 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def process_logits(logits: torch.Tensor, rows: list[tuple[int, object, list[int], list[int], list[int]]]) -> torch.Tensor:
+    """Penalties, biases and minimum lengths, row by row (only the rows listed; the others are untouched).
+
+    rows: (row index, SamplingParams, prompt ids, output ids, end ids: EOS unless ignored, and stop_token_ids)
+    -> logits (B, V) float32. As vLLM applies them: the repetition penalty over prompt and output tokens,
+    the frequency and presence penalties over output tokens, then the bias, then min_tokens' mask."""
+    logits = logits.float().clone()
+    V = logits.shape[1]
+    for i, p, prompt, output, ends in rows:
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and output:
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=row.device), minlength=V)[:V]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+        if p.min_tokens and len(output) < p.min_tokens and ends:
+            row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+    return logits
+
+
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's largest (logits already tempered)."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
 FAILED = -1  # the token of a row that could not be sampled
 
 
@@ -37,7 +68,7 @@ def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+           generators: list[torch.Generator | None], min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row. logits: (B, V); temperature/top_k/top_p: (B,); generators: one per row.
 
     Rows with temperature 0 (or below MIN_TEMPERATURE) or top_k 1 take the argmax. A row with its own
@@ -53,6 +84,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     idx = (~greedy & ~bad).nonzero().flatten().tolist()
     sub = logits[idx] / temperature[idx, None]
     sub = filter_logits(sub, top_k[idx], top_p[idx])
+    if min_p is not None and bool((min_p[idx] > 0).any()):
+        sub = min_p_filter(sub, min_p[idx])
     probs = sub.softmax(dim=-1)
     for j, i in enumerate(idx):
         try:

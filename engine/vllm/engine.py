@@ -470,7 +470,9 @@ class VLLMEngine:
             extra_args=extra_args,
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=max(p.top_k, 0),
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
-            ignore_eos=p.ignore_eos, detokenize=self.options.detokenize, skip_special_tokens=True,
+            ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
+            min_tokens=p.min_tokens, detokenize=self.options.detokenize, skip_special_tokens=True,
             output_kind=self.api.RequestOutputKind.DELTA)
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:

@@ -52,6 +52,14 @@ def sampling_params(body: Any, max_tokens: int, sample_index: int) -> SamplingPa
         top_k=max(body.top_k, 0),  # -1 (vLLM's "off") and 0 both mean no top-k filter
         seed=None if body.seed is None else body.seed + sample_index,
         stop=body.stop_list(),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias={int(k): float(v) for k, v in (body.logit_bias or {}).items()},
+        min_p=body.min_p,
+        min_tokens=min(body.min_tokens, max_tokens),
     )
 
 

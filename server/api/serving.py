@@ -90,6 +90,16 @@ async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[i
     return [d.adaptation for d in decisions], infos[0] if len(infos) == 1 else infos
 
 
+def check_token_fields(body: Any, vocab: int) -> None:
+    """Token ids named by ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary (400 naming the field)."""
+    for param, ids in (("logit_bias", [int(k) for k in (body.logit_bias or {})]),
+                       ("stop_token_ids", list(body.stop_token_ids or []))):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise invalid_request(f"'{param}' names token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                  param=param)
+
+
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
                     requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str,
                     texts: list[str | None] | None = None) -> StartedRun:
@@ -101,6 +111,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     engine = ready_engine(request)
     model = check_model(engine, body.model, state.registry)
     check_limits(body, settings)
+    check_token_fields(body, len(engine.tokenizer))
     # Tokenizing a large prompt takes a while: keep it off the event loop.
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
     check_capacity(len(prompts), body.n, settings)

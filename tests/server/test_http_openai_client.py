@@ -157,3 +157,20 @@ def test_fields_clients_send_by_default_are_accepted_and_ignored(client, server)
         r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                                  "stream": False, "n": 1, "temperature": 0.7, "max_tokens": 4})
     assert r.status_code == 200, r.text
+
+
+def test_penalties_bias_and_token_controls_through_the_sdk(client):
+    base = dict(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0)
+    forced = client.completions.create(**base, logit_bias={"42": 100})
+    ids = client.completions.create(**base, extra_body={"logit_bias": {"42": 100}, "ignore_eos": True})
+    assert forced.choices[0].text == ids.choices[0].text and forced.usage.completion_tokens == 6
+    plain = client.completions.create(**base)
+    penal = client.completions.create(**base, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penal.usage.completion_tokens >= 1 and plain.usage.completion_tokens >= 1
+    # stop_token_ids: the token forced by the bias ends the sequence at once
+    stopped = client.completions.create(**base, logit_bias={"42": 100}, extra_body={"stop_token_ids": [42]})
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    # min_tokens: with EOS forced, nothing ends before 4 tokens
+    eos = client.completions.create(**base, extra_body={"min_tokens": 4, "stop_token_ids": [42],
+                                                        "logit_bias": {"42": 100}, "ignore_eos": True})
+    assert eos.usage.completion_tokens == 5 and eos.choices[0].finish_reason == "stop"
