@@ -30,6 +30,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logit of each token (OpenAI)
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (sampled rows)
     min_tokens: int = 0  # EOS and stop_token_ids are not chosen before this many tokens
+    logprobs: int | None = None  # per generated token: its log-probability and this many top alternatives
 
     @property
     def processed(self) -> bool:
@@ -72,6 +73,16 @@ class GenerationRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties and temperature, as vLLM
+    reports by default) and the most likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
     """What one engine step produced for one request (incremental)."""
 
@@ -84,6 +95,7 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far
     error: str | None = None  # set when the engine failed this request
     scores: ScoreResult | None = None  # for score requests
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
 
 class EngineError(Exception):

@@ -154,7 +154,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = Field(False, description="Not supported; only false.")
     suffix: str | None = Field(None, description="Not supported.")
     best_of: int | None = Field(None, description="Only equal to n (or omitted) is supported.")
-    logprobs: int | None = Field(None, description="Not supported; only null.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log-probability of each generated token and of "
+                                 "this many most likely alternatives.")
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -175,10 +176,8 @@ class CompletionRequest(_SamplingRequest):
     def _suffix(cls, v):
         return _not_supported("suffix", v, (None,))
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        return _not_supported("logprobs", v, (None,))
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("best_of")
     @classmethod
@@ -223,21 +222,22 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Not supported; only false.")
-    top_logprobs: int | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Log-probability of each generated token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
+                                     "alternatives at each position.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; only empty.")
     tool_choice: Any = None
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        return _not_supported("logprobs", bool(v), (False,))
-
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs(cls, v):
-        return _not_supported("top_logprobs", v, (None, 0))
+    def _top_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
     @classmethod
@@ -267,10 +267,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -292,10 +299,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -319,7 +340,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

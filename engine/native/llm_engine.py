@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters import AdaptationRuntime
-from engine.contract import FinishReason, GenerationRequest, PromptTooLongError, RequestOutput, ScoreResult
+from engine.contract import (
+    FinishReason,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestOutput,
+    ScoreResult,
+    TokenLogprob,
+)
 from engine.loader import eos_ids
 from engine.native.kv_cache import SlotKVCache
 from engine.native.prefix_cache import PrefixCache
@@ -200,6 +207,7 @@ class LLMEngine:
         e.g. from its adaptation) ends its own request with an error; the other rows go on."""
         ps = [s.params for s in seqs]
         dev = logits.device
+        raw = logits
         processed = [(i, s.params, s.prompt_ids, s.output_ids, self._ends(s.params))
                      for i, s in enumerate(seqs) if s.params.processed]
         if processed:  # penalties, biases, min_tokens: only these rows change
@@ -217,11 +225,14 @@ class LLMEngine:
             ).tolist()
         now = time.monotonic()
         outs = []
-        for s, tok in zip(seqs, tokens):
+        logprobs = self._logprobs(seqs, raw, tokens)
+        for i, (s, tok) in enumerate(zip(seqs, tokens)):
             if tok == FAILED:
                 outs.append(self._fail(s, NON_FINITE))
                 continue
             s.output_ids.append(tok)
+            if i in logprobs:
+                s.token_logprobs.append(logprobs[i])
             self.counters.generated_tokens += 1
             if s.first_token_at is None:
                 s.first_token_at = now
@@ -245,6 +256,24 @@ class LLMEngine:
             s.sent_tokens = len(s.output_ids)
         return outs
 
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """Row -> its token's log-probability under the model's own logits, and the top alternatives (for
+        the rows that asked; one log-softmax over those rows)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] != FAILED]
+        if not rows:
+            return {}
+        lp = logits[rows].float().log_softmax(dim=-1)
+        k = max(seqs[i].params.logprobs for i in rows)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device))[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out = {}
+        for j, i in enumerate(rows):
+            n = seqs[i].params.logprobs
+            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        return out
+
     def _ends(self, p) -> list[int]:
         """The tokens that end a sequence with ``p``: EOS (unless ignored) and its stop token ids."""
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
@@ -266,5 +295,6 @@ class LLMEngine:
         return self._output(s, [], "", reason)
 
     def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
+        lps = s.token_logprobs[len(s.output_ids) - len(ids):] if s.params.logprobs is not None else None
         return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,
-                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids))
+                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids), logprobs=lps)

@@ -82,6 +82,7 @@ class Sequence:
     prefix_len: int = 0  # leading prompt tokens whose KV may come from the prefix cache
     priority: int = 0  # lower is admitted first (engine.contract.USER / BACKGROUND)
     output_ids: list[int] = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # TokenLogprob per output token (when asked for)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     slot: int = -1  # row of the KV cache while running

@@ -35,6 +35,7 @@ from engine.contract import (
     GenerationRequest,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
     check_admission,
     stream_outputs,
 )
@@ -202,6 +203,18 @@ def remove_stale_runs(root: Path) -> None:
     for d in root.glob("run-*"):
         if not scratch_alive(d):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def vllm_logprobs(completion, k: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token {token id: Logprob(logprob, rank)} (the sampled token and the top k) as ours."""
+    if k is None or completion.logprobs is None:
+        return None
+    out = []
+    for tok, entry in zip(completion.token_ids, completion.logprobs):
+        ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None))
+        top = [(t, v) for r, t, v in ranked if r <= k][:k]
+        out.append(TokenLogprob(tok, entry[tok].logprob, top))
+    return out
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -472,7 +485,7 @@ class VLLMEngine:
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
-            min_tokens=p.min_tokens, detokenize=self.options.detokenize, skip_special_tokens=True,
+            min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize, skip_special_tokens=True,
             output_kind=self.api.RequestOutputKind.DELTA)
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
@@ -483,7 +496,8 @@ class VLLMEngine:
             count += len(c.token_ids)
             reason = _finish_reason(c.finish_reason) if o.finished else None
             push(RequestOutput(req.request_id, list(c.token_ids), c.text or "", o.finished, reason,
-                               prompt_tokens=n, completion_tokens=count))
+                               prompt_tokens=n, completion_tokens=count,
+                               logprobs=vllm_logprobs(c, req.params.logprobs)))
             if o.finished:
                 return
         raise EngineError("vLLM ended the request without finishing it")

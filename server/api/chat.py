@@ -5,7 +5,9 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import require_api_key
 from server.api.generation import Choice
+from server.api.logprobs import chat_logprobs
 from server.api.serving import answer, generation_responses, start_run, stream_events
+from server.api.state import ready_engine
 from server.prompts import chat_prompt_ids
 from server.schemas import (
     AssistantMessage,
@@ -41,9 +43,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return ChatCompletionChunk(id=started.request_id, created=started.created, model=started.model,
                                    choices=choices, **extra)
 
+    tok = ready_engine(request).tokenizer
+    asked = body.logprob_count() is not None
+
     def events():
-        def delta(index: int, text: str, finish_reason: str | None) -> ChatCompletionChunk:
-            return chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text or None),
+        def delta(choice: Choice, text: str, finish_reason: str | None) -> ChatCompletionChunk:
+            lps = chat_logprobs(tok, choice.take_logprobs()) if asked else None
+            return chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text or None), logprobs=lps,
                                           finish_reason=finish_reason)])
 
         # As OpenAI does: each choice opens with the role and empty content.
@@ -57,6 +63,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             id=started.request_id, created=started.created, model=started.model, usage=started.run.usage(),
             adaptation=started.adaptation,
             choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
+                                logprobs=chat_logprobs(tok, c.logprobs) if asked else None,
                                 finish_reason=c.finish_reason) for c in choices])
 
     return await answer(request, started, body.stream, events, whole)

@@ -5,7 +5,9 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import require_api_key
 from server.api.generation import Choice
+from server.api.logprobs import completion_logprobs
 from server.api.serving import answer, generation_responses, start_run, stream_events
+from server.api.state import ready_engine
 from server.prompts import completion_prompt_ids
 from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 
@@ -34,15 +36,24 @@ async def create_completion(body: CompletionRequest, request: Request):
         return CompletionResponse(id=started.request_id, created=started.created, model=started.model,
                                   choices=choices, **extra)
 
+    tok = ready_engine(request).tokenizer
+    asked = body.logprob_count() is not None
+
     def events():
-        def delta(index: int, text: str, finish_reason: str | None) -> CompletionResponse:
-            return response([CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+        def delta(choice: Choice, text: str, finish_reason: str | None) -> CompletionResponse:
+            lps = None
+            if asked:
+                lps = completion_logprobs(tok, choice.take_logprobs(), choice.logprob_offset)
+                choice.logprob_offset += sum(len(t) for t in lps.tokens)
+            return response([CompletionChoice(index=choice.index, text=text, logprobs=lps,
+                                              finish_reason=finish_reason)])
 
         usage_chunk = (lambda usage: response([], usage=usage)) if body.include_usage else None
         return stream_events(started.run, [], delta, usage_chunk, started.adaptation)
 
     def whole(choices: list[Choice]) -> CompletionResponse:
-        return response([CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
+        return response([CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason,
+                                          logprobs=completion_logprobs(tok, c.logprobs) if asked else None)
                          for c in choices], usage=started.run.usage(), adaptation=started.adaptation)
 
     return await answer(request, started, body.stream, events, whole)

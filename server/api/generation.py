@@ -37,6 +37,13 @@ class Choice:
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob of every generated token (when asked for)
+    pending_logprobs: list = field(default_factory=list)  # those not yet sent in a stream chunk
+    logprob_offset: int = 0  # text offset where the next streamed completions logprobs start
+
+    def take_logprobs(self) -> list:
+        out, self.pending_logprobs = self.pending_logprobs, []
+        return out
 
     @property
     def finished(self) -> bool:
@@ -60,6 +67,7 @@ def sampling_params(body: Any, max_tokens: int, sample_index: int) -> SamplingPa
         logit_bias={int(k): float(v) for k, v in (body.logit_bias or {}).items()},
         min_p=body.min_p,
         min_tokens=min(body.min_tokens, max_tokens),
+        logprobs=body.logprob_count(),
     )
 
 
@@ -150,6 +158,9 @@ class EngineRun:
             self._first_token_seen = True
             self.metrics.observe_ttft(time.monotonic() - self.arrival)
         self.metrics.count_generation_tokens(len(out.token_ids))
+        if out.logprobs:
+            choice.logprobs.extend(out.logprobs)
+            choice.pending_logprobs.extend(out.logprobs)
         choice.text.append(out.text)
         choice.completion_tokens = out.completion_tokens
         if out.finished:

@@ -137,11 +137,11 @@ async def answer(request: Request, started: StartedRun, stream: bool, events: Ca
 
 
 async def stream_events(run: EngineRun, opening: list[BaseModel],
-                        delta_chunk: Callable[[int, str, str | None], BaseModel],
+                        delta_chunk: Callable[[Choice, str, str | None], BaseModel],
                         usage_chunk: Callable[[Usage], BaseModel] | None,
                         adaptation: dict | list | None = None) -> AsyncIterator[str]:
-    """SSE events of a run: the opening chunks, a ``delta_chunk(choice index, new text, finish reason)``
-    per engine output worth sending, the usage chunk when asked for, then ``[DONE]``. The chunk that
+    """SSE events of a run: the opening chunks, a ``delta_chunk(choice, new text, finish reason)`` per engine
+    output worth sending (it takes the choice's log-probabilities not sent yet), the usage chunk when asked for, then ``[DONE]``. The chunk that
     finishes the last choice (and the usage chunk) carries pass 1's ``adaptation`` report. A failure
     mid-stream becomes an error event (the status line has gone out already)."""
     try:
@@ -150,7 +150,7 @@ async def stream_events(run: EngineRun, opening: list[BaseModel],
         async for choice, out in run.outputs():
             # Tokens whose text is held back (a partial character, a possible stop string) send nothing.
             if out.text or out.finished:
-                chunk = delta_chunk(choice.index, out.text, out.finish_reason)
+                chunk = delta_chunk(choice, out.text, out.finish_reason)
                 if out.finished and all(c.finished for c in run.choices):
                     chunk.adaptation = adaptation
                 yield sse_event(chunk)
