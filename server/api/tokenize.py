@@ -26,7 +26,7 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = Field(True, description="prompt only: the tokenizer's special tokens (BOS ...)")
     add_generation_prompt: bool = Field(True, description="messages only: end with the assistant's turn")
     return_token_strs: bool = False
@@ -60,13 +60,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise invalid_request("give either 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
         ids = tok.encode(check_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
-    else:
-        messages = template_messages(body)
-        if body.add_generation_prompt:
-            ids = chat_prompt_ids(tok, messages)  # exactly what /v1/chat/completions generates after
-        else:
-            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False),
-                             add_special_tokens=False)
+    else:  # exactly what /v1/chat/completions generates after (with add_generation_prompt)
+        ids = chat_prompt_ids(tok, template_messages(body), body.add_generation_prompt)
     strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
 

@@ -24,3 +24,13 @@ def test_bad_tokenize_and_detokenize_bodies_are_400(server):
         assert assert_error_shape(c.post("/detokenize", json={"tokens": [-1]}), 400)["param"] == "tokens"
         assert assert_error_shape(c.post("/tokenize", json={"prompt": "x", "model": "nope"}), 404)["code"] == \
             "model_not_found"
+
+
+def test_conversations_the_template_refuses_are_400_not_500(server):
+    with server.client() as c:
+        for body in ({"messages": []}, {"messages": [], "add_generation_prompt": False},
+                     {"messages": [{"role": "assistant", "content": "x"}], "add_generation_prompt": False}):
+            r = c.post("/tokenize", json=body)
+            assert r.status_code in (200, 400), (body, r.text)
+            if r.status_code == 400:
+                assert_error_shape(r, 400)
