@@ -80,7 +80,7 @@ class _SamplingRequest(_Request):
                                      description="Minus this times each token's count in the generated text.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
                                                 "added to its logit.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM's: logits of tokens in the prompt or "
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2.0, description="vLLM's: logits of tokens in the prompt or "
                                       "output divided by it (positive ones) or multiplied (negative ones).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM's: drop tokens less likely than min_p times the "
                          "most likely one (sampling only).")
