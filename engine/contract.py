@@ -31,6 +31,8 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (sampled rows)
     min_tokens: int = 0  # EOS and stop_token_ids are not chosen before this many tokens
     logprobs: int | None = None  # per generated token: its log-probability and this many top alternatives
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text in it
+    skip_special_tokens: bool = True  # leave special tokens out of the text
 
     @property
     def processed(self) -> bool:
@@ -96,6 +98,7 @@ class RequestOutput:
     error: str | None = None  # set when the engine failed this request
     scores: ScoreResult | None = None  # for score requests
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
+    stop_reason: int | str | None = None  # finished by a stop string (it) or one of stop_token_ids (it); else None
 
 
 class EngineError(Exception):

@@ -39,8 +39,7 @@ log = logging.getLogger("t2serve.http")
 # Fields of OpenAI's or vLLM's request schemas that change what is generated and that this server does not
 # implement: refused with a 400 naming them, never ignored (the answer would not be what was asked for).
 UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "structured_outputs", "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
-               "prediction", "audio")
+               "structured_outputs", "prompt_logprobs", "prediction", "audio")
 _ignored_logged: set[str] = set()
 
 
@@ -87,6 +86,8 @@ class _SamplingRequest(_Request):
     min_tokens: int = Field(0, ge=0, le=INT32_MAX, description="vLLM's: no EOS or stop token before this many.")
     stop_token_ids: list[int] | None = Field(None, description="vLLM's: token ids that end generation.")
     ignore_eos: bool = Field(False, description="vLLM's: keep generating past the end-of-sequence token.")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the stop string that ended the text.")
+    skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text.")
     user: str | None = None
     # Known to OpenAI or vLLM, not implemented: refused unless null (declared, so the 400 names the field).
     functions: Any = Field(None, description="Not supported.")
@@ -96,8 +97,6 @@ class _SamplingRequest(_Request):
     guided_choice: Any = Field(None, description="Not supported.")
     guided_grammar: Any = Field(None, description="Not supported.")
     structured_outputs: Any = Field(None, description="Not supported.")
-    include_stop_str_in_output: Any = Field(None, description="Not supported (false or null only).")
-    skip_special_tokens: Any = Field(None, description="Not supported (true or null only).")
     prompt_logprobs: Any = Field(None, description="Not supported.")
     prediction: Any = Field(None, description="Not supported.")
     audio: Any = Field(None, description="Not supported.")
@@ -107,8 +106,7 @@ class _SamplingRequest(_Request):
     @field_validator(*UNSUPPORTED)
     @classmethod
     def _unsupported(cls, v, info: ValidationInfo):
-        neutral = {"include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True)}
-        return _not_supported(info.field_name, v, neutral.get(info.field_name, (None,)))
+        return _not_supported(info.field_name, v, (None,))
 
     @field_validator("stop")
     @classmethod
@@ -279,6 +277,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's: the stop string or stop token id that ended the choice (null: EOS, length, or not yet)
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -318,6 +318,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's: the stop string or stop token id that ended the choice (null: EOS, length, or not yet)
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -342,6 +344,8 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's: the stop string or stop token id that ended the choice (null: EOS, length, or not yet)
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

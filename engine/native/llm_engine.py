@@ -103,7 +103,8 @@ class LLMEngine:
         if p.seed is not None and not p.greedy:
             gen = torch.Generator(device=self.device).manual_seed(p.seed)
         seq = Sequence(req.request_id, list(req.prompt_ids), p, req.adaptation,
-                       Detokenizer(self.tokenizer, p.stop), generator=gen, score=req.score,
+                       Detokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens),
+                       generator=gen, score=req.score,
                        prefix_len=req.prefix_len, priority=req.priority)
         self._by_id[req.request_id] = seq
         self.scheduler.add(seq)
@@ -238,13 +239,14 @@ class LLMEngine:
                 s.first_token_at = now
                 self.counters.ttft_seconds.append(now - s.arrival)
             reason = None
-            if not s.params.ignore_eos and tok in self.eos_token_ids or tok in s.params.stop_token_ids:
-                reason = "stop"
-                text = ""
+            if tok in s.params.stop_token_ids:
+                reason, s.stop_reason, text = "stop", tok, ""
+            elif not s.params.ignore_eos and tok in self.eos_token_ids:
+                reason, text = "stop", ""
             else:
                 text, hit = s.detok.push(s.output_ids)
                 if hit:
-                    reason = "stop"
+                    reason, s.stop_reason = "stop", s.detok.stop_hit
                 elif len(s.output_ids) >= s.params.max_tokens or s.total_len >= self.config.max_model_len:
                     reason = "length"
             if reason is not None:
@@ -297,4 +299,5 @@ class LLMEngine:
     def _output(self, s: Sequence, ids: list[int], text: str, reason) -> RequestOutput:
         lps = s.token_logprobs[len(s.output_ids) - len(ids):] if s.params.logprobs is not None else None
         return RequestOutput(s.request_id, list(ids), text, finished=reason is not None, finish_reason=reason,
-                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids), logprobs=lps)
+                             prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids), logprobs=lps,
+                             stop_reason=s.stop_reason if reason is not None else None)

@@ -24,9 +24,11 @@ class Detokenizer:
     constant; a window that ends inside a multi-byte character (U+FFFD at its end) waits for the next token.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool = False, skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
+        self.include_stop, self.skip_special = include_stop, skip_special_tokens
+        self.stop_hit: str | None = None  # the stop string that ended the text
         self.text = ""  # all text decoded so far (cut at a stop string)
         self.emitted = 0  # chars of `text` already handed out
         self._prefix = 0  # token index where the decode window starts
@@ -34,8 +36,8 @@ class Detokenizer:
 
     def push(self, ids: list[int]) -> tuple[str, bool]:
         """Account for ids[-1] (ids = all output ids); return (new text to emit, stop string hit)."""
-        prev = self.tok.decode(ids[self._prefix : self._read], skip_special_tokens=True)
-        cur = self.tok.decode(ids[self._prefix :], skip_special_tokens=True)
+        prev = self.tok.decode(ids[self._prefix : self._read], skip_special_tokens=self.skip_special)
+        cur = self.tok.decode(ids[self._prefix :], skip_special_tokens=self.skip_special)
         if cur.endswith("\ufffd"):
             return "", False
         self.text += cur[len(prev) :]
@@ -43,9 +45,10 @@ class Detokenizer:
         if self.stop:
             # Only the tail can hold a new match: look back by the longest stop string.
             start = max(0, self.emitted - max(len(s) for s in self.stop))
-            hits = [p for p in (self.text.find(s, start) for s in self.stop) if p >= 0]
+            hits = [(p, s) for p, s in ((self.text.find(s, start), s) for s in self.stop) if p >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, self.stop_hit = min(hits, key=lambda h: h[0])
+                self.text = self.text[: at + (len(self.stop_hit) if self.include_stop else 0)]
                 return self._take(len(self.text)), True
             return self._take(len(self.text) - self._held_back()), False
         return self._take(len(self.text)), False
@@ -83,6 +86,7 @@ class Sequence:
     priority: int = 0  # lower is admitted first (engine.contract.USER / BACKGROUND)
     output_ids: list[int] = field(default_factory=list)
     token_logprobs: list = field(default_factory=list)  # TokenLogprob per output token (when asked for)
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     slot: int = -1  # row of the KV cache while running

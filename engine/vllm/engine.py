@@ -485,7 +485,8 @@ class VLLMEngine:
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
-            min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize, skip_special_tokens=True,
+            min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize,
+            skip_special_tokens=p.skip_special_tokens, include_stop_str_in_output=p.include_stop_str_in_output,
             output_kind=self.api.RequestOutputKind.DELTA)
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
@@ -497,7 +498,8 @@ class VLLMEngine:
             reason = _finish_reason(c.finish_reason) if o.finished else None
             push(RequestOutput(req.request_id, list(c.token_ids), c.text or "", o.finished, reason,
                                prompt_tokens=n, completion_tokens=count,
-                               logprobs=vllm_logprobs(c, req.params.logprobs)))
+                               logprobs=vllm_logprobs(c, req.params.logprobs),
+                               stop_reason=c.stop_reason if o.finished else None))
             if o.finished:
                 return
         raise EngineError("vLLM ended the request without finishing it")

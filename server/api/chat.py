@@ -50,7 +50,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         def delta(choice: Choice, text: str, finish_reason: str | None) -> ChatCompletionChunk:
             lps = chat_logprobs(tok, choice.take_logprobs()) if asked else None
             return chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=text or None), logprobs=lps,
-                                          finish_reason=finish_reason)])
+                                          finish_reason=finish_reason,
+                                          stop_reason=choice.stop_reason if finish_reason else None)])
 
         # As OpenAI does: each choice opens with the role and empty content.
         opening = [chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))])
@@ -64,6 +65,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             adaptation=started.adaptation,
             choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
                                 logprobs=chat_logprobs(tok, c.logprobs) if asked else None,
-                                finish_reason=c.finish_reason) for c in choices])
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices])
 
     return await answer(request, started, body.stream, events, whole)

@@ -45,15 +45,16 @@ async def create_completion(body: CompletionRequest, request: Request):
             if asked:
                 lps = completion_logprobs(tok, choice.take_logprobs(), choice.logprob_offset)
                 choice.logprob_offset += sum(len(t) for t in lps.tokens)
-            return response([CompletionChoice(index=choice.index, text=text, logprobs=lps,
-                                              finish_reason=finish_reason)])
+            return response([CompletionChoice(index=choice.index, text=text, logprobs=lps, finish_reason=finish_reason,
+                                              stop_reason=choice.stop_reason if finish_reason else None)])
 
         usage_chunk = (lambda usage: response([], usage=usage)) if body.include_usage else None
         return stream_events(started.run, [], delta, usage_chunk, started.adaptation)
 
     def whole(choices: list[Choice]) -> CompletionResponse:
         return response([CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason,
-                                          logprobs=completion_logprobs(tok, c.logprobs) if asked else None)
+                                          logprobs=completion_logprobs(tok, c.logprobs) if asked else None,
+                                          stop_reason=c.stop_reason)
                          for c in choices], usage=started.run.usage(), adaptation=started.adaptation)
 
     return await answer(request, started, body.stream, events, whole)

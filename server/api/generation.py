@@ -40,6 +40,7 @@ class Choice:
     logprobs: list = field(default_factory=list)  # TokenLogprob of every generated token (when asked for)
     pending_logprobs: list = field(default_factory=list)  # those not yet sent in a stream chunk
     logprob_offset: int = 0  # text offset where the next streamed completions logprobs start
+    stop_reason: int | str | None = None
 
     def take_logprobs(self) -> list:
         out, self.pending_logprobs = self.pending_logprobs, []
@@ -68,6 +69,8 @@ def sampling_params(body: Any, max_tokens: int, sample_index: int) -> SamplingPa
         min_p=body.min_p,
         min_tokens=min(body.min_tokens, max_tokens),
         logprobs=body.logprob_count(),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 
@@ -165,6 +168,7 @@ class EngineRun:
         choice.completion_tokens = out.completion_tokens
         if out.finished:
             choice.finish_reason = out.finish_reason
+            choice.stop_reason = out.stop_reason
             if out.finish_reason == "abort":  # not asked for by us: the server is stopping
                 raise APIError(503, "The request was aborted by the server (shutting down?).",
                                type="server_error", code="request_aborted")

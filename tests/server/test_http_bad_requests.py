@@ -39,7 +39,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"99999999": 1.0}}, 400, "logit_bias", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty", "invalid_value"),
-    (COMPLETIONS, {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens", "invalid_value"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "min_p": 1.5}, 400, "min_p", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json", "invalid_value"),

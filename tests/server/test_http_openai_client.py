@@ -174,3 +174,25 @@ def test_penalties_bias_and_token_controls_through_the_sdk(client):
     eos = client.completions.create(**base, extra_body={"min_tokens": 4, "stop_token_ids": [42],
                                                         "logit_bias": {"42": 100}, "ignore_eos": True})
     assert eos.usage.completion_tokens == 5 and eos.choices[0].finish_reason == "stop"
+
+
+def test_stop_reason_include_stop_str_and_special_tokens(client, server):
+    base = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    plain = client.completions.create(**base)
+    text = plain.choices[0].text
+    assert plain.choices[0].model_extra["stop_reason"] is None  # ended by length
+    stop = text[3:6]
+    cut = client.completions.create(**base, stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].model_extra["stop_reason"] == stop
+    kept = client.completions.create(**base, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == text[:text.find(stop)] + stop
+    by_id = client.completions.create(**base, logit_bias={"42": 100}, extra_body={"stop_token_ids": [42]})
+    assert by_id.choices[0].model_extra["stop_reason"] == 42
+    eos = server.engine.eos_token_ids[0]
+    special = server.engine.tokenizer.decode([eos])
+    raw = client.completions.create(**base, logit_bias={str(eos): 100},
+                                    extra_body={"ignore_eos": True, "skip_special_tokens": False, "max_tokens": 2})
+    assert special and raw.choices[0].text == special * 2
+    skipped = client.completions.create(**base, logit_bias={str(eos): 100}, extra_body={"ignore_eos": True,
+                                                                                          "max_tokens": 2})
+    assert special not in skipped.choices[0].text
