@@ -218,7 +218,7 @@ class FakeLLM:
         return out, "length"
 
     def _out(self, tokens, reason, finished, plp):
-        done = SimpleNamespace(token_ids=list(tokens), text="", finish_reason=reason)
+        done = SimpleNamespace(token_ids=list(tokens), text="", finish_reason=reason, stop_reason=None, logprobs=None)
         return SimpleNamespace(outputs=[done], finished=finished, prompt_logprobs=plp)
 
 
