@@ -22,6 +22,14 @@ def check_text(text: str, param: str) -> str:
     return text
 
 
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    """400 naming ``param`` when any of ``ids`` is outside the vocabulary."""
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise invalid_request(f"'{param}' holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}.",
+                              param=param)
+
+
 def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]:
     """Token ids of every prompt in a completions request (one list per prompt)."""
     if isinstance(prompt, str):
@@ -44,10 +52,7 @@ def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]
             ids = list(p)
             if not ids:
                 raise invalid_request(f"'{where}' must not be an empty list of token ids.", param=where)
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise invalid_request(f"'{where}' holds token ids outside the vocabulary [0, {vocab}): "
-                                      f"{bad[:5]}.", param=where)
+            check_token_ids(ids, vocab, where)
         out.append(ids)
     return out
 

@@ -17,7 +17,7 @@ from server.api.sse import DONE_EVENT, EventStreamResponse, sse_event
 from server.api.state import ServerState, check_model, ready_engine, server_state
 from server.config import Settings
 from server.errors import APIError, invalid_request
-from server.prompts import resolve_max_tokens
+from server.prompts import check_token_ids, resolve_max_tokens
 from server.schemas import ErrorResponse, Usage
 
 # Documented in the OpenAPI schema: every error answer has the OpenAI error shape.
@@ -94,10 +94,7 @@ def check_token_fields(body: Any, vocab: int) -> None:
     """Token ids named by ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary (400 naming the field)."""
     for param, ids in (("logit_bias", [int(k) for k in (body.logit_bias or {})]),
                        ("stop_token_ids", list(body.stop_token_ids or []))):
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise invalid_request(f"'{param}' names token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
-                                  param=param)
+        check_token_ids(ids, vocab, param)
 
 
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],

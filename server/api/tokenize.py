@@ -12,7 +12,7 @@ from server.api.chat import template_messages
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import check_model, ready_engine, server_state
 from server.errors import invalid_request
-from server.prompts import chat_prompt_ids, check_text
+from server.prompts import chat_prompt_ids, check_text, check_token_ids
 from server.schemas import ChatMessage
 
 router = APIRouter(tags=["tokens"])
@@ -71,10 +71,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     engine = ready_engine(request)
     check_model(engine, body.model, server_state(request).registry)
-    vocab = len(engine.tokenizer)
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise invalid_request(f"'tokens' holds ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
+    check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
