@@ -161,7 +161,10 @@ class SAPTBundle(nn.Module):
 
     def version(self) -> tuple:
         """Changes whenever a parameter is updated in place (optimizer step) or a task is added."""
-        return (self.bundle_id, self.num_tasks, sum(p._version for p in self.parameters()))
+        params = self.__dict__.get("_param_list")
+        if params is None or params[0] != self.num_tasks:  # the module walk costs ~1 ms at 8B: done once per task
+            params = self.__dict__["_param_list"] = (self.num_tasks, list(self.parameters()))
+        return (self.bundle_id, self.num_tasks, sum(p._version for p in params[1]))
 
     def stacked_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (A_cat (T·r, in), B_cat (out, T·r)), cached until the weights change; rebuilt

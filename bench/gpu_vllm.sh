@@ -7,7 +7,9 @@
 #   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary);
 #                                    also: svd (bench/svd_drivers.py), rows (per-row adaptation's GPU tests),
 #                                    rows8b (bench/vllm_bench.py --rows: stock vLLM's base workload and the rows
-#                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences),
+#                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences;
+#                                    REPEATS timed runs each, default 3), layer (bench/rows_layer.py: one
+#                                    8B MLP block, rows against plain, torch only),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
 #                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
 #                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
@@ -100,7 +102,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
                 --junitxml="$OUT/gpu_rows_tests.xml" ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
-                --out "$OUT/rows_llama3_8b.json" ;;
+                --repeats "${REPEATS:-3}" --out "$OUT/rows_llama3_8b.json" ;;
+        layer)
+            stage layer 300 python3 bench/rows_layer.py --shape llama3-8b --out "$OUT/rows_layer_llama3_8b.json" ;;
         shards)
             stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/gpu/test_vllm_shards.py ;;
         lora8b)

@@ -20,15 +20,16 @@ sampled) for both, vLLM's including the KV cache it reserves up front.
     python bench/vllm_bench.py --summarize results/vllm/*.json --out results/vllm/summary.json
 Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
 
-``--rows`` (vLLM only; also what runs without arguments, on the embedded model): one run with two engines, one after the other. First stock vLLM (no adaptation
-machinery: no hooks, no LoRA) serves the base workload; then the rows engine (every request its own exact
-adaptation, engine/vllm/rows.py; SVF on the MLP matrices and the SAPT bank beside them) serves
-  base         every request on the base model (through the factored MLP)
+``--rows`` (vLLM only; also what runs without arguments, on the embedded model): one run with three engines, one
+after the other. First stock vLLM (no adaptation machinery: no hooks, no LoRA) serves the base workload; then
+the rows engine (every request its own exact adaptation, engine/vllm/rows.py; SVF on the MLP matrices and the
+SAPT bank beside them), then the SAPT-only rows engine (vllm_svf_mode off: W kept, the bank beside it) serve
+  base         every request on the base model (through the factored MLP on the rows engine)
   unique-svf   every request its own SVF mixture: random α over 4 experts (sakana z ~ 0.5 N(0, 1))
   unique-sapt  every request its own attention over one SAPT bundle (4 tasks, r = 8, on the MLP matrices)
-Reported: throughput and TTFT of each against stock vLLM's base in the same run (goals: SVF unique >= 0.75x,
-SAPT unique >= 0.9x, TTFT p50 <= 1.25x), the GPU memory of the factors, tables and bank, the SVD's time,
-host RSS after each engine.
+Each workload runs ``--repeats`` times; the median run is kept. Reported: throughput and TTFT of each against
+stock vLLM's base in the same run (goals: SVF unique >= 0.75x, SAPT unique >= 0.9x on the SAPT-only engine,
+TTFT p50 <= 1.25x), the GPU memory of the factors, tables and bank, the SVD's time, host RSS after each engine.
 
     python bench/vllm_bench.py --rows --shape llama3-8b --requests 512 --max-num-seqs 256 --model FOLDER \
         --out results/vllm/rows_llama3_8b.json
@@ -282,30 +283,38 @@ def run_rows(args) -> dict:
         common.update(model=args.model, served_name="smollm2")
     cfg = AutoConfig.from_pretrained(common["model"])
     reqs = None
-    for phase, targets in (("stock", "none"), ("rows", "mlp")):
+    phases = (("stock", "none", "rows"), ("rows", "mlp", "rows"), ("sapt-only", "mlp", "off"))
+    for phase, targets, svf_mode in phases:
         sampler = MemorySampler().__enter__()
         t0 = time.perf_counter()
-        engine = VLLMEngine.from_options(VLLMOptions(adapt_targets=targets, host_model=False, **common))
+        engine = VLLMEngine.from_options(VLLMOptions(adapt_targets=targets, host_model=False,
+                                                     **{**common, "svf_mode": svf_mode}))
         info = {"start_s": round(time.perf_counter() - t0, 1), "host_rss_after_start_mb": round(host_rss_mb())}
         print(f"{phase} engine up in {info['start_s']} s", flush=True)
         if reqs is None:
             reqs = workload(engine.tokenizer, args.requests, args.seed)
         try:
             workloads = {"base": ([None], [None])}
-            if phase == "rows":
+            if phase != "stock":
                 info["rows_info"] = engine.rows_info
                 mlp = [t for t in engine.rows_info["targets"]]
-                svf = unique_svf(mlp, len(reqs) + 16, args.seed)  # the same 4 experts, registered in warm-up
-                workloads["unique-svf"] = (svf[16:], svf[:16])
+                if phase == "rows":
+                    svf = unique_svf(mlp, len(reqs) + 16, args.seed)  # the same 4 experts, registered in warm-up
+                    workloads["unique-svf"] = (svf[16:], svf[:16])
                 sapt = unique_sapt(mlp, cfg.hidden_size, len(reqs) + 16, args.seed)  # one bundle, registered in warm-up
                 workloads["unique-sapt"] = (sapt[16:], sapt[:16])
             for name, (kinds, warm) in workloads.items():
                 asyncio.run(serve(engine, reqs[: max(16, len(warm))], warm))  # warm-up: experts and bundle registered
-                r = asyncio.run(serve(engine, reqs, kinds))
-                r.update(workload=name, engine_kind=phase, distinct_adaptations=len({id(k) for k in kinds}))
+                runs = []
+                for _ in range(args.repeats):  # every run prefills its prompts: none is served from an earlier run
+                    asyncio.run_coroutine_threadsafe(engine.llm.reset_prefix_cache(), engine._loop).result(60)
+                    runs.append(asyncio.run(serve(engine, reqs, kinds)))
+                r = dict(sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2])  # the median run
+                r.update(workload=name, engine_kind=phase, distinct_adaptations=len({id(k) for k in kinds}),
+                         repeats=[round(x["tok_s"]) for x in runs])
                 result["rows"].append(r)
-                print(f"{phase} {args.shape} {name}: {r['tok_s']:.0f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s",
-                      flush=True)
+                print(f"{phase} {args.shape} {name}: {r['tok_s']:.0f} tok/s (runs {r['repeats']}), "
+                      f"ttft p50 {r['ttft_p50_s']:.3f} s", flush=True)
                 write_json(args.out, result)
         finally:
             sampler.__exit__()
@@ -317,12 +326,14 @@ def run_rows(args) -> dict:
     stock = by.get(("stock", "base"))
     if stock:
         goals = {}
-        for name, goal in (("base", None), ("unique-svf", 0.75), ("unique-sapt", 0.9)):
-            r = by.get(("rows", name))
+        for kind, name, goal in (("rows", "base", None), ("rows", "unique-svf", 0.75), ("rows", "unique-sapt", None),
+                                 ("sapt-only", "base", None), ("sapt-only", "unique-sapt", 0.9)):
+            r = by.get((kind, name))
             if r:
+                name = f"{kind} {name}"
                 goals[name] = {"throughput_ratio": r["tok_s"] / stock["tok_s"], "throughput_goal": goal,
                                "ttft_p50_ratio": r["ttft_p50_s"] / stock["ttft_p50_s"], "ttft_goal": 1.25}
-                print(f"rows {name} / stock vLLM base: {goals[name]['throughput_ratio']:.3f}x throughput "
+                print(f"{name} / stock vLLM base: {goals[name]['throughput_ratio']:.3f}x throughput "
                       f"(goal {goal}), TTFT p50 {goals[name]['ttft_p50_ratio']:.2f}x (goal <= 1.25)")
         result["goals"] = goals
     write_json(args.out, result)
@@ -446,6 +457,7 @@ def main(argv=None) -> None:
                     help="vLLM's specialize_active_lora: CUDA graphs per count of active adapters")
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="--rows: timed runs of each workload (the median is kept)")
     ap.add_argument("--rows", action="store_true",
                     help="stock vLLM's base workload, then the rows engine's base and unique workloads, in one run")
     ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")

@@ -73,9 +73,10 @@ class Settings(BaseSettings):
                                      "429. Their engine requests run at background priority, behind users' requests")
 
     # --- the vllm engine --------------------------------------------------------------------------
-    vllm_svf_mode: Literal["rows", "swap", "lora"] = Field(
+    vllm_svf_mode: Literal["rows", "off", "swap", "lora"] = Field(
         "rows", description="how vLLM serves adaptations: rows (every request its own exact SVF mixture and SAPT "
-        "attention inside vLLM's batches, through per-row scales) | swap (merged weights swapped in, requests grouped "
+        "attention inside vLLM's batches, through per-row scales) | off (rows for SAPT alone: W kept, no SVD, SVF "
+        "requests refused; full base speed) | swap (merged weights swapped in, requests grouped "
         "by adaptation; exact) | lora (the weight change truncated to a LoRA within vllm_lora_error_budget; falls "
         "back to swap when the rank needed exceeds vllm_lora_max_rank)")
     vllm_max_experts: int = Field(256, ge=1, description="rows mode: SVF experts kept on the GPU (LRU)")

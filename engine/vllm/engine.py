@@ -47,6 +47,9 @@ from engine.vllm.row_router import RowRouter, RowsView
 from engine.vllm.rows import RECIPE_KEY
 from engine.vllm.rows_worker import ENV as ROWS_ENV
 from engine.vllm.rows_worker import RowsConfig
+
+_SET_HERE = "T2_SET_V2_RUNNER"  # VLLM_USE_V2_MODEL_RUNNER was set by this process, not by the user
+ROW_MODES = ("rows", "off")  # svf modes served by per-row tables ("off": the SAPT bank alone, W kept)
 from engine.vllm.scoring import score_prompts, score_result, token_logprobs
 from engine.vllm.swap_gate import WeightGate
 from engine.vllm.weight_swap import WeightSwapper
@@ -73,7 +76,7 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
-    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | swap | lora
+    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | off (rows for SAPT alone) | swap | lora
     max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
     lora_error_budget: float = 0.1  # lora mode: largest ‖ΔW − ΔW_k‖ / ‖ΔW‖ per matrix
     lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
@@ -113,11 +116,11 @@ class VLLMApi:
 
 def rows_config(options: VLLMOptions) -> RowsConfig | None:
     """The workers' per-row configuration (rows mode with adapted matrices), else None."""
-    if options.svf_mode != "rows" or options.adapt_targets == "none":
+    if options.svf_mode not in ROW_MODES or options.adapt_targets == "none":
         return None
     svd = None if options.load_format == "dummy" else str(options.cache_dir / "svd")  # random weights: not kept
     targets = options.adapt_targets.split(",") if "," in options.adapt_targets else options.adapt_targets
-    return RowsConfig(targets=targets, sapt_rank=options.lora_max_rank, svd_cache=svd)
+    return RowsConfig(targets=targets, sapt_rank=options.lora_max_rank, svd_cache=svd, svf=options.svf_mode == "rows")
 
 
 def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
@@ -128,9 +131,14 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads: never fork it
     if rows is not None:  # read by the workers (engine.vllm.rows_worker), which inherit this environment
         os.environ[ROWS_ENV] = rows.to_env()
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # the runner the per-row hooks are written against
+        if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:  # the runner the hooks are written against
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = os.environ[_SET_HERE] = "1"
+        elif os.environ["VLLM_USE_V2_MODEL_RUNNER"] != "1":
+            raise ValueError("per-row adaptation runs on vLLM's model runner V2: unset VLLM_USE_V2_MODEL_RUNNER=0")
     else:
         os.environ.pop(ROWS_ENV, None)
+        if os.environ.pop(_SET_HERE, None):  # a stock engine after a rows engine in this process: vLLM's default
+            os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     if importlib.util.find_spec("flashinfer") is None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from vllm import AsyncEngineArgs
@@ -145,6 +153,9 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
         worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+        # in vLLM's compile-cache key: a rows engine never loads a graph compiled for another layout, nor stock
+        # vLLM one compiled with the rows layers
+        additional_config={"t2_rows": rows.compile_key()} if rows is not None else {},
         **({} if options.svf_mode not in SVF_MODES else dict(
             enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
             specialize_active_lora=options.specialize_active_lora,
@@ -159,7 +170,7 @@ def load_host_model(options: VLLMOptions):
     takes the GPU memory."""
     from transformers import AutoModelForCausalLM
 
-    if options.svf_mode == "rows":
+    if options.svf_mode in ROW_MODES:
         return load_skeleton(options.model, getattr(torch, options.dtype)), None
 
     model = AutoModelForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype))
@@ -285,7 +296,7 @@ class VLLMEngine:
         if rows_config(self.options) is not None:
             info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install
             targets = [Target(n, "linear", o, i) for n, o, i in info["targets"]]
-            self.rows = RowRouter(self._rpc, self.scratch / "rows", RowsView(targets, info["sapt_rank"]),
+            self.rows = RowRouter(self._rpc, self.scratch / "rows", RowsView(targets, info["sapt_rank"], info["svf"]),
                                   max_experts=self.options.max_experts)
             self.rows_info = info
             self.runtime = self.rows.view

@@ -49,14 +49,17 @@ class Lease:
 class RowsView:
     """What the HTTP edge validates adaptations against on the rows path (``engine.runtime``)."""
 
-    def __init__(self, targets: list[Target], sapt_rank: int):
+    def __init__(self, targets: list[Target], sapt_rank: int, svf: bool = True):
         self.targets = targets
+        self.svf = svf
         self.layers: list = []
         self.sapt_rank = sapt_rank
         self._k = {t.name: t.rank for t in targets}
 
     def validate(self, adaptation: Adaptation) -> None:
         if adaptation.svf is not None:
+            if not self.svf:
+                raise ValueError("this server serves no SVF experts on vLLM (vllm_svf_mode off: the SAPT bank alone)")
             for name in adaptation.svf.target_names:
                 if name not in self._k:
                     raise ValueError(f"expert matrix {name} is not adapted by this server")

@@ -87,8 +87,11 @@ class RowTables:
                           else torch.zeros(0)).to(dev)
         self.segments = torch.cat([torch.full((self.offsets[n][1] - self.offsets[n][0],), i, dtype=torch.long)
                                    for i, n in enumerate(names)]).to(dev) if names else torch.zeros(0, dtype=torch.long)
-        self.svf = self.sigma_row.repeat(self.rows, 1).contiguous()  # (rows, K): every row the base model
-        self.sapt = torch.zeros(self.rows, self.sapt_rank, device=dev)  # (rows, R)
+        # One table (rows, K + R): SVF scales, then SAPT bank scales; every row starts as the base model.
+        self.scale = torch.zeros(self.rows, self.width + self.sapt_rank, device=dev)
+        self.svf = self.scale[:, :self.width]  # views, written in place
+        self.sapt = self.scale[:, self.width:]
+        self.svf.copy_(self.sigma_row.expand(self.rows, -1))
         self.token_rows = torch.zeros(self.max_tokens, dtype=torch.long, device=dev)
         self.admitted = 0  # rows written since start (a figure for tests and stats)
 
@@ -126,44 +129,67 @@ class RowTables:
         return self.bundles.pop(key, None)
 
     # --- rows ---------------------------------------------------------------------------------------------
-    def svf_row(self, recipe: dict) -> torch.Tensor:
-        """s (K,) of an SVF recipe: {"experts": [digest, ...], "alpha": [K] or [K][M], "targets": [M names] or
-        None}. z′ = Σ α z over the experts' covered columns; the others keep σ."""
-        experts = [self.experts[d] for d in recipe["experts"]]  # KeyError: the front end did not register it
-        alpha = self._device(recipe["alpha"])
+    def svf_rows(self, digests: tuple[str, ...], alpha: torch.Tensor, targets: tuple[str, ...] | None) -> torch.Tensor:
+        """s (N, K) of N SVF recipes over the same experts: alpha (N, E) or, one α per expert and matrix,
+        (N, E, M) over ``targets`` (M names). z′ = Σ α z over the experts' covered columns; the others keep σ."""
+        experts = [self.experts[d] for d in digests]  # KeyError: the front end did not register it
         Z = torch.stack([e.z for e in experts])  # (E, K)
-        if alpha.dim() == 2:  # one α per expert and matrix: expand each matrix's α over its columns
+        if alpha.dim() == 3:  # expand each matrix's α over its columns
             cols = torch.zeros(self.width, dtype=torch.long)
-            for m, name in enumerate(recipe["targets"]):
+            for m, name in enumerate(targets):
                 lo, hi = self.offsets[name]
                 cols[lo:hi] = m
-            alpha = alpha[:, cols.to(self.device, non_blocking=True)]  # (E, K)
-            z = (alpha * Z).sum(0)
+            z = (alpha[:, :, cols.to(self.device, non_blocking=True)] * Z).sum(1)
         else:
             z = alpha @ Z
         p = experts[0].parametrization
         neutral = 0.0 if p == "sakana" else 1.0
         z = torch.where(experts[0].covered, z, torch.full_like(z, neutral))
-        return svf_scale_segments(self.sigma_row, z, self.segments, len(self.offsets), p)
+        return svf_scale_segments(self.sigma_row.expand_as(z), z, self.segments, len(self.offsets), p)
 
     def admit(self, row: int, recipe: dict | None) -> None:
         """Write request slot ``row`` for a request with ``recipe`` (None: the base model)."""
-        svf = (recipe or {}).get("svf")
-        sapt = (recipe or {}).get("sapt")
-        if svf is not None and self.width:
-            self.svf[row].copy_(self.svf_row(svf))
-        else:
-            self.svf[row].copy_(self.sigma_row)
-        if self.sapt_rank:
-            self.sapt[row].zero_()
+        self.admit_many([row], [recipe])
+
+    def admit_many(self, slots: list[int], recipes: list[dict | None]) -> None:
+        """Write the slots of the requests a step admits, a few batched writes for all of them: one per group
+        of requests mixing the same experts, one per SAPT bundle. A recipe naming an expert or bundle that is
+        not registered raises KeyError before any slot is written."""
+        svf_groups: dict[tuple, list[tuple[int, list]]] = {}
+        sapt_groups: dict[str, list[tuple[int, list]]] = {}
+        base: list[int] = []
+        for slot, recipe in zip(slots, recipes):
+            svf = (recipe or {}).get("svf")
+            sapt = (recipe or {}).get("sapt")
+            if svf is not None and self.width:
+                for d in svf["experts"]:
+                    self.experts[d]  # noqa: B018 - KeyError now, not halfway through the writes
+                targets = tuple(svf["targets"]) if svf.get("targets") else None
+                svf_groups.setdefault((tuple(svf["experts"]), targets), []).append((slot, svf["alpha"]))
+            else:
+                base.append(slot)
             if sapt is not None:
-                place = self.bundles[sapt["bundle"]]
-                attn = self._device(sapt["attention"])
-                scale = attn.repeat_interleave(place.rank)
-                self.sapt[row, place.offset:place.offset + scale.shape[0]] = scale
-        elif sapt is not None:
-            raise ValueError("this engine has no SAPT bank (rank 0)")
-        self.admitted += 1
+                if not self.sapt_rank:
+                    raise ValueError("this engine has no SAPT bank (rank 0)")
+                self.bundles[sapt["bundle"]]  # noqa: B018
+                sapt_groups.setdefault(sapt["bundle"], []).append((slot, sapt["attention"]))
+        if base and self.width:
+            idx = self._device(np.asarray(base, dtype=np.int64), torch.long)
+            self.svf.index_copy_(0, idx, self.sigma_row.expand(len(base), -1))
+        for (digests, targets), items in svf_groups.items():
+            alpha = self._device(np.asarray([a for _, a in items], dtype=np.float32))
+            idx = self._device(np.asarray([s for s, _ in items], dtype=np.int64), torch.long)
+            self.svf.index_copy_(0, idx, self.svf_rows(digests, alpha, targets))
+        if self.sapt_rank:
+            idx = self._device(np.asarray(list(slots), dtype=np.int64), torch.long)
+            self.sapt.index_fill_(0, idx, 0.0)
+            for key, items in sapt_groups.items():
+                place = self.bundles[key]
+                attn = self._device(np.asarray([a for _, a in items], dtype=np.float32))  # (N, T)
+                scale = attn.repeat_interleave(place.rank, dim=1)
+                rows = self._device(np.asarray([s for s, _ in items], dtype=np.int64), torch.long)
+                self.sapt[:, place.offset:place.offset + scale.shape[1]].index_copy_(0, rows, scale)
+        self.admitted += len(slots)
 
     def map_tokens(self, req_rows: np.ndarray, counts: np.ndarray, padded: int) -> None:
         """The step's token -> row index: request i's ``counts[i]`` tokens read row ``req_rows[i]``;
@@ -181,11 +207,11 @@ class RowTables:
         return t.pin_memory() if self.token_rows.is_cuda else t
 
     def _device(self, values, dtype=torch.float32) -> torch.Tensor:
-        return self._host(np.asarray(values, dtype=np.float32) if dtype == torch.float32 else values).to(
+        return self._host(np.asarray(values, dtype=np.float32 if dtype == torch.float32 else np.int64)).to(
             self.device, non_blocking=True)
 
     def memory_bytes(self) -> int:
-        tensors = [self.svf, self.sapt, self.token_rows, self.sigma_row, self.segments]
+        tensors = [self.scale, self.token_rows, self.sigma_row, self.segments]
         tensors += [t for e in self.experts.values() for t in (e.z, e.covered)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -196,44 +222,60 @@ class Piece:
 
     name: str
     width: int  # this rank's output features of it
-    svf: tuple[int, int] | None = None  # columns of the layer's h = x Vᵀ that are its (None: kept W)
-    sapt: tuple[int, int] | None = None  # columns of the layer's g = x Aᵀ that are its
+    svf: bool = False  # served by its factors (W dropped)
+    sapt: bool = False  # has a slice of the SAPT bank
+    cols: tuple[int, int] = (0, 0)  # its columns of the layer's h = x Dᵀ (Vᵀ, then its bank's A)
 
 
 class RowLinear:
     """The quant method of an adapted vLLM linear layer: its ``apply`` computes the module docstring's y.
 
-    Tensors live on the layer as buffers (``t2_*``), so vLLM's compiler sees them as the layer's own;
-    the tables are shared by every layer.
+    Every matrix's terms are one GEMM, concatenated along the inner dimension:
+
+        h = (x Dᵀ) ⊙ table[row, cols]                D: the layer's Vᵀ and A blocks, stacked
+        y_j = [x | h_j] [W_j | B_j]ᵀ   or   h_j [U_j | B_j]ᵀ
+
+    so the SAPT term costs no GEMM, no addition and no pass over y of its own. A layer without SVF
+    matrices keeps one GEMM for all of them: [x | h] [W | blockdiag(B)]ᵀ. Tensors live on the layer as
+    buffers (``t2_*``), so vLLM's compiler sees them as the layer's own; the table is shared by every layer.
     """
 
-    def __init__(self, pieces: list[Piece], svf_cols: tuple[int, int] | None, sapt_cols: int):
+    def __init__(self, pieces: list[Piece], merged: bool, bank: int):
         self.pieces = pieces
-        self.svf_cols = svf_cols  # this layer's columns of the SVF table
-        self.sapt_cols = sapt_cols  # bank width (0: none)
+        self.merged = merged  # no SVF matrix: one GEMM over [x | h] for the whole layer
+        self.bank = bank  # SAPT bank width of each adapted matrix (0: none)
+        self.down = bool(pieces) and pieces[-1].cols[1] > 0
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = layer.t2_token_rows[: x.shape[0]]
-        h = g = None
-        if self.svf_cols is not None:
+        h = None
+        if self.down:
+            rows = layer.t2_token_rows[: x.shape[0]]
             # The layer's table columns come from a buffer, not from constants: every layer then traces to the
             # same graph, which vLLM's compiler compiles once for all of them.
-            h = (F.linear(x, layer.t2_vh) * layer.t2_svf[rows[:, None], layer.t2_cols]).to(x.dtype)
-        if self.sapt_cols:
-            g = F.linear(x, layer.t2_sapt_a)  # (n, pieces × R)
-            scale = layer.t2_sapt[rows]
-            g = (g.view(g.shape[0], -1, self.sapt_cols) * scale[:, None, :]).to(x.dtype).view(g.shape[0], -1)
-        parts = []
-        for j, p in enumerate(self.pieces):
-            if p.svf is not None:
-                y = F.linear(h[:, p.svf[0]:p.svf[1]], getattr(layer, f"t2_u{j}"))
-            else:
-                y = F.linear(x, getattr(layer, f"t2_w{j}"))
-            if p.sapt is not None:
-                y = y + F.linear(g[:, p.sapt[0]:p.sapt[1]], getattr(layer, f"t2_sapt_b{j}"))
-            parts.append(y)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            h = (F.linear(x, layer.t2_down) * layer.t2_scale[rows[:, None], layer.t2_cols]).to(x.dtype)
+        if self.merged:
+            out = F.linear(x if h is None else torch.cat([x, h], dim=-1), layer.t2_up)
+        else:
+            parts = []
+            for j, p in enumerate(self.pieces):
+                hj = h[:, p.cols[0]:p.cols[1]] if p.cols[1] > p.cols[0] else None
+                inp = hj if p.svf else (x if hj is None else torch.cat([x, hj], dim=-1))
+                parts.append(F.linear(inp, getattr(layer, f"t2_up{j}")))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out if bias is None else out + bias
+
+    def bank_slices(self, layer: torch.nn.Module, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A rows of the bank in D (bank, in), B columns of the bank (out_j, bank)) of piece j: views."""
+        p = self.pieces[j]
+        a = layer.t2_down[p.cols[1] - self.bank:p.cols[1]]
+        if self.merged:
+            start = sum(q.width for q in self.pieces[:j])
+            in_features = layer.t2_up.shape[1] - self.pieces[-1].cols[1]
+            b = layer.t2_up[start:start + p.width, in_features + p.cols[0]:in_features + p.cols[1]]
+        else:
+            up = getattr(layer, f"t2_up{j}")
+            b = up[:, up.shape[1] - self.bank:]
+        return a, b
 
 
 def adapt_layer(layer: torch.nn.Module, tables: RowTables, pieces: list[tuple[str, torch.Tensor]],
@@ -241,44 +283,46 @@ def adapt_layer(layer: torch.nn.Module, tables: RowTables, pieces: list[tuple[st
     """Turn ``layer`` into a row-adapted layer.
 
     pieces: (name, this rank's W_j (out_j, in)) in output order; factors: name -> (U_j, Vh_j) as this
-    rank uses them (SVF matrices; the others keep W_j); sapt: the pieces that get a slice of the SAPT bank. The layer's own weight is then released (the caller still holds nothing of it)."""
+    rank uses them (SVF matrices; the others keep W_j); sapt: the pieces that get a slice of the SAPT bank
+    (all zero until a bundle is written). The layer's own weight is then released."""
     dev, dtype = pieces[0][1].device, pieces[0][1].dtype
-    out_pieces: list[Piece] = []
-    vhs, col, cols = [], 0, None
-    names = [n for n, _ in pieces]
-    svf_names = [n for n in names if n in factors]
-    if svf_names:
-        spans = [tables.offsets[n] for n in svf_names]
-        if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-            raise ValueError(f"the SVF matrices of {names} are not consecutive in the table")
-        cols = (spans[0][0], spans[-1][1])
+    in_features = pieces[0][1].shape[1]
     R = tables.sapt_rank
-    for j, (name, w) in enumerate(pieces):
-        piece = Piece(name, w.shape[0])
-        if name in factors:
-            U, Vh = factors[name]
-            piece.svf = (col, col + Vh.shape[0])
-            col += Vh.shape[0]
-            vhs.append(Vh)
-            layer.register_buffer(f"t2_u{j}", U.to(dev, dtype).contiguous(), persistent=False)
-        else:
-            layer.register_buffer(f"t2_w{j}", w.contiguous(), persistent=False)
-        if R and name in sapt:
-            piece.sapt = (j * R, (j + 1) * R)
-            layer.register_buffer(f"t2_sapt_b{j}", torch.zeros(w.shape[0], R, device=dev, dtype=dtype),
-                                  persistent=False)
+    out_pieces: list[Piece] = []
+    downs, cols, col = [], [], 0
+    for name, w in pieces:
+        piece = Piece(name, w.shape[0], svf=name in factors, sapt=bool(R) and name in sapt)
+        start = col
+        if piece.svf:
+            Vh = factors[name][1]
+            lo, hi = tables.offsets[name]
+            downs.append(Vh.to(dev, dtype))
+            cols.append(torch.arange(lo, hi))
+            col += hi - lo
+        if piece.sapt:
+            downs.append(torch.zeros(R, in_features, device=dev, dtype=dtype))
+            cols.append(tables.width + torch.arange(R))
+            col += R
+        piece.cols = (start, col)
         out_pieces.append(piece)
-    if vhs:
-        layer.register_buffer("t2_vh", torch.cat(vhs).to(dev, dtype).contiguous(), persistent=False)
-        layer.register_buffer("t2_cols", torch.arange(cols[0], cols[1], device=dev), persistent=False)
-    R = R if any(p.sapt for p in out_pieces) else 0
-    if R:
-        layer.register_buffer("t2_sapt_a", torch.zeros(len(pieces) * R, pieces[0][1].shape[1], device=dev,
-                                                       dtype=dtype), persistent=False)
-    layer.register_buffer("t2_svf", tables.svf, persistent=False)
-    layer.register_buffer("t2_sapt", tables.sapt, persistent=False)
+    merged = not any(p.svf for p in out_pieces)
+    bank = R if any(p.sapt for p in out_pieces) else 0
+    if downs:
+        layer.register_buffer("t2_down", torch.cat(downs).contiguous(), persistent=False)
+        layer.register_buffer("t2_cols", torch.cat(cols).to(dev), persistent=False)
+    if merged:  # [W | blockdiag(B)]: one GEMM for the whole layer
+        up = torch.zeros(sum(p.width for p in out_pieces), in_features + col, device=dev, dtype=dtype)
+        up[:, :in_features] = torch.cat([w for _, w in pieces])
+        layer.register_buffer("t2_up", up, persistent=False)
+    else:
+        for j, ((name, w), p) in enumerate(zip(pieces, out_pieces)):
+            blocks = [factors[name][0].to(dev, dtype)] if p.svf else [w]
+            if p.sapt:
+                blocks.append(torch.zeros(p.width, R, device=dev, dtype=dtype))
+            layer.register_buffer(f"t2_up{j}", torch.cat(blocks, dim=1).contiguous(), persistent=False)
+    layer.register_buffer("t2_scale", tables.scale, persistent=False)
     layer.register_buffer("t2_token_rows", tables.token_rows, persistent=False)
-    method = RowLinear(out_pieces, cols, R)
+    method = RowLinear(out_pieces, merged, bank)
     layer.t2_base_method = getattr(layer, "quant_method", None)
     layer.quant_method = method
     # W is served by the buffers above now: release the parameter's memory (the attribute stays, empty).
@@ -288,21 +332,38 @@ def adapt_layer(layer: torch.nn.Module, tables: RowTables, pieces: list[tuple[st
     return method
 
 
+def layer_bytes(layer: torch.nn.Module, method: RowLinear) -> dict[str, int]:
+    """GPU bytes of ``layer``'s adapted form: ``factors`` (U and Vᵀ of its SVF matrices), ``bank`` (its
+    SAPT A and B slices) and ``weights`` (the W it keeps)."""
+    size = layer.t2_down.element_size() if method.down else 0
+    out = {"factors": 0, "bank": 0, "weights": 0}
+    for j, p in enumerate(method.pieces):
+        k = p.cols[1] - p.cols[0] - (method.bank if p.sapt else 0)
+        if p.sapt:
+            out["bank"] += method.bank * (layer.t2_down.shape[1] + p.width) * size
+        if p.svf:
+            out["factors"] += k * (layer.t2_down.shape[1] + p.width) * size
+        else:
+            w = layer.t2_up if method.merged else getattr(layer, f"t2_up{j}")
+            in_features = w.shape[1] - (method.pieces[-1].cols[1] if method.merged else (method.bank if p.sapt else 0))
+            out["weights"] += p.width * in_features * w.element_size()
+    return out
+
+
 def write_bank(layer: torch.nn.Module, method: RowLinear, name: str, place: Placement,
                A: torch.Tensor | None, B: torch.Tensor | None) -> None:
     """Put bundle columns [place.offset, +width) of matrix ``name`` into ``layer``'s bank (A: (width, in)
     as this rank uses it, B: (out_j, width)); None clears them."""
     for j, p in enumerate(method.pieces):
-        if p.name != name or p.sapt is None:
+        if p.name != name or not p.sapt:
             continue
-        a_rows = slice(p.sapt[0] + place.offset, p.sapt[0] + place.offset + place.width)
-        bank_a, bank_b = layer.t2_sapt_a, getattr(layer, f"t2_sapt_b{j}")
+        bank_a, bank_b = method.bank_slices(layer, j)
         cols = slice(place.offset, place.offset + place.width)
         if A is None:
-            bank_a[a_rows].zero_()
+            bank_a[cols].zero_()
             bank_b[:, cols].zero_()
         else:
-            bank_a[a_rows].copy_(A)
+            bank_a[cols].copy_(A)
             bank_b[:, cols].copy_(B)
         return
     raise KeyError(f"{name} has no SAPT bank in this layer")

@@ -18,6 +18,7 @@ The front end passes the configuration in the ``T2_ROWS`` environment variable (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import torch
 from adapters.svd_cache import load_or_compute_matrices
 from adapters.targets import Target, matches_spec
 from engine.vllm.layers import replicas, shard_rows
-from engine.vllm.rows import RECIPE_KEY, RowLinear, RowTables, adapt_layer, write_bank
+from engine.vllm.rows import RECIPE_KEY, RowLinear, RowTables, adapt_layer, layer_bytes, write_bank
 
 log = logging.getLogger("t2serve.vllm.rows")
 
@@ -45,10 +46,20 @@ BATCH_FIELDS = ("idx_mapping_np", "num_scheduled_tokens", "num_tokens_after_padd
 class RowsConfig:
     targets: str | list[str] = "mlp"  # what SVF adapts and where SAPT banks sit (the adapt_targets setting)
     sapt_rank: int = 64  # bank width: total rank (tasks × r) of the SAPT bundles loaded at once
+    svf: bool = True  # False: W kept, no SVD, SVF experts refused (the SAPT bank alone)
     svd_cache: str | None = None  # folder of the SVD cache (None: computed, not stored)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
+
+    def compile_key(self) -> str:
+        """What vLLM's compiled-graph cache must tell apart: this configuration and the code of the layers
+        it traces. vLLM 0.25 keys its ahead-of-time compiled model by its own configuration only (not by the
+        traced code), so without this key an engine would load the graph another layout was compiled for."""
+        h = hashlib.sha256(self.to_env().encode())
+        for module in ("rows.py", "rows_worker.py"):
+            h.update((Path(__file__).parent / module).read_bytes())
+        return h.hexdigest()[:16]
 
     @classmethod
     def from_env(cls) -> "RowsConfig | None":
@@ -99,11 +110,13 @@ def install_runner_hooks() -> None:
     def hooked_add_requests(self, scheduler_output):
         add_requests(self, scheduler_output)
         rows = getattr(self, "t2_rows", None)
-        if rows is not None:
+        if rows is not None and scheduler_output.scheduled_new_reqs:
+            slots, recipes = [], []
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
-                recipe = (params.extra_args or {}).get(RECIPE_KEY) if params is not None else None
-                rows.tables.admit(self.req_states.req_id_to_index[new.req_id], recipe)
+                slots.append(self.req_states.req_id_to_index[new.req_id])
+                recipes.append((params.extra_args or {}).get(RECIPE_KEY) if params is not None else None)
+            rows.tables.admit_many(slots, recipes)
 
     def hooked_prepare_inputs(self, scheduler_output, batch_desc):
         batch = prepare_inputs(self, scheduler_output, batch_desc)
@@ -214,22 +227,26 @@ class WorkerRows:
                 for sub in subs:
                     if sub.name in chosen:
                         w = _gather(layer, sub, layer.weight[sub.rows])
-                        weights.append(w)
                         targets.append(Target(sub.name, "linear", w.shape[0], w.shape[1]))
+                        if config.svf:
+                            weights.append(w)
+                        del w
             t1 = time.time()
-            factors = load_or_compute_matrices(weights, targets, config.svd_cache, progress=False)
+            factors = load_or_compute_matrices(weights, targets, config.svd_cache, progress=False) if weights else {}
             del weights
             t2 = time.time()
-            sigma = {t.name: factors[t.name].S.float() for t in targets}
-            dev = next(iter(sigma.values())).device
+            sigma = {t.name: factors[t.name].S.float() for t in targets if t.name in factors}
+            dev = found[0][0].weight.device
             tables = RowTables(sigma, config.sapt_rank, slots, max_tokens, dev)
             layers = []
             for layer, subs, chosen in found:
+                if not sigma and not config.sapt_rank:
+                    break  # nothing to adapt: the layers stay vLLM's
                 pieces, local = [], {}
                 for sub in subs:
                     w = layer.weight[sub.rows]
                     pieces.append((sub.name, w))
-                    if sub.name in chosen:
+                    if sub.name in factors:
                         f = factors.pop(sub.name)
                         local[sub.name] = _this_rank(layer, sub, w.shape[0], f.U, f.Vh)
                 method = adapt_layer(layer, tables, pieces, local, set(chosen))
@@ -243,13 +260,12 @@ class WorkerRows:
 
     # --- RPCs -------------------------------------------------------------------------------------------
     def info(self) -> dict:
+        sizes = [layer_bytes(layer, method) for layer, method, _ in self.layers]
         return {"targets": [(t.name, t.out_features, t.in_features) for t in self.targets],
-                "sapt_rank": self.tables.sapt_rank, "rows": self.tables.rows, "seconds": self.seconds,
-                "table_bytes": self.tables.memory_bytes(),
-                "factor_bytes": sum(b.numel() * b.element_size() for layer, _, _ in self.layers
-                                    for n, b in layer.named_buffers() if n.startswith(("t2_u", "t2_vh"))),
-                "bank_bytes": sum(b.numel() * b.element_size() for layer, _, _ in self.layers
-                                  for n, b in layer.named_buffers() if n.startswith("t2_sapt_"))}
+                "svf": bool(self.tables.width), "sapt_rank": self.tables.sapt_rank, "rows": self.tables.rows,
+                "seconds": self.seconds, "table_bytes": self.tables.memory_bytes(),
+                "factor_bytes": sum(b["factors"] for b in sizes), "bank_bytes": sum(b["bank"] for b in sizes),
+                "kept_weight_bytes": sum(b["weights"] for b in sizes)}
 
     def sigma(self) -> dict[str, torch.Tensor]:
         return {n: s.cpu() for n, s in self.tables.sigma.items()}
@@ -275,7 +291,7 @@ class WorkerRows:
                         A, B = tensors[f"{sub.name}.A"], tensors[f"{sub.name}.B"]
                         local_rows = next(p.width for p in method.pieces if p.name == sub.name)
                         B, A = _this_rank(layer, sub, local_rows, B, A)
-                        dt, dev = layer.t2_sapt_a.dtype, layer.t2_sapt_a.device
+                        dt, dev = layer.t2_down.dtype, layer.t2_down.device
                         write_bank(layer, method, sub.name, place, A.to(dev, dt), B.to(dev, dt))
         except BaseException:
             self.drop_bundle(key)
@@ -289,7 +305,7 @@ class WorkerRows:
             return
         for layer, method, subs in self.layers:
             for p in method.pieces:
-                if p.sapt is not None:
+                if p.sapt:
                     write_bank(layer, method, p.name, place, None, None)
         self.bundle_names.pop(key, None)
 

@@ -96,16 +96,27 @@ def test_a_batch_of_64_distinct_adaptations_gives_every_row_its_own_reference_to
 
 
 def test_base_rows_in_an_adapted_batch_equal_vllm_without_adaptation(rows_engine, stock_engine, ref):
+    """Base rows run through U diag(σ) Vᵀ in bf16 (W to rounding), stock vLLM through W: each row's tokens equal
+    stock's up to their first difference, which must be a near-tie (both picks within 0.5 nats of the
+    reference's best at that position): the difference of two roundings, not of two models."""
     rows = batch(ref, 3)
     got = generate(rows_engine, rows)
     base = [i for i, (_, a) in enumerate(rows) if a is None]
     stock = generate(stock_engine, [(rows[i][0], None) for i in base])
     same = sum(got[i] == s for i, s in zip(base, stock))
+    splits = []
+    for i, s in zip(base, stock):
+        p = next((k for k, (a, b) in enumerate(zip(got[i], s)) if a != b), None)
+        if p is not None:
+            prompt = rows[i][0]
+            splits.append({"row": i, "position": p, "rows_gap": gaps(ref, prompt, got[i][:p + 1])[p],
+                           "stock_gap": gaps(ref, prompt, s[:p + 1])[p]})
     res = agreement(ref, [rows[i] for i in base], [got[i] for i in base])
     stock_res = agreement(ref, [rows[i] for i in base], stock)
-    record("rows_base_vs_stock", exact_sequences=same, rows=len(base), rows_engine=res, stock_engine=stock_res)
+    record("rows_base_vs_stock", exact_sequences=same, rows=len(base), first_differences=splits, rows_engine=res,
+           stock_engine=stock_res)
     assert res["ok"] and stock_res["ok"]
-    assert same >= len(base) - 2  # bf16: U diag(σ) Vᵀ is W to rounding, so a rare near-tie may flip
+    assert all(d["rows_gap"] <= 0.5 and d["stock_gap"] <= 0.5 for d in splits), splits
 
 
 def test_the_hook_points_are_the_ones_the_rows_were_written_against():

@@ -136,3 +136,79 @@ def test_unregistered_experts_and_bundles_are_refused_not_served_as_another():
     bad = SVFExpert("bad", {"m.gate_proj": torch.zeros(3)})
     with pytest.raises(ValueError, match="singular values"):
         tables.put_expert("bad", dict(bad.z), "sakana")
+
+
+def test_without_svf_the_layer_keeps_w_and_one_gemm_serves_w_and_the_bank():
+    """vllm_svf_mode off: no factors, W kept inside [W | blockdiag(B)], each row its own SAPT mixture."""
+    g = torch.Generator().manual_seed(3)
+    d, outs = 6, {"m.gate_proj": 9, "m.up_proj": 7}
+    Ws = {n: torch.randn(o, d, generator=g, dtype=D) for n, o in outs.items()}
+    layer = Fused(torch.cat(list(Ws.values())))
+    tables = RowTables({}, 4, 4, 16)
+    pieces = [("m.gate_proj", layer.weight[:9]), ("m.up_proj", layer.weight[9:])]
+    method = adapt_layer(layer, tables, pieces, {}, set(outs))
+    assert method.merged and layer.weight.numel() == 0
+    A = {n: torch.randn(4, d, generator=g, dtype=D) for n in outs}
+    B = {n: torch.randn(o, 4, generator=g, dtype=D) for n, o in outs.items()}
+    place = tables.place_bundle("b", 4, 2, offset=0)
+    for n in outs:
+        write_bank(layer, method, n, place, A[n], B[n])
+    attns = {2: [0.9, 0.1], 0: [0.2, 0.8]}
+    tables.admit_many([2, 0, 1], [{"sapt": {"bundle": "b", "attention": attns[2]}},
+                                  {"sapt": {"bundle": "b", "attention": attns[0]}}, None])
+    tables.map_tokens(np.array([2, 0, 1]), np.array([2, 1, 2]), 5)
+    x = torch.randn(5, d, generator=g, dtype=D)
+    y = layer(x)
+    for t, slot in enumerate([2, 2, 0, 1, 1]):
+        want = []
+        for n in outs:
+            out = x[t] @ Ws[n].T
+            if slot in attns:
+                out = out + (x[t] @ A[n].T * row_lora_scale(torch.tensor(attns[slot], dtype=D), 2)) @ B[n].T
+            want.append(out)
+        torch.testing.assert_close(y[t], torch.cat(want), rtol=1e-5, atol=1e-5)
+    write_bank(layer, method, "m.gate_proj", place, None, None)
+    write_bank(layer, method, "m.up_proj", place, None, None)
+    torch.testing.assert_close(layer(x), x @ torch.cat(list(Ws.values())).T)
+
+
+def test_admitting_a_step_at_once_writes_what_one_by_one_admission_writes():
+    _, _, tables, _, factors, g = _setup()
+    e1, e2, e3 = (_expert(n, factors, g) for n in "abc")
+    for e in (e1, e2, e3):
+        tables.put_expert(e.digest(), dict(e.z), e.parametrization)
+    tables.place_bundle("b", 4, 2, offset=0)
+    svf = lambda es, a, t=None: {"experts": [e.digest() for e in es], "alpha": a, "targets": t}  # noqa: E731
+    recipes = [{"svf": svf([e1, e2], [0.3, 0.7])}, None, {"svf": svf([e1, e2], [1.0, 0.1])},
+               {"svf": svf([e3], [[0.5, 2.0]], ["m.up_proj", "m.gate_proj"]), "sapt": {"bundle": "b", "attention": [1, 0]}},
+               {"sapt": {"bundle": "b", "attention": [0.4, 0.6]}}, {"svf": svf([e2, e1], [0.7, 0.3])}]
+    slots = [6, 1, 3, 0, 7, 2]
+    for slot in range(8):  # every slot dirty first: admission must overwrite all of it
+        tables.admit(slot, recipes[3])
+    tables.admit_many(slots, recipes)
+    batched = tables.scale.clone()
+    for slot, r in zip(slots, recipes):
+        tables.admit(slot, r)
+    torch.testing.assert_close(tables.scale, batched)
+    torch.testing.assert_close(batched[6], batched[2])  # the same mixture, experts listed in another order
+    with pytest.raises(KeyError):  # an unregistered expert: nothing of the step is written
+        tables.admit_many([4, 5], [None, {"svf": svf([e1], [1.0]) | {"experts": ["missing"]}}])
+    torch.testing.assert_close(tables.scale, batched)
+
+
+def test_the_compile_cache_key_tells_layouts_and_code_apart():
+    from engine.vllm.rows_worker import RowsConfig
+
+    keys = {RowsConfig().compile_key(), RowsConfig(svf=False).compile_key(), RowsConfig(targets="all").compile_key(),
+            RowsConfig(sapt_rank=32).compile_key()}
+    assert len(keys) == 4 and RowsConfig().compile_key() == RowsConfig().compile_key()
+
+
+def test_a_server_without_svf_rows_refuses_svf_requests_and_serves_sapt():
+    from adapters.targets import Target
+    from engine.vllm.row_router import RowsView
+
+    view = RowsView([Target("m.gate_proj", "linear", 9, 6)], 8, svf=False)
+    e = SVFExpert("a", {"m.gate_proj": torch.zeros(6)})
+    with pytest.raises(ValueError, match="vllm_svf_mode off"):
+        view.validate(Adaptation.mixture({e: 1.0}))
