@@ -14,6 +14,19 @@ from adapters.runtime import AdaptationRuntime
 FinishReason = Literal["stop", "length", "abort"]
 
 
+@dataclass(frozen=True)
+class Structure:
+    """What a request's output must parse as (structured outputs): a grammar engine masks every step's
+    tokens to the ones that keep the text inside it.
+
+    kind: json (value: a JSON schema, as JSON text) | json_object (any JSON object; value None) |
+    regex (value: the pattern) | choice (value: the allowed strings, one of which is the whole output) |
+    grammar (value: EBNF, GBNF dialect, rule ``root``)."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    value: str | tuple[str, ...] | None = None
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16  # new tokens at most
@@ -33,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None  # per generated token: its log-probability and this many top alternatives
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text in it
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structure: Structure | None = None  # the output must parse as this (structured outputs)
 
     @property
     def processed(self) -> bool:

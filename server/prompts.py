@@ -57,16 +57,18 @@ def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]
     return out
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    **template_kw) -> list[int]:
     """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn
-    (unless ``add_generation_prompt`` is False)."""
+    (unless ``add_generation_prompt`` is False); ``template_kw`` go to the template (e.g. ``tools``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_request("This model has no chat template; use /v1/completions instead.",
                               param="messages", code="chat_template_missing")
     for i, m in enumerate(messages):
         check_text(m["content"], f"messages.{i}.content")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             **template_kw)
     except Exception as e:  # templates reject conversations with raise_exception(...)
         raise invalid_request(f"The chat template rejected these messages: {e}", param="messages") from e
     # The template already wrote the special tokens (BOS, role markers): do not add them twice.

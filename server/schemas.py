@@ -9,12 +9,15 @@ of the request is the ``adaptation`` object (and ``top_k``).
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-FinishReason = Literal["stop", "length"]
+from engine.contract import Structure
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 # The engine keeps these numbers in int64 tensors and generators: larger ones are refused here, not there.
 INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -2**63, 2**63 - 1
 
@@ -38,8 +41,7 @@ log = logging.getLogger("t2serve.http")
 
 # Fields of OpenAI's or vLLM's request schemas that change what is generated and that this server does not
 # implement: refused with a 400 naming them, never ignored (the answer would not be what was asked for).
-UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "structured_outputs", "prompt_logprobs", "prediction", "audio")
+UNSUPPORTED = ("functions", "function_call", "prompt_logprobs", "prediction", "audio")
 _ignored_logged: set[str] = set()
 
 
@@ -92,11 +94,15 @@ class _SamplingRequest(_Request):
     # Known to OpenAI or vLLM, not implemented: refused unless null (declared, so the 400 names the field).
     functions: Any = Field(None, description="Not supported.")
     function_call: Any = Field(None, description="Not supported.")
-    guided_json: Any = Field(None, description="Not supported.")
-    guided_regex: Any = Field(None, description="Not supported.")
-    guided_choice: Any = Field(None, description="Not supported.")
-    guided_grammar: Any = Field(None, description="Not supported.")
-    structured_outputs: Any = Field(None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}, 'strict': true}}: the output parses as JSON (of that schema).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: the output follows this JSON schema.")
+    guided_regex: str | None = Field(None, description="vLLM's: the output matches this regular expression.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the output is one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM's: the output follows this EBNF grammar (rule root).")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar or json_object (true).")
     prompt_logprobs: Any = Field(None, description="Not supported.")
     prediction: Any = Field(None, description="Not supported.")
     audio: Any = Field(None, description="Not supported.")
@@ -107,6 +113,86 @@ class _SamplingRequest(_Request):
     @classmethod
     def _unsupported(cls, v, info: ValidationInfo):
         return _not_supported(info.field_name, v, (None,))
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format type must be text, json_object or json_schema")
+        spec = v.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+            raise ValueError("response_format json_schema needs json_schema.schema, a JSON object")
+        return v
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, v):
+        if not v:
+            return v
+        known = ("json", "regex", "choice", "grammar", "json_object")
+        named = [k for k in known if v.get(k) not in (None, False)]
+        if len(named) != 1 or set(v) - set(known) - {"disable_any_whitespace", "disable_additional_properties"}:
+            raise ValueError(f"structured_outputs takes exactly one of {list(known)}")
+        k = named[0]
+        if k == "choice" and not (isinstance(v[k], list) and all(isinstance(x, str) for x in v[k])):
+            raise ValueError("structured_outputs.choice must be a list of strings")
+        if k in ("regex", "grammar") and not isinstance(v[k], str):
+            raise ValueError(f"structured_outputs.{k} must be a string")
+        if k == "json" and not isinstance(v[k], (str, dict)):
+            raise ValueError("structured_outputs.json must be a JSON schema (object or text)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        self.structure()  # ValueError (400) on a malformed or a second structure
+        return self
+
+    def structure(self) -> Structure | None:
+        """The structure the output must follow (structured outputs), from whichever field names one."""
+        found: list[tuple[str, Structure]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(("response_format", Structure("json_object")))
+            elif kind == "json_schema":  # shape checked by _response_format
+                found.append(("response_format", Structure("json", json.dumps(rf["json_schema"]["schema"]))))
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append(("guided_json", Structure("json", schema)))
+        if self.guided_regex is not None:
+            found.append(("guided_regex", Structure("regex", self.guided_regex)))
+        if self.guided_choice is not None:
+            found.append(("guided_choice", Structure("choice", tuple(self.guided_choice))))
+        if self.guided_grammar is not None:
+            found.append(("guided_grammar", Structure("grammar", self.guided_grammar)))
+        so = self.structured_outputs
+        if so:  # shape checked by _structured_outputs
+            k = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False))
+            v = so[k]
+            if k == "json_object":
+                found.append(("structured_outputs", Structure("json_object")))
+            elif k == "json":
+                found.append(("structured_outputs", Structure("json", v if isinstance(v, str) else json.dumps(v))))
+            else:
+                found.append(("structured_outputs", Structure(k, tuple(v) if k == "choice" else v)))
+        if len(found) > 1:
+            raise ValueError(f"one structured-output field at a time, got {[n for n, _ in found]}")
+        return found[0][1] if found else None
+
+    def structure_param(self) -> str | None:
+        """The field that named the structure (for error messages)."""
+        for name in ("tools", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs"):
+            v = getattr(self, name, None)
+            if name == "tools" and getattr(self, "tool_mode", lambda: None)() not in ("required", "named"):
+                continue
+            if v is not None and not (name == "response_format" and v.get("type") == "text"):
+                return name
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -192,6 +278,34 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object", "properties": {}}
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     # Clients send back assistant messages as they received them (with refusal, annotations, ...):
     # fields we do not use are ignored here rather than rejected.
@@ -200,6 +314,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -223,9 +339,44 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = Field(None, description="Log-probability of each generated token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
                                      "alternatives at each position.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; only empty.")
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    tools: list[ToolSpec] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required (some call), or one named function; "
+        "required and named calls are enforced by the grammar engine, so they always parse.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; one call per answer when enforced.")
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice required needs tools")
+        return self
+
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), auto, required, or the name of the function that must be called."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def structure(self) -> Structure | None:
+        """As the base class, plus the call a required or named tool_choice enforces (one JSON object
+        {"name", "arguments"} of the allowed functions' schemas)."""
+        own = super().structure()
+        mode = self.tool_mode()
+        if mode not in ("required", "named"):
+            return own
+        if own is not None:
+            raise ValueError("a required or named tool_choice cannot be combined with another structured output")
+        allowed = [t.function for t in self.tools
+                   if mode == "required" or t.function.name == self.tool_choice.function.name]
+        calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters_schema()},
+                  "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]
+        return Structure("json", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}))
 
     @field_validator("top_logprobs")
     @classmethod
@@ -236,18 +387,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        return _not_supported("tools", v or None, (None,))
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -294,9 +433,21 @@ class CompletionResponse(BaseModel):
     adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class TopLogprob(BaseModel):
@@ -334,9 +485,22 @@ class ChatCompletionResponse(BaseModel):
     adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_omit_none)
+    arguments: str | None = Field(None, exclude_if=_omit_none)
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = Field(None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_omit_none)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(BaseModel):

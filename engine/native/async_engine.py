@@ -24,6 +24,11 @@ log = logging.getLogger("t2serve.engine")
 
 
 class AsyncEngine:
+    @property
+    def grammars(self):
+        """Structured outputs' compiler of this engine's tokenizer (engine.structured), built on first use."""
+        return self.llm.grammars
+
     def __init__(self, llm: LLMEngine, model_name: str, max_waiting: int = 256):
         self.llm = llm
         self.tokenizer = llm.tokenizer

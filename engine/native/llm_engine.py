@@ -81,10 +81,21 @@ class LLMEngine:
                                    config.resolved_admit_batch(), config.admit_max_delay)
         self.prefix_cache = PrefixCache(config.prefix_cache_entries)
         self.eos_token_ids = eos_ids(model, tokenizer)
+        self._grammars = None
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.counters = EngineCounters()
         self._by_id: dict[str, Sequence] = {}
 
     # --- requests ---------------------------------------------------------------------------------
+    @property
+    def grammars(self):
+        """The structured-output compiler of this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            from engine.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
+
     def add_request(self, req: GenerationRequest) -> None:
         p = req.params
         if not req.prompt_ids:
@@ -106,6 +117,8 @@ class LLMEngine:
                        Detokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens),
                        generator=gen, score=req.score,
                        prefix_len=req.prefix_len, priority=req.priority)
+        if p.structure is not None and req.score is None:
+            seq.matcher = self.grammars.matcher(p.structure)  # StructureError: a bad structure, refused here
         self._by_id[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -213,6 +226,12 @@ class LLMEngine:
                      for i, s in enumerate(seqs) if s.params.processed]
         if processed:  # penalties, biases, min_tokens: only these rows change
             logits = process_logits(logits, processed)
+        structured = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        if structured:  # structured outputs: only the tokens that keep each such row inside its grammar
+            if logits is raw:
+                logits = logits.float().clone()
+            self.grammars.mask(logits, structured, [i for i, s in enumerate(seqs) if s.matcher is not None
+                                                    and s.params.structure.kind in ("json", "json_object")])
         if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
             tokens = torch.where(unusable_rows(logits), FAILED, logits.argmax(dim=-1)).tolist()
         else:
@@ -231,6 +250,9 @@ class LLMEngine:
             if tok == FAILED:
                 outs.append(self._fail(s, NON_FINITE))
                 continue
+            if s.matcher is not None and not s.matcher.accept_token(tok):
+                outs.append(self._fail(s, "the grammar engine refused the sampled token"))
+                continue
             s.output_ids.append(tok)
             if i in logprobs:
                 s.token_logprobs.append(logprobs[i])
@@ -243,6 +265,8 @@ class LLMEngine:
                 reason, s.stop_reason, text = "stop", tok, ""
             elif not s.params.ignore_eos and tok in self.eos_token_ids:
                 reason, text = "stop", ""
+            elif s.matcher is not None and s.matcher.is_terminated():  # the structure is complete
+                reason, text = "stop", s.detok.push(s.output_ids)[0]
             else:
                 text, hit = s.detok.push(s.output_ids)
                 if hit:

@@ -35,6 +35,7 @@ from engine.contract import (
     GenerationRequest,
     RequestOutput,
     SamplingParams,
+    Structure,
     TokenLogprob,
     check_admission,
     stream_outputs,
@@ -112,6 +113,18 @@ class VLLMApi:
     SamplingParams: Any
     LoRARequest: Any
     RequestOutputKind: Any
+    StructuredOutputsParams: Any = None
+
+
+def vllm_structure(api: "VLLMApi", st: Structure | None):
+    """vLLM's StructuredOutputsParams of a structure (None: none)."""
+    if st is None:
+        return None
+    if st.kind == "json_object":  # compact JSON, as the native engine writes it
+        return api.StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    value = list(st.value) if st.kind == "choice" else st.value
+    return api.StructuredOutputsParams(**{st.kind: value}, **({"disable_any_whitespace": True} if st.kind == "json"
+                                                              else {}))
 
 
 def rows_config(options: VLLMOptions) -> RowsConfig | None:
@@ -144,7 +157,7 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
     from vllm import AsyncEngineArgs
     from vllm import SamplingParams as VSamplingParams
     from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = AsyncEngineArgs(
@@ -160,7 +173,7 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
             enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
             specialize_active_lora=options.specialize_active_lora,
             max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules)))
-    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind)
+    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind, StructuredOutputsParams)
 
 
 def load_host_model(options: VLLMOptions):
@@ -237,6 +250,7 @@ class VLLMEngine:
                  connect: Callable[[VLLMOptions], tuple[Any, VLLMApi]] = connect_vllm):
         self.options = options
         self.tokenizer = tokenizer
+        self._grammars = None
         self.model_name = options.served_name
         self.max_model_len = options.max_model_len
         self.max_waiting = options.max_waiting
@@ -498,7 +512,18 @@ class VLLMEngine:
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
             min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize,
             skip_special_tokens=p.skip_special_tokens, include_stop_str_in_output=p.include_stop_str_in_output,
+            structured_outputs=vllm_structure(self.api, p.structure),
             output_kind=self.api.RequestOutputKind.DELTA)
+
+    @property
+    def grammars(self):
+        """Structured outputs' compiler (engine.structured): the edge checks structures with it before vLLM
+        sees them; vLLM compiles them again with its own xgrammar backend."""
+        if self._grammars is None:
+            from engine.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, len(self.tokenizer))
+        return self._grammars
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
         n, count = len(req.prompt_ids), 0

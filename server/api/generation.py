@@ -71,6 +71,7 @@ def sampling_params(body: Any, max_tokens: int, sample_index: int) -> SamplingPa
         logprobs=body.logprob_count(),
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
+        structure=body.structure(),
     )
 
 

@@ -97,6 +97,23 @@ def check_token_fields(body: Any, vocab: int) -> None:
         check_token_ids(ids, vocab, param)
 
 
+async def check_structure(engine: Any, body: Any) -> None:
+    """A structured output's schema, pattern or grammar must compile (400 naming the field); compiled off the
+    event loop, and cached for the engine."""
+    structure = body.structure()
+    if structure is None:
+        return
+    from engine.structured import StructureError
+
+    grammars = getattr(engine, "grammars", None)
+    if grammars is None:
+        raise invalid_request("structured outputs are not available on this engine", param=body.structure_param())
+    try:
+        await asyncio.to_thread(grammars.check, structure)
+    except StructureError as e:
+        raise invalid_request(f"{body.structure_param()}: {e}", param=body.structure_param()) from None
+
+
 async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
                     requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str,
                     texts: list[str | None] | None = None) -> StartedRun:
@@ -109,6 +126,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     model = check_model(engine, body.model, state.registry)
     check_limits(body, settings)
     check_token_fields(body, len(engine.tokenizer))
+    await check_structure(engine, body)
     # Tokenizing a large prompt takes a while: keep it off the event loop.
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
     check_capacity(len(prompts), body.n, settings)
@@ -138,7 +156,8 @@ async def stream_events(run: EngineRun, opening: list[BaseModel],
                         usage_chunk: Callable[[Usage], BaseModel] | None,
                         adaptation: dict | list | None = None) -> AsyncIterator[str]:
     """SSE events of a run: the opening chunks, a ``delta_chunk(choice, new text, finish reason)`` per engine
-    output worth sending (it takes the choice's log-probabilities not sent yet), the usage chunk when asked for, then ``[DONE]``. The chunk that
+    output worth sending (it takes the choice's log-probabilities not sent yet; None: nothing to send yet),
+    the usage chunk when asked for, then ``[DONE]``. The chunk that
     finishes the last choice (and the usage chunk) carries pass 1's ``adaptation`` report. A failure
     mid-stream becomes an error event (the status line has gone out already)."""
     try:
@@ -148,6 +167,8 @@ async def stream_events(run: EngineRun, opening: list[BaseModel],
             # Tokens whose text is held back (a partial character, a possible stop string) send nothing.
             if out.text or out.finished:
                 chunk = delta_chunk(choice, out.text, out.finish_reason)
+                if chunk is None:  # held back by the caller (tool calls are answered whole)
+                    continue
                 if out.finished and all(c.finished for c in run.choices):
                     chunk.adaptation = adaptation
                 yield sse_event(chunk)

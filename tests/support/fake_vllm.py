@@ -37,7 +37,7 @@ class LoRARequest(SimpleNamespace):
     pass
 
 
-API = VLLMApi(Params, LoRARequest, SimpleNamespace(DELTA="delta", FINAL_ONLY="final"))
+API = VLLMApi(Params, LoRARequest, SimpleNamespace(DELTA="delta", FINAL_ONLY="final"), Params)
 
 
 class FakeWorker(WeightSwapExtension):

@@ -1,0 +1,122 @@
+"""Structured outputs through xgrammar, the grammar engine vLLM uses: a ``Structure`` compiled once per
+tokenizer (cached), a matcher per sequence, and per step a token mask for the rows that carry one.
+
+Both engines' edges call ``Grammars.check`` so a bad schema, pattern or grammar is a 400 before the request
+reaches a batch; the native engine masks its own rows (``StepMasks``), vLLM gets the same ``Structure`` as
+its ``StructuredOutputsParams``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+
+import torch
+
+from engine.contract import Structure
+
+
+class StructureError(ValueError):
+    """The structure cannot be compiled (bad JSON schema, pattern or grammar): the request's fault."""
+
+
+def choice_regex(choices: tuple[str, ...]) -> str:
+    """A pattern matching exactly one of ``choices``."""
+    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+class Grammars:
+    """Compiled structures of one tokenizer (LRU, ``capacity`` kept) and the matchers built from them."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int] | None = None, capacity: int = 256):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._info = info
+        self._plain: torch.Tensor | None = None  # bitmask of the tokens holding no control character
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        self._cache: OrderedDict[Structure, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def compile(self, st: Structure):
+        with self._lock:
+            hit = self._cache.get(st)
+            if hit is not None:
+                self._cache.move_to_end(st)
+                return hit
+        try:
+            compiled = self._compile(st)
+        except StructureError:
+            raise
+        except Exception as e:  # xgrammar's parse errors are RuntimeError/ValueError with its own message
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StructureError(f"{st.kind}: {first}") from None
+        with self._lock:
+            self._cache[st] = compiled
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, st: Structure):
+        c = self._compiler
+        if st.kind == "json":
+            try:
+                schema = json.loads(st.value)
+            except (TypeError, json.JSONDecodeError) as e:
+                raise StructureError(f"json schema is not JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise StructureError("a json schema must be a JSON object")
+            return c.compile_json_schema(st.value, any_whitespace=False, strict_mode=True)
+        if st.kind == "json_object":  # compact, as the schema kinds: no runaway whitespace
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if st.kind == "regex":
+            if not isinstance(st.value, str) or not st.value:
+                raise StructureError("regex must be a non-empty string")
+            return c.compile_regex(st.value)
+        if st.kind == "choice":
+            if not st.value or not all(isinstance(x, str) and x for x in st.value):
+                raise StructureError("choice must be a non-empty list of non-empty strings")
+            return c.compile_regex(choice_regex(tuple(st.value)))
+        if st.kind == "grammar":
+            if not isinstance(st.value, str) or not st.value.strip():
+                raise StructureError("grammar must be a non-empty EBNF string")
+            return c.compile_grammar(st.value)
+        raise StructureError(f"unknown structure kind {st.kind!r}")
+
+    def check(self, st: Structure) -> None:
+        """Raise StructureError when ``st`` does not compile (cached, so the engine's own compile is free)."""
+        self.compile(st)
+
+    def matcher(self, st: Structure):
+        return self._xgr.GrammarMatcher(self.compile(st))
+
+    def plain_tokens(self) -> torch.Tensor:
+        """(words,) int32 bitmask in xgrammar's layout: the tokens whose text holds no control character
+        (U+0000 to U+001F). Compact JSON holds none (strings must escape them), but the JSON grammars let
+        raw tabs into strings, which strict parsers refuse: JSON rows are masked with this too."""
+        if self._plain is None:
+            V = self.vocab_size
+            bits = torch.ones(-(-V // 32) * 32, dtype=torch.int64)
+            bits[V:] = 0
+            for i, b in enumerate(self._info.decoded_vocab[:V]):
+                if any(c < 0x20 for c in b):
+                    bits[i] = 0
+            words = (bits.view(-1, 32) << torch.arange(32)).sum(1)
+            self._plain = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return self._plain
+
+    def mask(self, logits: torch.Tensor, rows: list[tuple[int, object]], plain: list[int] = ()) -> None:
+        """Set to -inf, in place, the logits of tokens each listed row's matcher does not allow next.
+        rows: (row index in ``logits``, its matcher); plain: rows that also take no control character."""
+        xgr = self._xgr
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        for i, m in rows:
+            m.fill_next_token_bitmask(bitmask, i)
+        if plain:
+            bitmask[list(plain)] &= self.plain_tokens()
+        idx = [i for i, _ in rows]
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=idx)

@@ -1,0 +1,98 @@
+"""Tool calling for chat completions: the tools put into the prompt, the model's calls parsed into OpenAI's
+shape.
+
+A chat template that knows tools (it reads ``tools``) gets them as they are. Otherwise the tools and the
+call format are described in the system turn: a call is ``<tool_call>{"name": ..., "arguments": {...}}
+</tool_call>``, the format the Hermes and Qwen templates use. With ``tool_choice`` required or a named
+function, the grammar engine makes the whole answer one such JSON object (``ChatCompletionRequest.structure``),
+so the call always parses; with auto, calls are found in the text and the rest stays content. Earlier
+assistant turns with ``tool_calls`` are written back in the same format, and tool turns keep their role.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from server.schemas import ChatCompletionRequest, FunctionCall, ToolCall
+
+CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def template_knows_tools(tokenizer) -> bool:
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def instructions(body: ChatCompletionRequest) -> str:
+    specs = [{"name": t.function.name, "description": t.function.description or "",
+              "parameters": t.function.parameters_schema()} for t in body.tools]
+    return ("You can call these functions:\n" + "\n".join(json.dumps(s) for s in specs) +
+            '\nTo call one, answer with <tool_call>{"name": <function name>, "arguments": <its arguments as a JSON '
+            "object>}</tool_call> and nothing else.")
+
+
+def render_messages(body: ChatCompletionRequest, tokenizer) -> tuple[list[dict], dict[str, Any]]:
+    """(messages for the chat template, extra keyword arguments of apply_chat_template)."""
+    messages = []
+    for m in body.messages:
+        role = "system" if m.role == "developer" else m.role
+        content = m.text()
+        if m.role == "assistant" and m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                fn = c.get("function") or {}
+                args = fn.get("arguments", "{}")
+                calls.append("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": json.loads(args)
+                                                         if isinstance(args, str) and args.strip() else args})
+                             + "</tool_call>")
+            content = (content + "\n" if content else "") + "\n".join(calls)
+        messages.append({"role": role, "content": content})
+    if body.tool_mode() is None:
+        return messages, {}
+    if template_knows_tools(tokenizer):
+        return messages, {"tools": [t.model_dump(exclude_none=True) for t in body.tools]}
+    text = instructions(body)
+    if messages and messages[0]["role"] == "system":
+        messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + text}
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+    return messages, {}
+
+
+def _call(obj: Any, names: set[str]) -> ToolCall | None:
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=obj["name"],
+                                                                             arguments=json.dumps(args)))
+
+
+def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content left, the calls) of an answer; no calls: the whole text is content."""
+    names = {t.function.name for t in body.tools or []}
+    if body.tool_mode() in ("required", "named"):
+        try:
+            call = _call(json.loads(text), names)
+        except json.JSONDecodeError:  # cut by max_tokens: no call, the text is what there is
+            call = None
+        return (None, [call]) if call is not None else (text, [])
+    calls, kept = [], text
+    for m in CALL.finditer(text):
+        try:
+            call = _call(json.loads(m.group(1)), names)
+        except json.JSONDecodeError:
+            call = None
+        if call is not None:
+            calls.append(call)
+            kept = kept.replace(m.group(0), "", 1)
+    if not calls:
+        return text, []
+    return (kept.strip() or None), calls
