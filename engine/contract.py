@@ -65,6 +65,7 @@ class ScoreSpec:
 
     next_token_ids: list[int] = field(default_factory=list)  # log p(t | prompt) for each of these tokens
     continuation_start: int | None = None  # also Σ log p(prompt[i] | prompt[:i]) over i >= this index
+    prompt_logprobs: int | None = None  # also every prompt token's log-prob and this many top alternatives (echo)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ScoreResult:
     next_logprobs: list[float]  # aligned with ScoreSpec.next_token_ids
     continuation_logprob: float | None = None  # summed over the continuation's tokens
     continuation_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt position (None at 0), when asked for
 
 
 USER, BACKGROUND = 0, 1  # request priorities: lower is admitted first (vLLM's convention)

@@ -235,7 +235,8 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt = Field(description="A string, a list of strings (a batch), token ids, or a list of token id lists.")
     max_tokens: int | None = Field(None, ge=1, description="New tokens at most; omitted = the server default.")
-    echo: bool = Field(False, description="Not supported; only false.")
+    echo: bool = Field(False, description="Put the prompt before the completion; with logprobs, the prompt's "
+                       "tokens' log-probabilities too (null at the first token).")
     suffix: str | None = Field(None, description="Not supported.")
     best_of: int | None = Field(None, description="Only equal to n (or omitted) is supported.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probability of each generated token and of "
@@ -249,11 +250,6 @@ class CompletionRequest(_SamplingRequest):
         except ValueError:
             raise ValueError("must be a string, a list of strings, a list of token ids or a list of "
                              "token id lists") from None
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        return _not_supported("echo", v, (False,))
 
     @field_validator("suffix")
     @classmethod
@@ -406,8 +402,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

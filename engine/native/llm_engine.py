@@ -170,7 +170,8 @@ class LLMEngine:
         ids = torch.zeros(len(seqs), max(rem), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : rem[i]] = torch.tensor(s.prompt_ids[starts[i]:])
-        scoring = any(s.score is not None and s.score.continuation_start is not None for s in seqs)
+        scoring = any(s.score is not None and (s.score.continuation_start is not None
+                                               or s.score.prompt_logprobs is not None) for s in seqs)
         logits = self.runner.forward(seqs[0].slot, ids, starts, [r - 1 for r in rem],
                                      [s.adaptation for s in seqs], return_hidden=scoring)
         logits, hidden = logits if scoring else (logits, None)
@@ -204,6 +205,15 @@ class LLMEngine:
             targets = torch.tensor(s.prompt_ids[cs:], device=h.device)
             result.continuation_logprob = float(self.runner.token_logprobs(h, targets).sum())
             result.continuation_tokens = len(targets)
+        if spec.prompt_logprobs is not None:
+            if start:
+                raise ValueError("prompt log-probabilities need the whole prompt computed (no shared prefix)")
+            n = len(s.prompt_ids)
+            targets = torch.tensor(s.prompt_ids[1:], device=hidden.device)
+            lp, vals, ids = self.runner.prompt_logprobs(hidden[: n - 1], targets, spec.prompt_logprobs)
+            lp, vals, ids = lp.tolist(), vals.tolist(), ids.tolist()
+            result.prompt_logprobs = [None] + [TokenLogprob(t, lp[j], list(zip(ids[j], vals[j])))
+                                               for j, t in enumerate(s.prompt_ids[1:])]
         out = self._retire(s, "stop")
         out.scores = result
         return out

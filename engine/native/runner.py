@@ -97,6 +97,18 @@ class ModelRunner:
         return (logits, hidden) if return_hidden else logits
 
     @torch.inference_mode()
+    def prompt_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, k: int, chunk: int = 256):
+        """hidden: (n, d) states that predict ``targets`` (n,) -> (log p(target) (n,), top-k values (n, k),
+        top-k ids (n, k)), float32, in chunks of ``chunk`` positions (a prompt's (n, V) at once is large)."""
+        lps, vals, ids = [], [], []
+        for a in range(0, hidden.shape[0], chunk):
+            logp = self.lm_head(hidden[a:a + chunk]).float().log_softmax(-1)
+            lps.append(logp.gather(1, targets[a:a + chunk, None]).squeeze(1))
+            top = logp.topk(k, dim=-1) if k else None
+            vals.append(top.values if k else logp[:, :0])
+            ids.append(top.indices if k else logp[:, :0].long())
+        return torch.cat(lps), torch.cat(vals), torch.cat(ids)
+
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden: (n, d) states that predict `targets` (n,) -> log p(target) (n,) float32."""
         return self.lm_head(hidden).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)

@@ -51,7 +51,7 @@ from engine.vllm.rows_worker import RowsConfig
 
 _SET_HERE = "T2_SET_V2_RUNNER"  # VLLM_USE_V2_MODEL_RUNNER was set by this process, not by the user
 ROW_MODES = ("rows", "off")  # svf modes served by per-row tables ("off": the SAPT bank alone, W kept)
-from engine.vllm.scoring import score_prompts, score_result, token_logprobs
+from engine.vllm.scoring import prompt_token_logprobs, score_prompts, score_result, token_logprobs
 from engine.vllm.swap_gate import WeightGate
 from engine.vllm.weight_swap import WeightSwapper
 
@@ -541,8 +541,11 @@ class VLLMEngine:
         raise EngineError("vLLM ended the request without finishing it")
 
     async def _score(self, req: GenerationRequest, lora, salt, extra: dict | None = None) -> RequestOutput:
-        params = self.api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+        k = req.score.prompt_logprobs
+        params = self.api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=k or 0, detokenize=False,
                                          output_kind=self.api.RequestOutputKind.FINAL_ONLY, extra_args=extra)
+
+        raw: dict[int, Any] = {}
 
         async def one(j: int, ids: list[int]) -> list[float | None]:
             last = None
@@ -551,10 +554,14 @@ class VLLMEngine:
                 last = o
             if last is None:
                 raise EngineError("vLLM returned nothing for a score request")
+            if j == 0 and k is not None:
+                raw[0] = last.prompt_logprobs
             return token_logprobs(last.prompt_logprobs, ids)
 
         prompts = score_prompts(req.prompt_ids, req.score)
         logprobs = await asyncio.gather(*(one(j, ids) for j, ids in enumerate(prompts)))
         out = RequestOutput(req.request_id, [], "", True, "stop", prompt_tokens=len(req.prompt_ids))
         out.scores = score_result(req.prompt_ids, req.score, logprobs)
+        if k is not None:
+            out.scores.prompt_logprobs = prompt_token_logprobs(raw[0], req.prompt_ids, k)
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.contract import ScoreResult, ScoreSpec
+from engine.contract import ScoreResult, ScoreSpec, TokenLogprob
 
 
 def score_prompts(prompt_ids: Sequence[int], spec: ScoreSpec) -> list[list[int]]:
@@ -39,3 +39,13 @@ def score_result(prompt_ids: Sequence[int], spec: ScoreSpec, logprobs: list[list
         result.continuation_logprob = float(sum(span))
         result.continuation_tokens = len(span)
     return result
+
+
+def prompt_token_logprobs(prompt_logprobs, ids: Sequence[int], k: int) -> list[TokenLogprob | None]:
+    """vLLM's ``prompt_logprobs`` (asked with k) -> each prompt position's TokenLogprob with its k most likely
+    alternatives (None at 0), as the native engine answers ``ScoreSpec.prompt_logprobs``."""
+    out: list[TokenLogprob | None] = [None]
+    for d, t in zip(prompt_logprobs[1:len(ids)], ids[1:]):
+        top = sorted(((int(i), float(v.logprob)) for i, v in d.items()), key=lambda x: -x[1])
+        out.append(TokenLogprob(int(t), float(d[t].logprob), top[:k]))
+    return out

@@ -18,7 +18,8 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int = 0)
         offsets.append(offset)
         offset += len(t)
     return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
-                              top_logprobs=[{_text(tokenizer, t): v for t, v in e.top} for e in entries],
+                              top_logprobs=[None if e.logprob is None else {_text(tokenizer, t): v for t, v in e.top}
+                                            for e in entries],
                               text_offset=offsets)
 
 

@@ -32,7 +32,6 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "hello " * (MAX_MODEL_LEN + 10)}, 400, "prompt", "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "hello", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value"),
-    (COMPLETIONS, {"prompt": "x", "echo": True}, 400, "echo", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "presence_penalty": 3.0}, 400, "presence_penalty", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 1.0}}, 400, "logit_bias", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 101.0}}, 400, "logit_bias", "invalid_value"),

@@ -67,3 +67,30 @@ def test_chat_logprobs_and_top_logprobs_whole_and_streamed(client):
     assert streamed == pytest.approx([c.logprob for c in content], abs=1e-6)
     plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first_whole_and_streamed(client, tiny_llama_dir):
+    prompt = "The capital of France is"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = [None] + [float(lp[j - 1, t]) for j, t in enumerate(ids) if j > 0]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    c = r.choices[0]
+    assert c.text == prompt + plain.choices[0].text
+    lps = c.logprobs
+    n = len(ids)
+    assert len(lps.tokens) == n + 4 and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:n] == pytest.approx(want[1:], abs=1e-4)
+    assert all(len(t) <= 2 for t in lps.top_logprobs[1:]) and lps.text_offset[n] == len("".join(lps.tokens[:n]))
+    echo_only = client.completions.create(model=MODEL, prompt=[prompt, "Hi"], max_tokens=2, temperature=0, echo=True)
+    assert [x.text[: len(p)] for x, p in zip(echo_only.choices, [prompt, "Hi"])] == [prompt, "Hi"]
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                       logprobs=2, stream=True)
+    chunks = [ch for ch in stream if ch.choices]
+    assert chunks[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in chunks) == c.text
+    got = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert got[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-6) and got[0] is None

@@ -239,3 +239,16 @@ def test_the_http_edge_refuses_a_sapt_bundle_above_the_largest_lora_rank(engine,
                          if t.name.endswith("q_proj")}, d_model=64, num_tasks=9, rank=8)  # rank 72 > 64
     with pytest.raises(ValueError, match="vllm_lora_max_rank"):
         engine.runtime.validate(Adaptation.sapt_weights(bundle, torch.full((9,), 1 / 9)))
+
+
+def test_prompt_logprobs_for_echo_match_the_native_engine(engine, ref, adaptations):
+    ids = ref.prompts[0]
+    reqs = [request(f"e{i}", ids, a, n=1, score=ScoreSpec(prompt_logprobs=3))
+            for i, a in enumerate([None, *adaptations[:1]])]
+    got, want = served(engine, reqs), native(ref, reqs)
+    for r in reqs:
+        g, w = got[r.request_id].prompt_logprobs, want[r.request_id].prompt_logprobs
+        assert g[0] is None and w[0] is None and len(g) == len(w) == len(ids)
+        assert [e.token_id for e in g[1:]] == ids[1:]
+        assert [e.logprob for e in g[1:]] == pytest.approx([e.logprob for e in w[1:]], abs=1e-4)
+    assert any(r["params"].prompt_logprobs == 3 for r in engine.llm.requests if "#score" in r["id"])
