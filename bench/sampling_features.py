@@ -1,14 +1,18 @@
 """What the OpenAI sampling features cost the native engine: the same stream of requests served plain, with
-logprobs (top 5), and with penalties and a logit bias, each against the plain run measured in the same run.
+logprobs (top 5), with penalties and a logit bias, and with structured outputs (a JSON schema on every row, and
+on every other row), each against the plain run measured in the same run.
 
 The stream of bench/batching.py (mixed prompt lengths, 16-128 new tokens, greedy, EOS ignored), all queued at
-t=0 on one engine. Goals: logprobs cost <= 5% of throughput. Reports peak RSS and peak GPU memory.
+t=0 on one engine. A structured row ends when its JSON document is complete, so a structured run is compared
+with a plain run of the same requests generating exactly as many tokens each (prefill then weighs the same).
+Goals: logprobs cost <= 5% of throughput, structured outputs <= 10%. Reports peak RSS and peak GPU memory.
 
     python bench/sampling_features.py [--requests 64] [--device cuda] [--out results/sampling_features.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,27 +22,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.batching import load, workload  # noqa: E402
 from bench.common import Timer, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
-from engine.contract import GenerationRequest, SamplingParams  # noqa: E402
+from engine.contract import GenerationRequest, SamplingParams, Structure  # noqa: E402
 from engine.native.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 
+SCHEMA = Structure("json", json.dumps({
+    "type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"},
+                                     "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["title", "year", "tags"], "additionalProperties": False}))
 VARIANTS = {
     "plain": {},
     "logprobs": {"logprobs": 5},
     "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
                   "logit_bias": {13: -5.0, 42: 2.0}},
+    "json-schema": {"structure": SCHEMA},
+    "json-schema-half": lambda i: {"structure": SCHEMA} if i % 2 else {},  # constrained and free rows mixed
 }
 
 
-def serve(model, tok, reqs, max_num_seqs: int, extra: dict, device) -> tuple[float, int]:
+def serve(model, tok, reqs, max_num_seqs: int, extra: dict, device) -> tuple[float, int, list[tuple]]:
+    """(seconds, generated tokens, the requests as (prompt, tokens each generated): a plain run of these
+    generates exactly as many tokens per request)."""
     eng = LLMEngine(model, tok, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=512, max_prefill_tokens=2048))
     for i, (ids, mt) in enumerate(reqs):
+        kw = extra(i) if callable(extra) else extra
         eng.add_request(GenerationRequest(str(i), ids, SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True,
-                                                                      **extra)))
-    tokens = 0
+                                                                      **kw)))
+    counts = [0] * len(reqs)
     with Timer(device) as t:
         while eng.has_work:
-            tokens += sum(len(o.token_ids) for o in eng.step())
-    return t.seconds, tokens
+            for o in eng.step():
+                counts[int(o.request_id)] += len(o.token_ids)
+    return t.seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
 
 
 def main(argv=None) -> None:
@@ -49,27 +63,45 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="each variant is run this many times; the best counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
+                    help="which variants run (plain always does)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device, shape="smollm2"))
     reqs = workload(tok, args.requests, args.seed)
     serve(model, engine_tok, reqs[:4], args.max_num_seqs, {}, device)  # warm-up
     best: dict[str, dict] = {}
+
+    def keep(variant: str, seconds: float, tokens: int) -> None:
+        print(f"round {r + 1} {variant}: {tokens / seconds:.1f} tok/s", flush=True)
+        if variant not in best or seconds < best[variant]["seconds"]:
+            best[variant] = {"variant": variant, "seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds}
+
     for r in range(args.rounds):
         for variant, extra in VARIANTS.items():  # interleaved: drift of the machine hits every variant alike
-            seconds, tokens = serve(model, engine_tok, reqs, args.max_num_seqs, extra, device)
-            print(f"round {r + 1} {variant}: {tokens / seconds:.1f} tok/s", flush=True)
-            if variant not in best or seconds < best[variant]["seconds"]:
-                best[variant] = {"variant": variant, "seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds}
+            if variant != "plain" and variant not in args.variants:
+                continue
+            seconds, tokens, done = serve(model, engine_tok, reqs, args.max_num_seqs, extra, device)
+            keep(variant, seconds, tokens)
+            if variant.startswith("json"):  # a structured row ends with its document: plain rows of those lengths
+                seconds, tokens, _ = serve(model, engine_tok, done, args.max_num_seqs, {}, device)
+                keep(f"plain, {variant}'s lengths", seconds, tokens)
     plain = best["plain"]["tok_s"]
     rows = [{**b, "vs_plain": b["tok_s"] / plain} for b in best.values()]
     print_table(rows, ["variant", "tok_s", "vs_plain", "seconds", "tokens"])
-    cost = 1 - best["logprobs"]["tok_s"] / plain
-    print(f"logprobs cost {100 * cost:.1f}% of throughput (goal <= 5%)")
+    cost = structured = None
+    if "logprobs" in best:
+        cost = 1 - best["logprobs"]["tok_s"] / plain
+        print(f"logprobs cost {100 * cost:.1f}% of throughput (goal <= 5%)")
+    if "json-schema" in best:
+        structured = 1 - best["json-schema"]["tok_s"] / best["plain, json-schema's lengths"]["tok_s"]
+        print(f"structured outputs (JSON schema, every row) cost {100 * structured:.1f}% of throughput against "
+              "plain rows of the same lengths (goal <= 10%)")
     mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(device)}
     print(f"peak RSS {mem['peak_rss_mb']:.0f} MiB; peak GPU {mem['peak_gpu_mb'] or 0:.0f} MiB")
     write_json(args.out, {"machine": machine(), "model": name, "settings": vars(args), "rows": rows,
-                          "logprobs_cost": cost, "goal": 0.05, "memory": mem})
+                          "logprobs_cost": cost, "goal": 0.05,
+                          "structured_cost": structured, "structured_goal": 0.10, "memory": mem})
 
 
 if __name__ == "__main__":

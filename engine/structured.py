@@ -27,12 +27,29 @@ def choice_regex(choices: tuple[str, ...]) -> str:
 
 
 class Grammars:
-    """Compiled structures of one tokenizer (LRU, ``capacity`` kept) and the matchers built from them."""
+    """Compiled structures of one tokenizer (LRU, ``capacity`` kept) and the matchers built from them.
+
+    ``shared`` gives one per (tokenizer, vocabulary size, stop ids) in a process: building the tokenizer's
+    tables takes about a second for a 49k vocabulary, and engines rebuilt in one process (benchmarks, tests,
+    an engine restart) reuse them with their compiled grammars."""
+
+    _shared: dict[tuple, "Grammars"] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, tokenizer, vocab_size: int, stop_token_ids: list[int] | None = None) -> "Grammars":
+        key = (id(tokenizer), vocab_size, tuple(stop_token_ids or ()))
+        with cls._shared_lock:
+            g = cls._shared.get(key)
+            if g is None or g._tokenizer is not tokenizer:
+                g = cls._shared[key] = cls(tokenizer, vocab_size, stop_token_ids)
+            return g
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int] | None = None, capacity: int = 256):
         import xgrammar as xgr
 
         self._xgr = xgr
+        self._tokenizer = tokenizer  # kept: ``shared`` keys on its id
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._info = info

@@ -93,7 +93,7 @@ class LLMEngine:
         if self._grammars is None:
             from engine.structured import Grammars
 
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self._grammars = Grammars.shared(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._grammars
 
     def add_request(self, req: GenerationRequest) -> None:

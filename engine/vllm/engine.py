@@ -522,7 +522,7 @@ class VLLMEngine:
         if self._grammars is None:
             from engine.structured import Grammars
 
-            self._grammars = Grammars(self.tokenizer, len(self.tokenizer))
+            self._grammars = Grammars.shared(self.tokenizer, len(self.tokenizer))
         return self._grammars
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
