@@ -109,6 +109,7 @@ class ModelRunner:
             ids.append(top.indices if k else logp[:, :0].long())
         return torch.cat(lps), torch.cat(vals), torch.cat(ids)
 
+    @torch.inference_mode()
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden: (n, d) states that predict `targets` (n,) -> log p(target) (n,) float32."""
         return self.lm_head(hidden).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
