@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from engine.contract import Structure
 
@@ -42,6 +42,7 @@ log = logging.getLogger("t2serve.http")
 # Fields of OpenAI's or vLLM's request schemas that change what is generated and that this server does not
 # implement: refused with a 400 naming them, never ignored (the answer would not be what was asked for).
 UNSUPPORTED = ("functions", "function_call", "prompt_logprobs", "prediction", "audio")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's structured_outputs keys
 _ignored_logged: set[str] = set()
 
 
@@ -54,6 +55,7 @@ class _SamplingRequest(_Request):
     implemented (``UNSUPPORTED`` and the validators below) get a 400."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    _structure: tuple[str, Structure] | None = PrivateAttr(None)  # (field, structure), set by _one_structure
 
     @model_validator(mode="before")
     @classmethod
@@ -132,10 +134,10 @@ class _SamplingRequest(_Request):
     def _structured_outputs(cls, v):
         if not v:
             return v
-        known = ("json", "regex", "choice", "grammar", "json_object")
-        named = [k for k in known if v.get(k) not in (None, False)]
-        if len(named) != 1 or set(v) - set(known) - {"disable_any_whitespace", "disable_additional_properties"}:
-            raise ValueError(f"structured_outputs takes exactly one of {list(known)}")
+        named = [k for k in STRUCTURED_KINDS if v.get(k) not in (None, False)]
+        if len(named) != 1 or set(v) - set(STRUCTURED_KINDS) - {"disable_any_whitespace",
+                                                                 "disable_additional_properties"}:
+            raise ValueError(f"structured_outputs takes exactly one of {list(STRUCTURED_KINDS)}")
         k = named[0]
         if k == "choice" and not (isinstance(v[k], list) and all(isinstance(x, str) for x in v[k])):
             raise ValueError("structured_outputs.choice must be a list of strings")
@@ -147,19 +149,20 @@ class _SamplingRequest(_Request):
 
     @model_validator(mode="after")
     def _one_structure(self):
-        self.structure()  # ValueError (400) on a malformed or a second structure
+        found = self._named_structures()
+        if len(found) > 1:
+            raise ValueError(f"one structured-output field at a time, got {[n for n, _ in found]}")
+        self._structure = found[0] if found else None  # read by structure() and structure_param()
         return self
 
-    def structure(self) -> Structure | None:
-        """The structure the output must follow (structured outputs), from whichever field names one."""
+    def _named_structures(self) -> list[tuple[str, Structure]]:
+        """(field, the structure it names) of every field that names one (shapes checked by the validators)."""
         found: list[tuple[str, Structure]] = []
         rf = self.response_format
-        if rf is not None:
-            kind = rf.get("type")
-            if kind == "json_object":
-                found.append(("response_format", Structure("json_object")))
-            elif kind == "json_schema":  # shape checked by _response_format
-                found.append(("response_format", Structure("json", json.dumps(rf["json_schema"]["schema"]))))
+        if rf is not None and rf["type"] == "json_object":
+            found.append(("response_format", Structure("json_object")))
+        elif rf is not None and rf["type"] == "json_schema":
+            found.append(("response_format", Structure("json", json.dumps(rf["json_schema"]["schema"]))))
         if self.guided_json is not None:
             schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
             found.append(("guided_json", Structure("json", schema)))
@@ -170,8 +173,8 @@ class _SamplingRequest(_Request):
         if self.guided_grammar is not None:
             found.append(("guided_grammar", Structure("grammar", self.guided_grammar)))
         so = self.structured_outputs
-        if so:  # shape checked by _structured_outputs
-            k = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False))
+        if so:
+            k = next(k for k in STRUCTURED_KINDS if so.get(k) not in (None, False))
             v = so[k]
             if k == "json_object":
                 found.append(("structured_outputs", Structure("json_object")))
@@ -179,20 +182,15 @@ class _SamplingRequest(_Request):
                 found.append(("structured_outputs", Structure("json", v if isinstance(v, str) else json.dumps(v))))
             else:
                 found.append(("structured_outputs", Structure(k, tuple(v) if k == "choice" else v)))
-        if len(found) > 1:
-            raise ValueError(f"one structured-output field at a time, got {[n for n, _ in found]}")
-        return found[0][1] if found else None
+        return found
+
+    def structure(self) -> Structure | None:
+        """The structure the output must follow (structured outputs), from whichever field names one."""
+        return self._structure[1] if self._structure else None
 
     def structure_param(self) -> str | None:
         """The field that named the structure (for error messages)."""
-        for name in ("tools", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs"):
-            v = getattr(self, name, None)
-            if name == "tools" and getattr(self, "tool_mode", lambda: None)() not in ("required", "named"):
-                continue
-            if v is not None and not (name == "response_format" and v.get("type") == "text"):
-                return name
-        return None
+        return self._structure[0] if self._structure else None
 
     @field_validator("stop")
     @classmethod
@@ -359,20 +357,20 @@ class ChatCompletionRequest(_SamplingRequest):
             return "named"
         return self.tool_choice or "auto"
 
-    def structure(self) -> Structure | None:
+    def _named_structures(self) -> list[tuple[str, Structure]]:
         """As the base class, plus the call a required or named tool_choice enforces (one JSON object
         {"name", "arguments"} of the allowed functions' schemas)."""
-        own = super().structure()
+        found = super()._named_structures()
         mode = self.tool_mode()
         if mode not in ("required", "named"):
-            return own
-        if own is not None:
-            raise ValueError("a required or named tool_choice cannot be combined with another structured output")
+            return found
         allowed = [t.function for t in self.tools
                    if mode == "required" or t.function.name == self.tool_choice.function.name]
+        if not allowed:  # a named function missing from tools: _tool_choice answers it
+            return found
         calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters_schema()},
                   "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]
-        return Structure("json", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}))
+        return found + [("tools", Structure("json", json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})))]
 
     @field_validator("top_logprobs")
     @classmethod
