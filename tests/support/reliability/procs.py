@@ -148,6 +148,14 @@ class ServerProcess:
         except httpx.HTTPError:
             return False
 
+    def adapted(self) -> bool:
+        """Healthy with the adaptive layers ready too (base requests are served while the SVD still runs)."""
+        try:
+            r = httpx.get(self.url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200 and r.json().get("adaptation", {}).get("phase", "ready") == "ready"
+
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         while not self.healthy():
@@ -186,7 +194,9 @@ class Zygote:
         """Start a server that SIGKILLs itself at ``point``; returns once it has (fails if it did not)."""
         srv = self.spawn(model, cache, experts, point)
         deadline = time.monotonic() + timeout
-        while _alive(srv.pid) and not srv.healthy() and time.monotonic() < deadline:
+        # A point of the SVD cache is reached after /health answers 200 (the SVD runs in the background):
+        # only a server whose adaptive layers are ready has gone past every point.
+        while _alive(srv.pid) and not srv.adapted() and time.monotonic() < deadline:
             time.sleep(0.05)
         self_killed = not _alive(srv.pid)
         code = srv.kill()
