@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,33 @@ import torch
 
 from engine.spec import EngineSpec, ModelSpec
 from experts.train.memory import peak_gpu_mb, peak_rss_mb  # noqa: F401  (re-exported to the benchmarks)
+
+
+class MemorySampler:
+    """Peak memory in use on the device (all processes), sampled every 50 ms while running."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def mb(self) -> float | None:
+        return self.peak / 2**20 if self.peak else None
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,8 @@
 #                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences;
 #                                    REPEATS timed runs each, default 3), layer (bench/rows_layer.py: one
 #                                    8B MLP block, rows against plain, torch only), openai (structured
-#                                    outputs, logprobs, echo and penalties on the vLLM engine),
+#                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
+#                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
 #                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
 #                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
@@ -104,6 +105,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         openai)
             stage openai 300 python3 -m pytest -q -s -rA -p no:cacheprovider -m gpu tests/gpu/test_vllm_openai.py \
                 --junitxml="$OUT/gpu_openai_tests.xml" ;;
+        structured)
+            stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
+                --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
                 --repeats "${REPEATS:-3}" --out "$OUT/rows_llama3_8b.json" ;;

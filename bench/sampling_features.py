@@ -7,13 +7,19 @@ t=0 on one engine. A structured row ends when its JSON document is complete, so 
 with a plain run of the same requests generating exactly as many tokens each (prefill then weighs the same).
 Goals: logprobs cost <= 5% of throughput, structured outputs <= 10%. Reports peak RSS and peak GPU memory.
 
+``--engine vllm`` runs the same variants on the vLLM engine (rows mode, CUDA graphs on; needs a GPU and vLLM):
+every request is sent at once and vLLM batches them. There a structured row ends with its grammar's EOS.
+
     python bench/sampling_features.py [--requests 64] [--device cuda] [--out results/sampling_features.json]
+    python bench/sampling_features.py --engine vllm --requests 512 --max-num-seqs 128
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.batching import load, workload  # noqa: E402
-from bench.common import Timer, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import MemorySampler, Timer, machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
 from engine.contract import GenerationRequest, SamplingParams, Structure  # noqa: E402
 from engine.native.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 
@@ -55,10 +61,43 @@ def serve(model, tok, reqs, max_num_seqs: int, extra: dict, device) -> tuple[flo
     return t.seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
 
 
+def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
+    """``serve`` on the vLLM engine: every request at once."""
+    async def one(i, ids, mt):
+        kw = extra(i) if callable(extra) else extra
+        params = SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos="structure" not in kw, **kw)
+        n = 0
+        async for o in engine.generate(GenerationRequest(f"s{time.monotonic_ns()}-{i}", list(ids), params)):
+            if o.error:
+                raise RuntimeError(o.error)
+            n += len(o.token_ids)
+        return n
+
+    async def run():
+        return await asyncio.gather(*(one(i, ids, mt) for i, (ids, mt) in enumerate(reqs)))
+
+    t0 = time.perf_counter()
+    counts = asyncio.run(run())
+    seconds = time.perf_counter() - t0
+    return seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
+
+
+def vllm_server(args, folder: str):
+    """(serve function, tokenizer) of a vLLM engine on ``folder``."""
+    from engine.vllm.engine import VLLMEngine, VLLMOptions
+
+    engine = VLLMEngine.from_options(VLLMOptions(
+        model=folder, served_name="smollm2", dtype="bfloat16", adapt_targets="all", max_model_len=512,
+        max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory))
+    return (lambda reqs, extra: serve_vllm(engine, reqs, extra)), engine
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engine", choices=["native", "vllm"], default="native")
+    ap.add_argument("--device", default="cpu", help="native engine's device")
+    ap.add_argument("--gpu-memory", type=float, default=0.5, help="vLLM's share of the GPU memory")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="each variant is run this many times; the best counts")
@@ -67,10 +106,26 @@ def main(argv=None) -> None:
                     help="which variants run (plain always does)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device, shape="smollm2"))
+    if args.engine == "vllm":
+        from transformers import AutoTokenizer
+
+        from engine.loader import embedded_gguf_path, gguf_to_hf_folder
+        from engine.spec import default_cache_dir
+
+        device = torch.device("cuda")
+        folder = args.model or str(gguf_to_hf_folder(embedded_gguf_path(), default_cache_dir()))
+        tok, name = AutoTokenizer.from_pretrained(folder), Path(folder).name
+        run_, engine = vllm_server(args, folder)
+    else:
+        model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device,
+                                                                    shape="smollm2"))
+
+        def run_(rs, extra):
+            return serve(model, engine_tok, rs, args.max_num_seqs, extra, device)
     reqs = workload(tok, args.requests, args.seed)
-    serve(model, engine_tok, reqs[:4], args.max_num_seqs, {}, device)  # warm-up
+    run_(reqs[:4], {})  # warm-up
     best: dict[str, dict] = {}
+    sampler = MemorySampler().__enter__() if args.engine == "vllm" else None  # vLLM's workers are other processes
 
     def keep(variant: str, seconds: float, tokens: int) -> None:
         print(f"round {r + 1} {variant}: {tokens / seconds:.1f} tok/s", flush=True)
@@ -81,10 +136,10 @@ def main(argv=None) -> None:
         for variant, extra in VARIANTS.items():  # interleaved: drift of the machine hits every variant alike
             if variant != "plain" and variant not in args.variants:
                 continue
-            seconds, tokens, done = serve(model, engine_tok, reqs, args.max_num_seqs, extra, device)
+            seconds, tokens, done = run_(reqs, extra)
             keep(variant, seconds, tokens)
             if variant.startswith("json"):  # a structured row ends with its document: plain rows of those lengths
-                seconds, tokens, _ = serve(model, engine_tok, done, args.max_num_seqs, {}, device)
+                seconds, tokens, _ = run_(done, {})
                 keep(f"plain, {variant}'s lengths", seconds, tokens)
     plain = best["plain"]["tok_s"]
     rows = [{**b, "vs_plain": b["tok_s"] / plain} for b in best.values()]
@@ -97,9 +152,12 @@ def main(argv=None) -> None:
         structured = 1 - best["json-schema"]["tok_s"] / best["plain, json-schema's lengths"]["tok_s"]
         print(f"structured outputs (JSON schema, every row) cost {100 * structured:.1f}% of throughput against "
               "plain rows of the same lengths (goal <= 10%)")
-    mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(device)}
+    mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": sampler.mb if sampler else peak_gpu_mb(device)}
     print(f"peak RSS {mem['peak_rss_mb']:.0f} MiB; peak GPU {mem['peak_gpu_mb'] or 0:.0f} MiB")
-    write_json(args.out, {"machine": machine(), "model": name, "settings": vars(args), "rows": rows,
+    if args.engine == "vllm":
+        engine.close()
+    write_json(args.out, {"machine": machine(), "model": name, "engine": args.engine, "settings": vars(args),
+                          "rows": rows,
                           "logprobs_cost": cost, "goal": 0.05,
                           "structured_cost": structured, "structured_goal": 0.10, "memory": mem})
 

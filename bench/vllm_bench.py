@@ -42,7 +42,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.batching import workload  # noqa: E402
-from bench.common import machine, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import MemorySampler, machine, peak_rss_mb, print_table, write_json  # noqa: E402
 from engine.contract import GenerationRequest, SamplingParams  # noqa: E402
 from engine.loader import resolve_model_folder  # noqa: E402
 from engine.spec import default_cache_dir  # noqa: E402
@@ -62,33 +61,6 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 SAPT_TARGETS = ("q_proj", "v_proj")
 SHIPPED = ["gsm8k", "mbpp", "arc-easy", "classifier"]
 ATTENTION = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.25, 0.25, 0.25, 0.25]]
-
-
-class MemorySampler:
-    """Peak memory in use on the device (all processes), sampled every 50 ms while running."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        if torch.cuda.is_available():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-
-    @property
-    def mb(self) -> float | None:
-        return self.peak / 2**20 if self.peak else None
 
 
 # --- adaptations ------------------------------------------------------------------------------------
