@@ -7,9 +7,9 @@
   that the runtime uses to cache the per-target scale vectors it resolves to.
 
 Construct with ``Adaptation.expert(e)``, ``Adaptation.mixture({e1: .5, e2: .5})`` or
-``Adaptation.sapt_weights(bundle, attention)``.  Tensors are treated as immutable once served; in-place
-changes are noticed through autograd's version counters (training), and an adaptation whose tensors
-require gradients is never cached.
+``Adaptation.sapt_weights(bundle, attention)``.  Tensors are treated as immutable once served (the store
+freezes what it serves); in-place changes to experts not frozen are noticed through autograd's version
+counters (training), and an adaptation whose tensors require gradients is never cached.
 """
 from __future__ import annotations
 
@@ -48,10 +48,24 @@ class SVFExpert:
 
     @property
     def requires_grad(self) -> bool:
-        return any(v.requires_grad for v in self.z.values())
+        return not self._memo.get("frozen") and any(v.requires_grad for v in self.z.values())
+
+    def freeze(self) -> "SVFExpert":
+        """Mark z final (as served): gradients off, and ``digest`` stops re-reading the in-place counters of
+        every z (paid per request otherwise)."""
+        for v in self.z.values():
+            if v.is_leaf:
+                v.requires_grad_(False)
+        self._memo.pop("frozen", None)
+        self.digest()
+        self._memo["frozen"] = True
+        return self
 
     def digest(self) -> str:
-        """Content hash of (parametrization, z), recomputed only when a z changed in place."""
+        """Content hash of (parametrization, z), recomputed only when a z changed in place (never once
+        frozen)."""
+        if self._memo.get("frozen"):
+            return self._memo["digest"]
         version = tuple(v._version for v in self.z.values())
         if self._memo.get("version") != version:
             h = hashlib.sha256(self.parametrization.encode())

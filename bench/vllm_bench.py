@@ -74,7 +74,7 @@ def sapt_mixtures(targets: dict[str, tuple[int, int]], d_model: int):
         for task in bundle.tasks:
             for B in task.B:
                 B.normal_(0, 0.02)
-    bundle.requires_grad_(False)
+    bundle.freeze()  # as the store serves it
     return [Adaptation.sapt_weights(bundle, torch.tensor(a), label=f"sapt{i}") for i, a in enumerate(ATTENTION)]
 
 
@@ -205,8 +205,8 @@ def unique_svf(targets: list, n: int, seed: int) -> list:
     from adapters import Adaptation, SVFExpert
 
     g = torch.Generator().manual_seed(seed)
-    experts = [SVFExpert(f"e{j}", {name: 0.5 * torch.randn(min(o, i), generator=g) for name, o, i in targets})
-               for j in range(4)]
+    experts = [SVFExpert(f"e{j}", {name: 0.5 * torch.randn(min(o, i), generator=g) for name, o, i in targets}).freeze()
+               for j in range(4)]  # frozen, as the store serves them
     out = []
     for r in range(n):
         alpha = -torch.log(torch.rand(4, generator=g))  # Dirichlet(1, 1, 1, 1)
@@ -224,7 +224,7 @@ def unique_sapt(targets: list, d_model: int, n: int, seed: int) -> list:
         for task in bundle.tasks:
             for B in task.B:
                 B.normal_(0, 0.02)
-    bundle.requires_grad_(False)
+    bundle.freeze()  # as the store serves it
     g = torch.Generator().manual_seed(seed)
     return [Adaptation.sapt_weights(bundle, torch.softmax(2 * torch.randn(4, generator=g), 0), label=f"s{r}")
             for r in range(n)]
@@ -280,7 +280,9 @@ def run_rows(args) -> dict:
                 runs = []
                 for _ in range(args.repeats):  # every run prefills its prompts: none is served from an earlier run
                     asyncio.run_coroutine_threadsafe(engine.llm.reset_prefix_cache(), engine._loop).result(60)
+                    before = engine.stats().get("acquire_s", 0.0)
                     runs.append(asyncio.run(serve(engine, reqs, kinds)))
+                    runs[-1]["front_end_s"] = round(engine.stats().get("acquire_s", 0.0) - before, 4)  # recipes
                 r = dict(sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2])  # the median run
                 r.update(workload=name, engine_kind=phase, distinct_adaptations=len({id(k) for k in kinds}),
                          repeats=[round(x["tok_s"]) for x in runs])

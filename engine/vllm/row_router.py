@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,12 @@ class RowsView:
 
 
 def bundle_key(bundle) -> str:
-    return hashlib.sha256(repr(bundle.version()).encode()).hexdigest()[:32]
+    """Content key of a bundle's weights (memoised on the bundle until its version changes)."""
+    version = bundle.version()
+    memo = bundle.__dict__.get("_t2_rows_key")
+    if memo is None or memo[0] != version:
+        memo = bundle.__dict__["_t2_rows_key"] = (version, hashlib.sha256(repr(version).encode()).hexdigest()[:32])
+    return memo[1]
 
 
 class RowRouter:
@@ -94,38 +100,55 @@ class RowRouter:
         self._room = asyncio.Condition()  # a bundle was released
         self.puts = 0  # registrations sent to the workers (a figure for tests and stats)
         self.bank_waits = 0  # times a bundle waited for room in the bank
+        self._checked: set[str] = set()  # expert digests (first of a mixture) and bundle keys validated here
+        self.acquire_s = 0.0  # front-end seconds spent preparing requests' recipes (a figure for benchmarks)
 
     def check(self, adaptation: Adaptation) -> None:
         self.view.validate(adaptation)
 
     # --- requests ---------------------------------------------------------------------------------------
     async def acquire(self, adaptation: Adaptation | None) -> Lease | None:
+        """Pin what ``adaptation`` names on the workers and return its recipe. Every request of a unique
+        workload comes through here, so its cost is kept per request, not per matrix: expert digests and
+        bundle keys are memoised by the frozen objects, a validation is remembered per expert set or
+        bundle, and the prefix-cache salt is hashed from the recipe."""
         if adaptation is None:
             return None
-        self.check(adaptation)
-        lease = Lease(recipe={}, salt=adaptation.key)
+        t0 = time.perf_counter()
+        lease = Lease(recipe={}, salt="")
+        salt = hashlib.sha256()
         try:
             if adaptation.svf is not None:
                 mix = adaptation.svf
-                digests = []
-                for e in mix.experts:
-                    digest = e.digest()
+                digests = [e.digest() for e in mix.experts]
+                if digests[0] not in self._checked:
+                    self.view.validate(Adaptation(svf=mix))
+                    self._checked.add(digests[0])
+                for e, digest in zip(mix.experts, digests):
                     await self._pin(lease, self._experts, digest, lambda e=e, d=digest: self._put_expert(d, e))
-                    digests.append(digest)
                 alpha = mix.alpha.detach().float().cpu()
-                lease.recipe["svf"] = {"experts": digests, "alpha": alpha.tolist(),
-                                       "targets": list(mix.alpha_targets) if mix.alpha_targets else None}
+                targets = list(mix.alpha_targets) if mix.alpha_targets else None
+                lease.recipe["svf"] = {"experts": digests, "alpha": alpha.tolist(), "targets": targets}
+                salt.update(f"svf|{mix.parametrization}|{','.join(digests)}|{targets}|".encode())
+                salt.update(alpha.double().numpy().tobytes())
             if adaptation.sapt is not None:
                 bundle = adaptation.sapt.bundle
                 key = bundle_key(bundle)
+                if key not in self._checked:
+                    self.view.validate(Adaptation(sapt=adaptation.sapt))
+                    self._checked.add(key)
                 await self._pin(lease, self._bundles, key, lambda: self._put_bundle(key, bundle))
                 lease.bundle = True
-                lease.recipe["sapt"] = {"bundle": key,
-                                        "attention": adaptation.sapt.attention.detach().float().cpu().tolist()}
+                attention = adaptation.sapt.attention.detach().float().cpu()
+                lease.recipe["sapt"] = {"bundle": key, "attention": attention.tolist()}
+                salt.update(f"|sapt|{key}|".encode())
+                salt.update(attention.double().numpy().tobytes())
         except BaseException:
             await self.release(lease)
             raise
+        lease.salt = salt.hexdigest()[:32]
         await self._trim_experts()
+        self.acquire_s += time.perf_counter() - t0
         return lease
 
     async def release(self, lease: Lease | None) -> None:
@@ -233,4 +256,4 @@ class RowRouter:
 
     def stats(self) -> dict[str, Any]:
         return {"experts": len(self._experts), "bundles": len(self._bundles), "registrations": self.puts,
-                "bank_waits": self.bank_waits}
+                "bank_waits": self.bank_waits, "acquire_s": round(self.acquire_s, 4)}

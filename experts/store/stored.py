@@ -17,6 +17,10 @@ class StoredExpert:
     payload: SVFExpert | SAPTBundle | None = None  # what is served: svf and mixture -> SVFExpert, sapt -> bundle
     prepared: PreparedExpert | None = field(default=None, repr=False)  # mixtures: to re-mix when parts change
 
+    def __post_init__(self):
+        if self.payload is not None and self.status == "ready":
+            self.payload.freeze()  # served weights never change in place: their keys are computed once
+
     @property
     def name(self) -> str:
         return self.record.name

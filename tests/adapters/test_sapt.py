@@ -165,3 +165,16 @@ def test_gradient_reaches_keys_and_query_projection():
         model(input_ids=ids, use_cache=False).logits.square().mean().backward()
     assert bundle.tasks[1].key.grad.abs().max() > 0
     assert bundle.query_proj.down.weight.grad.abs().max() > 0
+
+
+def test_frozen_bundle_keeps_its_version_until_a_task_is_added():
+    bundle = SAPTBundle({"m": (8, 8)}, d_model=8, num_tasks=2, rank=2)
+    v0 = bundle.version()
+    with torch.no_grad():
+        bundle.tasks[0].B[0].add_(1.0)
+    v1 = bundle.version()
+    assert v1 != v0  # training is seen through the in-place counters
+    bundle.freeze()
+    assert bundle.version() == v1 and not any(p.requires_grad for p in bundle.parameters())
+    bundle.add_task()
+    assert bundle.version() != v1 and bundle.version()[1] == 3

@@ -215,3 +215,16 @@ def test_sakana_scale_is_finite_for_every_finite_z_and_equals_the_plain_formula(
     s64, z64 = sigma.double(), z.double()
     plain = s64 * torch.sigmoid(z64) * (s64.sum() / (s64 * torch.sigmoid(z64)).sum())
     assert torch.allclose(svf_scale(sigma, z, "sakana").double(), plain, rtol=1e-5)
+
+
+def test_digest_follows_in_place_changes_until_frozen():
+    _, _, runtime = _setup("llama", "mlp")
+    e = random_expert(runtime, "a", 1)
+    before = e.digest()
+    with torch.no_grad():
+        next(iter(e.z.values())).add_(1.0)  # as an optimizer step does
+    trained = e.digest()
+    assert trained != before
+    assert e.freeze() is e and e.digest() == trained and not e.requires_grad
+    other = random_expert(runtime, "a", 1)
+    assert other.digest() == before  # the same content hashes alike, frozen or not

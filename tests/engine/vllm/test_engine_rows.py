@@ -69,10 +69,12 @@ def test_every_request_gets_its_own_mixture_through_recycled_slots(engine, ref):
 
 def test_prefixes_are_kept_apart_by_adaptation(engine, ref):  # noqa: F811
     es = experts(ref, 1, seed=5)
-    a, b = Adaptation.mixture({es[0]: 1.0}), Adaptation.mixture({es[0]: 0.5})
-    served(engine, [request("s0", ref.prompts[0], a), request("s1", ref.prompts[0], b), request("s2", ref.prompts[0])])
-    salts = {r["id"]: r["salt"] for r in engine.llm.requests[-3:]}
-    assert salts["s0"] == a.key and salts["s1"] == b.key and salts["s2"] is None
+    a, b, a2 = (Adaptation.mixture({es[0]: w}) for w in (1.0, 0.5, 1.0))
+    served(engine, [request("s0", ref.prompts[0], a), request("s1", ref.prompts[0], b), request("s2", ref.prompts[0]),
+                    request("s3", ref.prompts[0], a2)])
+    salts = {r["id"]: r["salt"] for r in engine.llm.requests[-4:]}
+    assert salts["s0"] and salts["s0"] != salts["s1"] and salts["s2"] is None
+    assert salts["s3"] == salts["s0"]  # equal content, equal salt: the prefix is shared
 
 
 def test_experts_are_registered_once_and_dropped_only_when_idle(engine, ref):  # noqa: F811
