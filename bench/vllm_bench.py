@@ -282,7 +282,7 @@ def run_rows(args) -> dict:
                     asyncio.run_coroutine_threadsafe(engine.llm.reset_prefix_cache(), engine._loop).result(60)
                     before = engine.stats().get("acquire_s", 0.0)
                     runs.append(asyncio.run(serve(engine, reqs, kinds)))
-                    runs[-1]["front_end_s"] = round(engine.stats().get("acquire_s", 0.0) - before, 4)  # recipes
+                    runs[-1]["front_end_s"] = round(engine.stats().get("acquire_s", 0.0) - before, 4)  # recipes, wall
                 r = dict(sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2])  # the median run
                 r.update(workload=name, engine_kind=phase, distinct_adaptations=len({id(k) for k in kinds}),
                          repeats=[round(x["tok_s"]) for x in runs])

@@ -101,7 +101,7 @@ class RowRouter:
         self.puts = 0  # registrations sent to the workers (a figure for tests and stats)
         self.bank_waits = 0  # times a bundle waited for room in the bank
         self._checked: set[str] = set()  # expert digests (first of a mixture) and bundle keys validated here
-        self.acquire_s = 0.0  # front-end seconds spent preparing requests' recipes (a figure for benchmarks)
+        self.acquire_s = 0.0  # wall seconds in acquire, registrations included (a figure for benchmarks)
 
     def check(self, adaptation: Adaptation) -> None:
         self.view.validate(adaptation)
