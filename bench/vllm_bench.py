@@ -8,8 +8,7 @@ then ``--summarize`` puts the runs side by side. The stream of bench/batching.py
   mixed      request i carries mixture i % 5: the base model or one of 4 SAPT mixtures (one bundle of 4
              tasks, r=8, on q_proj and v_proj: on vLLM, 4 LoRA adapters of rank 32)
   mixed-svf  (smollm2) the base model or one of the 4 SVF experts shipped for SmolLM2; on vLLM in swap
-             mode, requests grouped by expert (swaps counted), plus the LoRA rank each expert would need
-             for lora mode's error budget
+             mode, requests grouped by expert (swaps counted)
 Shapes: ``smollm2`` (the model at --model), ``llama3-8b`` (random weights: the native engine builds the
 model in memory, vLLM gets a config-only folder written here and random weights of its own).
 Peak GPU memory: torch's peak for the native engine; the device's memory in use (all processes,
@@ -338,8 +337,6 @@ def run(args) -> dict:
             print(f"{args.engine} {args.shape} {name}: {r['tok_s']:.0f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s",
                   flush=True)
             write_json(args.out, {**result, "rows": rows})  # partial results survive a timeout
-        if args.engine == "vllm" and "mixed-svf" in adaptations:
-            result["svf_as_lora"] = lora_ranks(engine, adaptations["mixed-svf"])
     finally:
         sampler.__exit__()
         result["memory"] = {"device_peak_mb": sampler.mb,
@@ -350,21 +347,6 @@ def run(args) -> dict:
         if close is not None:
             close()
     return result
-
-
-def lora_ranks(engine, experts) -> list[dict]:
-    """For each expert: the LoRA rank lora mode would need within its budget, and the error at the largest rank."""
-    router = engine.router
-    mode, out = router.svf_mode, []
-    router.svf_mode = "lora"
-    try:
-        for a in experts:
-            rep = engine.adapter_report(a)
-            out.append({"expert": a.label, "budget": rep["budget"], "rank_needed": rep["rank"],
-                        "max_rank": rep["max_rank"], "served_by": rep["svf"]})
-    finally:
-        router.svf_mode = mode
-    return out
 
 
 def lora_label(args: dict, dual_stream: bool = False) -> str:
@@ -407,7 +389,6 @@ def summarize(paths: list[str], out: str | None) -> dict:
                 print(f"vLLM ({lora}) mixed-adaptation overhead vs its base, {shape}: "
                       f"{100 * (1 - m['tok_s'] / b['tok_s']):.1f}% (goal <= 20%)")
     summary = {"rows": rows, "goals": goals, "runs": paths,
-               "svf_as_lora": [r["svf_as_lora"] for r in runs if "svf_as_lora" in r],
                "vllm_start_s": {f"{r['shape']} ({r['lora']})": r["start_s"] for r in runs if "start_s" in r}}
     write_json(out, summary)
     return summary

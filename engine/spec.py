@@ -34,9 +34,8 @@ class ModelSpec:
 class VLLMSpec:
     """The vLLM engine's own settings (``vllm_*`` in the server settings)."""
 
-    svf_mode: Literal["rows", "swap", "lora"] = "rows"  # per-row scales | merged weights swapped | truncated LoRA
+    svf_mode: Literal["rows", "off", "swap"] = "rows"  # per-row scales | per-row SAPT alone | merged weights swapped
     max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
-    lora_error_budget: float = 0.1  # lora mode: largest |dW - dW_k| / |dW| per matrix
     lora_max_rank: int = 64  # largest LoRA rank served (one of VLLM_LORA_RANKS)
     max_loras: int = 8  # distinct LoRA adapters in one batch
     max_adapters: int = 32  # adapter folders kept (LRU)

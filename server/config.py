@@ -73,15 +73,12 @@ class Settings(BaseSettings):
                                      "429. Their engine requests run at background priority, behind users' requests")
 
     # --- the vllm engine --------------------------------------------------------------------------
-    vllm_svf_mode: Literal["rows", "off", "swap", "lora"] = Field(
+    vllm_svf_mode: Literal["rows", "off", "swap"] = Field(
         "rows", description="how vLLM serves adaptations: rows (every request its own exact SVF mixture and SAPT "
         "attention inside vLLM's batches, through per-row scales) | off (rows for SAPT alone: W kept, no SVD, SVF "
         "requests refused; full base speed) | swap (merged weights swapped in, requests grouped "
-        "by adaptation; exact) | lora (the weight change truncated to a LoRA within vllm_lora_error_budget; falls "
-        "back to swap when the rank needed exceeds vllm_lora_max_rank)")
+        "by adaptation; exact)")
     vllm_max_experts: int = Field(256, ge=1, description="rows mode: SVF experts kept on the GPU (LRU)")
-    vllm_lora_error_budget: float = Field(
-        0.1, gt=0, le=1, description="lora mode: largest relative Frobenius error per matrix, |dW - dW_k| / |dW|")
     vllm_lora_max_rank: int = Field(
         64, description="largest LoRA rank vLLM serves (SAPT bundles need tasks x r; rows mode: the "
         "SAPT bank's width, the total rank of the bundles loaded at once): 8 16 32 64 128 256 320 512")

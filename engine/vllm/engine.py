@@ -77,9 +77,8 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
-    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | off (rows for SAPT alone) | swap | lora
+    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | off (rows for SAPT alone) | swap
     max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
-    lora_error_budget: float = 0.1  # lora mode: largest ‖ΔW − ΔW_k‖ / ‖ΔW‖ per matrix
     lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
     max_loras: int = 8  # distinct adapters in one batch
     specialize_active_lora: bool = False  # CUDA graphs per count of active adapters (vLLM's option)
@@ -322,9 +321,7 @@ class VLLMEngine:
         self.cache = AdapterCache(self.scratch / "adapters", self.options.max_adapters,
                                   on_load=self._register, on_evict=self._unregister)
         self.router = Router(self._host_runtime, self.cache, self.options.model, getattr(torch, self.options.dtype),
-                             svf_mode=self.options.svf_mode if self.options.svf_mode in SVF_MODES else "swap",
-                             budget=self.options.lora_error_budget,
-                             max_rank=self.options.lora_max_rank)
+                             svf_mode="swap", max_rank=self.options.lora_max_rank)
         swap = None
         if self._host_runtime is not None and self._host_runtime.layers:
             swap = WeightSwapper(self._host_runtime, self._rpc, self.llm.reset_prefix_cache, self.scratch)

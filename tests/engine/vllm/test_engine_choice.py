@@ -72,12 +72,12 @@ def test_http_api_and_pass1_on_the_vllm_engine(tiny_llama_dir, tmp_path):
 
 
 def test_settings_map_onto_the_vllm_engine(tiny_llama_dir, tmp_path):
-    s = Settings(model=str(tiny_llama_dir), cache_dir=tmp_path, engine="vllm", vllm_svf_mode="lora",
-                 vllm_lora_error_budget=0.2, vllm_lora_max_rank=128, tensor_parallel_size=2, max_num_seqs=7,
-                 vllm_max_adapters=5, vllm_max_loras=3)
+    s = Settings(model=str(tiny_llama_dir), cache_dir=tmp_path, engine="vllm", vllm_svf_mode="swap",
+                 vllm_lora_max_rank=128, tensor_parallel_size=2, max_num_seqs=7, vllm_max_adapters=5, vllm_max_loras=3)
     o = VLLMOptions.from_spec(s.engine_spec())
-    assert (o.model, o.dtype, o.svf_mode, o.lora_error_budget, o.lora_max_rank) == (
-        str(tiny_llama_dir), "bfloat16", "lora", 0.2, 128)
+    assert (o.model, o.dtype, o.svf_mode, o.lora_max_rank) == (str(tiny_llama_dir), "bfloat16", "swap", 128)
     assert (o.tensor_parallel_size, o.max_num_seqs, o.max_adapters, o.max_loras) == (2, 7, 5, 3)
     with pytest.raises(ValueError, match="LoRA ranks"):
         Settings(vllm_lora_max_rank=100)
+    with pytest.raises(ValueError):  # truncated-LoRA serving of SVF is gone: rows serves it exactly
+        Settings(vllm_svf_mode="lora")

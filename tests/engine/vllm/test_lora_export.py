@@ -1,5 +1,5 @@
-"""Adaptations as LoRA adapters for vLLM: the folding and truncation math against the native engine's own
-computations (float64), and the PEFT folder vLLM reads."""
+"""SAPT mixtures as LoRA adapters for vLLM: the folding math against the native engine's own computations
+(float64), and the PEFT folder vLLM reads."""
 from __future__ import annotations
 
 import json
@@ -7,15 +7,9 @@ import json
 import pytest
 import torch
 
-from adapters import Adaptation, SAPTBundle, SVFExpert
-from adapters.lora_export import LoraFactors, rel_error, sapt_lora, svf_lora, svf_truncation, truncation_rank
+from adapters import Adaptation, SAPTBundle
+from adapters.lora_export import LoraFactors, sapt_lora
 from engine.vllm.peft_folder import PEFT_PREFIX, REPORT_FILE, read_peft_adapter, write_peft_adapter
-
-
-def random_expert(runtime, seed: int, scale: float = 1.0) -> SVFExpert:
-    g = torch.Generator().manual_seed(seed)
-    return SVFExpert(f"e{seed}", {t.name: scale * torch.randn(t.rank, generator=g, dtype=torch.float64)
-                                  for t in runtime.targets})
 
 
 def random_bundle(runtime, tasks: int = 3, rank: int = 4, seed: int = 0) -> SAPTBundle:
@@ -28,57 +22,6 @@ def random_bundle(runtime, tasks: int = 3, rank: int = 4, seed: int = 0) -> SAPT
             for B in task.B:  # trained blocks: B is no longer zero
                 B.normal_(0, 0.2)
     return bundle
-
-
-def scales_of(runtime, adaptation):
-    return adaptation.svf.scales({layer.name: layer.S for layer in runtime.layers})
-
-
-def test_truncation_rank_is_the_smallest_within_the_budget():
-    d = torch.tensor([3.0, 0.0, -4.0])
-    assert truncation_rank(d, 0.0) == 2  # every non-zero direction
-    assert truncation_rank(d, 0.6) == 1  # keeping -4 leaves 3/5
-    assert truncation_rank(d, 0.59) == 2
-    assert truncation_rank(d, 1.0) == 0
-    assert truncation_rank(torch.zeros(5), 0.1) == 0
-    d = torch.randn(200, generator=torch.Generator().manual_seed(0))
-    top = d.abs().sort(descending=True).values
-
-    def err(k):
-        return float(top[k:].norm() / d.norm())
-
-    for budget in (0.01, 0.1, 0.3, 0.7):
-        k = truncation_rank(d, budget)
-        assert err(k) <= budget and (k == 0 or err(k - 1) > budget)
-
-
-def test_full_rank_svf_lora_gives_the_native_merged_weights(tiny64):
-    _, rt = tiny64
-    a = Adaptation.expert(random_expert(rt, 1))
-    merged, scales = rt.merged_weights(a), scales_of(rt, a)
-    for layer in rt.layers:
-        kept, rep = svf_truncation(layer.name, layer.S, scales[layer.name], budget=0.0)
-        f = svf_lora(layer.U, layer.S, scales[layer.name], layer.Vh, kept)
-        assert rep.rel_error == 0 and rep.rank == f.rank
-        torch.testing.assert_close(layer.weight + f.B @ f.A, merged[layer.name], atol=1e-12, rtol=0)
-
-
-def test_truncated_svf_lora_reports_its_error_exactly_and_is_the_smallest_rank(tiny64):
-    _, rt = tiny64
-    a = Adaptation.expert(random_expert(rt, 2))
-    merged, scales = rt.merged_weights(a), scales_of(rt, a)
-    budget = 0.3
-    for layer in rt.layers:
-        kept, rep = svf_truncation(layer.name, layer.S, scales[layer.name], budget)
-        f = svf_lora(layer.U, layer.S, scales[layer.name], layer.Vh, kept)
-        exact = (merged[layer.name] - layer.weight).detach()  # ΔW, from the native engine's merge
-        assert 0 < rep.rank < rep.full_rank
-        assert rel_error(exact, f.B @ f.A) == pytest.approx(rep.rel_error, abs=1e-9)
-        assert rep.rel_error <= budget
-        assert float((exact - f.B @ f.A).norm() / merged[layer.name].norm()) == pytest.approx(rep.rel_error_weight,
-                                                                                           abs=1e-9)
-        fewer = svf_lora(layer.U, layer.S, scales[layer.name], layer.Vh, kept[kept != kept[-1]])
-        assert rel_error(exact, fewer.B @ fewer.A) > budget  # one direction less breaks the budget
 
 
 def test_sapt_lora_is_the_native_mixture(tiny64):
@@ -116,12 +59,12 @@ def test_peft_folder_round_trip(tmp_path):
         "model.layers.0.mlp.down_proj": LoraFactors(torch.randn(2, 32, generator=g), torch.randn(16, 2, generator=g)),
         "model.layers.1.mlp.up_proj": LoraFactors(torch.zeros(0, 16), torch.zeros(32, 0)),  # no change: left out
     }
-    folder = write_peft_adapter(tmp_path / "a", loras, "base-model", torch.bfloat16, report={"svf": "lora"})
+    folder = write_peft_adapter(tmp_path / "a", loras, "base-model", torch.bfloat16, report={"svf": None, "sapt_rank": 6})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing half-written left behind
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 6 and config["lora_alpha"] == 6  # scaling 1
     assert config["target_modules"] == ["down_proj", "q_proj"] and config["bias"] == "none"
-    assert json.loads((folder / REPORT_FILE).read_text()) == {"svf": "lora"}
+    assert json.loads((folder / REPORT_FILE).read_text()) == {"svf": None, "sapt_rank": 6}
     config2, back = read_peft_adapter(folder)
     assert config2 == config and set(back) == set(loras) - {"model.layers.1.mlp.up_proj"}
     for name, f in back.items():
