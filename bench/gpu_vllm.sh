@@ -8,8 +8,9 @@
 #                                    also: svd (bench/svd_drivers.py), rows (per-row adaptation's GPU tests),
 #                                    rows8b (bench/vllm_bench.py --rows: stock vLLM's base workload and the rows
 #                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences;
-#                                    REPEATS timed runs each, default 3), layer (bench/rows_layer.py: one
-#                                    8B MLP block, rows against plain, torch only), openai (structured
+#                                    REPEATS timed runs each, default 3; PROMPTS=distinct: no shared
+#                                    prefixes), layer (bench/rows_layer.py: one 8B MLP block, rows against
+#                                    plain, torch only), openai (structured
 #                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
 #                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
@@ -110,7 +111,8 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
-                --repeats "${REPEATS:-3}" --out "$OUT/rows_llama3_8b.json" ;;
+                --repeats "${REPEATS:-3}" --prompts "${PROMPTS:-windows}" \
+                --out "$OUT/rows_llama3_8b_${PROMPTS:-windows}.json" ;;
         layer)
             stage layer 300 python3 bench/rows_layer.py --shape llama3-8b --out "$OUT/rows_layer_llama3_8b.json" ;;
         shards)

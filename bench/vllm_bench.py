@@ -26,9 +26,11 @@ SAPT bank beside them), then the SAPT-only rows engine (vllm_svf_mode off: W kep
   base         every request on the base model (through the factored MLP on the rows engine)
   unique-svf   every request its own SVF mixture: random α over 4 experts (sakana z ~ 0.5 N(0, 1))
   unique-sapt  every request its own attention over one SAPT bundle (4 tasks, r = 8, on the MLP matrices)
-Each workload runs ``--repeats`` times; the median run is kept. Reported: throughput and TTFT of each against
-stock vLLM's base in the same run (goals: SVF unique >= 0.75x, SAPT unique >= 0.9x on the SAPT-only engine,
-TTFT p50 <= 1.25x), the GPU memory of the factors, tables and bank, the SVD's time, host RSS after each engine.
+``--prompts distinct`` gives every request random tokens of the same lengths: no shared prefixes for base
+requests to reuse. Each workload runs ``--repeats`` times; the median run is kept. Reported: throughput and
+TTFT of each against stock vLLM's base in the same run (goals: SVF unique >= 0.75x, SAPT unique >= 0.9x on the
+SAPT-only engine, TTFT p50 <= 1.25x), the GPU memory of the factors, tables and bank, the SVD's time, host RSS
+after each engine.
 
     python bench/vllm_bench.py --rows --shape llama3-8b --requests 512 --max-num-seqs 256 --model FOLDER \
         --out results/vllm/rows_llama3_8b.json
@@ -229,6 +231,15 @@ def unique_sapt(targets: list, d_model: int, n: int, seed: int) -> list:
             for r in range(n)]
 
 
+def distinct_prompts(reqs: list, tok, seed: int) -> list:
+    """The same lengths with random token ids: no prompt shares a cached block with another (the windows of
+    one text that the default prompts are share 44% of their tokens as prefixes, which base requests reuse
+    and requests under distinct adaptations cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(len(tok), 32_000)
+    return [(torch.randint(100, vocab, (len(ids),), generator=g).tolist(), mt) for ids, mt in reqs]
+
+
 def host_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -243,7 +254,7 @@ def run_rows(args) -> dict:
     from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     result = {"engine": "vllm", "mode": "rows", "shape": args.shape, "machine": machine(), "args": vars(args),
-              "rows": [], "phases": {}}
+              "prompts": args.prompts, "rows": [], "phases": {}}
     common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
                   enforce_eager=args.eager, svf_mode="rows", lora_max_rank=args.lora_max_rank)
@@ -264,6 +275,8 @@ def run_rows(args) -> dict:
         print(f"{phase} engine up in {info['start_s']} s", flush=True)
         if reqs is None:
             reqs = workload(engine.tokenizer, args.requests, args.seed)
+            if args.prompts == "distinct":
+                reqs = distinct_prompts(reqs, engine.tokenizer, args.seed)
         try:
             workloads = {"base": ([None], [None])}
             if phase != "stock":
@@ -413,6 +426,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="--rows: timed runs of each workload (the median is kept)")
+    ap.add_argument("--prompts", choices=["windows", "distinct"], default="windows",
+                    help="--rows: windows of one text (shared prefixes) or random tokens (none shared)")
     ap.add_argument("--rows", action="store_true",
                     help="stock vLLM's base workload, then the rows engine's base and unique workloads, in one run")
     ap.add_argument("--summarize", nargs="+", metavar="RUN_JSON")
