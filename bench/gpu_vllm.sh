@@ -13,6 +13,8 @@
 #                                    plain, torch only), openai (structured
 #                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
 #                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
+#                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
+#                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
 #                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
 #                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
@@ -109,6 +111,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         structured)
             stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
+        miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
+            stage miniature 590 python3 -m experts.eval.miniature --out /root/miniature --device cuda ${MINI_ARGS:-}
+            (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
                 --repeats "${REPEATS:-3}" --prompts "${PROMPTS:-windows}" \

@@ -42,7 +42,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="CEM's seed, and the test generator's for generated tasks "
+                   "(mini-*): 0 is their fixed test set, any other value fresh draws")
     p.add_argument("--shots", type=int, default=10, help="few_shot: examples the CEM search sees")
     p.add_argument("--cem-population", type=int, default=32, help="few_shot: CEM population (reference 32)")
     p.add_argument("--cem-generations", type=int, default=50, help="few_shot: CEM generations (reference 50)")
@@ -127,7 +128,7 @@ def run_eval(args: argparse.Namespace) -> int:
         text = save(run_table(ctx, limit=args.limit, max_tokens=args.max_tokens, rows=rows, on_cell=write_samples,
                               done=done, on_table=save))
     else:
-        task = get_task(args.task)
+        task = get_task(args.task).seeded(args.seed)
         res = evaluate(ctx, task, args.strategy, split=args.split, limit=args.limit, max_tokens=args.max_tokens)
         write_samples(res)
         summary = {k: v for k, v in res.items() if k != "samples"}

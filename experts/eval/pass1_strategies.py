@@ -6,9 +6,10 @@ prompt and label scoring as a live request), ``few_shot`` searches mixing weight
 That code talks to an asynchronous engine; ``SyncEngineAdapter`` gives it one over the synchronous
 engine the evaluation drives, so every example's pass 1 of one call shares engine batches.
 
-Few-shot shots: the first ``shots`` examples of the task's train split when it has one (ARC-Challenge),
-else the last ``shots`` of its test split (MATH-500, HumanEval); a shot that is among the evaluated
-examples is left out of the score (``held_out``), so no shot is ever graded.
+Few-shot shots: the first ``shots`` examples of the task's train split when it has one (ARC-Challenge), or
+of its val split (the generated unseen tasks), else the last ``shots`` of its test split (MATH-500,
+HumanEval); a shot that is among the evaluated examples is left out of the score (``held_out``), so no shot
+is ever graded.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from collections import deque
 from experts.eval.strategies import EvalContext, StrategyResult, StrategyUnavailable, register_strategy
 from experts.tasks import Example, Task
 
-TRAINED_TASKS = ("gsm8k", "mbpp", "arc-easy")  # whose experts few-shot mixes
+TRAINED_TASKS = ("gsm8k", "mbpp", "arc-easy")  # whose experts few-shot mixes (a task's ``experts_from`` overrides)
 
 
 class SyncEngineAdapter:
@@ -60,7 +61,7 @@ def _registry(ctx: EvalContext):
 def _dispatch(strategy: str, ctx: EvalContext, task: Task, examples: list[Example]) -> StrategyResult:
     from experts.pass1.dispatch import Dispatcher
 
-    disp = Dispatcher(SyncEngineAdapter(ctx.engine), _registry(ctx))
+    disp = Dispatcher(SyncEngineAdapter(ctx.engine), _registry(ctx), guidelines=getattr(task, "guidelines", None))
     if strategy == "cls_expert" and disp.classifier_expert() is None:
         raise StrategyUnavailable("cls_expert needs an expert with category 'classifier' (--expert or --store)")
     if not disp.experts_by_category():
@@ -79,12 +80,13 @@ def _few_shot(ctx: EvalContext, task: Task, examples: list[Example]) -> Strategy
     from experts.pass1.cem import CEMConfig
     from experts.pass1.few_shot import FewShotSearch, FewShotSpec, Shot
 
-    names = list(dict.fromkeys(ctx.task_experts[t] for t in TRAINED_TASKS if ctx.task_experts.get(t) in ctx.experts))
+    trained = getattr(task, "experts_from", TRAINED_TASKS)
+    names = list(dict.fromkeys(ctx.task_experts[t] for t in trained if ctx.task_experts.get(t) in ctx.experts))
     if len(names) < 2:
-        raise StrategyUnavailable("few_shot needs at least two trained task experts (gsm8k, mbpp, arc-easy)")
+        raise StrategyUnavailable(f"few_shot needs at least two trained task experts ({', '.join(trained)})")
     k = int(ctx.options.get("shots", 10))
-    own = "train" in task.splits
-    pool = task.load(ctx.data, "train")[:k] if own else task.load(ctx.data, "test")[-k:]
+    own = next((s for s in ("train", "val") if s in task.splits), None)
+    pool = task.load(ctx.data, own)[:k] if own else task.load(ctx.data, "test")[-k:]
     shots = [Shot(e.question, e.reference) for e in pool]
     shot_ids = {e.id for e in pool}
     cfg = CEMConfig(population=int(ctx.options.get("cem_population", 32)),
@@ -97,7 +99,7 @@ def _few_shot(ctx: EvalContext, task: Task, examples: list[Example]) -> Strategy
     return StrategyResult([mix] * len(examples), pass1_seconds=time.perf_counter() - t0,
                           held_out=[i for i, e in enumerate(examples) if e.id in shot_ids],
                           notes={"experts": names, "alpha": result.best.tolist(), "fitness": result.best_fitness,
-                                 "shots": len(shots), "shots_from": "train" if own else "test (never scored)",
+                                 "shots": len(shots), "shots_from": own or "test (never scored)",
                                  "population": cfg.population, "generations": cfg.generations})
 
 

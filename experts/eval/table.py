@@ -41,7 +41,7 @@ def run_table(ctx: EvalContext, *, limit: int | None = None, max_tokens: int | N
             if "accuracy" in cells.get(strategy, {}).get(task_name, {}):
                 continue
             try:
-                res = evaluate(ctx, get_task(task_name), strategy, limit=limit, max_tokens=max_tokens)
+                res = evaluate(ctx, get_task(task_name).seeded(ctx.seed), strategy, limit=limit, max_tokens=max_tokens)
             except StrategyUnavailable as e:
                 log.warning("%s on %s: %s", strategy, task_name, e)
                 cells.setdefault(strategy, {})[task_name] = {"error": str(e)}

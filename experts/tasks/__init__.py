@@ -13,11 +13,13 @@ from experts.tasks.cls import Classification
 from experts.tasks.code import MBPP, HumanEval
 from experts.tasks.gsm8k import GSM8K
 from experts.tasks.math500 import MATH500
+from experts.tasks.miniature import MINIATURE_TASKS
+from experts.tasks.miniature import classification as miniature_classification
 from experts.tasks.synthetic import SYNTHETIC_TASKS
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     GSM8K(), MBPP(), HumanEval(), ARC("arc-easy", "Easy"), ARC("arc-challenge", "Challenge"), MATH500(),
-    Classification(), *SYNTHETIC_TASKS,
+    Classification(), *SYNTHETIC_TASKS, *MINIATURE_TASKS, miniature_classification(),
 )}
 ALIASES = {"arc": "arc-easy", "classifier": "cls", "math": "math500"}
 

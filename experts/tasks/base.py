@@ -40,6 +40,11 @@ class Task:
     def load(self, data_root: str | Path, split: str) -> list[Example]:
         raise NotImplementedError
 
+    def seeded(self, seed: int) -> "Task":
+        """This task with its test split drawn from generator seed ``seed`` (generated tasks; a task read
+        from files has one test set and returns itself)."""
+        return self
+
     def messages(self, ex: Example) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": ex.question}]

@@ -34,13 +34,13 @@ SOURCES = {  # split -> the tasks whose requests make up that split
 }
 
 
-def parse_category(completion: str) -> str:
+def parse_category(completion: str, categories=CATEGORIES) -> str:
     """The label written after the prompt's ``\\boxed{`` ("math}" -> "math"); a repeated full
     ``\\boxed{math}`` is read too. Anything else is "other" (pass 1 then keeps the base weights)."""
     text = boxed(completion) if "\\boxed" in completion else completion.split("}")[0]
     m = re.match(r"\s*(?:\\text\{)?\s*([A-Za-z_-]+)", text or "")
     label = m.group(1).lower() if m else ""
-    return label if label in CATEGORIES else "other"
+    return label if label in categories else "other"
 
 
 def _stable_order(ex: Example) -> bytes:
@@ -48,16 +48,20 @@ def _stable_order(ex: Example) -> bytes:
 
 
 class Classification(Task):
-    name = "cls"
+    """The classification task over ``categories`` (sorted, as pass 1 lists them), its splits built from
+    ``sources`` (split -> (task, split of that task) pairs), its prompt written with ``guidelines``."""
+
     category = "classifier"
     max_tokens = 8
 
-    def __init__(self):
+    def __init__(self, name: str = "cls", categories=CATEGORIES, sources=None, guidelines: dict | None = None):
+        self.name, self.categories = name, tuple(sorted(categories))
+        self.sources, self.guidelines = sources or SOURCES, guidelines
         self._prompt = None  # (tokenizer, ClassifierPrompt) of the last tokenizer asked for
 
     def load(self, data_root: str | Path, split: str) -> list[Example]:
         self.check_split(split)
-        per_source = [(task, task.load(data_root, s)) for task, s in SOURCES[split]]
+        per_source = [(task, task.load(data_root, s)) for task, s in self.sources[split]]
         if split != "test":  # balance the classes so a constant answer scores one third
             n = min(len(exs) for _, exs in per_source)
             per_source = [(t, sorted(exs, key=_stable_order)[:n]) for t, exs in per_source]
@@ -68,14 +72,14 @@ class Classification(Task):
 
     def prompt_ids(self, tokenizer, ex: Example) -> list[int]:
         if self._prompt is None or self._prompt[0] is not tokenizer:
-            self._prompt = (tokenizer, build_classifier_prompt(tokenizer, list(CATEGORIES)))
+            self._prompt = (tokenizer, build_classifier_prompt(tokenizer, list(self.categories), self.guidelines))
         return self._prompt[1].ids_for(tokenizer, ex.question)
 
     def messages(self, ex: Example) -> list[dict[str, str]]:
         raise TypeError("the classification prompt ends inside the reply (\\boxed{); use prompt_ids")
 
     def parse(self, ex: Example, completion: str):
-        return parse_category(completion)
+        return parse_category(completion, self.categories)
 
     def score(self, ex: Example, completion: str) -> bool:
-        return parse_category(completion) == ex.answer
+        return parse_category(completion, self.categories) == ex.answer

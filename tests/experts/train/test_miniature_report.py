@@ -1,0 +1,35 @@
+"""The miniature's report: acceptance verdicts and the table read from the cells, never assumed."""
+from __future__ import annotations
+
+from experts.eval.miniature import LORA, markdown, verdicts
+from experts.eval.stats import accuracy_cell
+
+
+def cells(expert_correct: int, few_shot_correct: int) -> dict:
+    base = {t: accuracy_cell(50, 500) for t in ("mini-mul", "mini-add", "mini-last", "mini-add2", "mini-first",
+                                                 "mini-muladd")}
+    out = {"base": base, f"expert {LORA}": {"mini-mul": {"error": "not trained"}}}
+    out["expert reinforce-mlp"] = {t: accuracy_cell(expert_correct, 500) for t in ("mini-mul", "mini-add", "mini-last")}
+    for row, k in (("prompt", 60), ("cls_expert", 70), ("few_shot", few_shot_correct)):
+        out[row] = {t: accuracy_cell(k, 500) for t in ("mini-add2", "mini-first", "mini-muladd")}
+    return out
+
+
+def test_an_expert_beats_base_only_beyond_its_interval():
+    assert all(verdicts(cells(90, 90))["experts_beyond_base"].values())
+    assert not any(verdicts(cells(60, 90))["experts_beyond_base"].values())  # 12% vs 10%: inside the intervals
+    assert "expert lora-next-token mini-mul" not in verdicts(cells(90, 90))["experts_beyond_base"]  # n/a cell
+
+
+def test_the_unseen_ordering_is_checked_cell_by_cell():
+    good = verdicts(cells(90, 90))["unseen_ordering"]["mini-add2"]
+    assert good["few_shot>=cls_expert>=prompt>=base"] and good["few_shot_beyond_base"]
+    bad = verdicts(cells(90, 65))["unseen_ordering"]["mini-add2"]
+    assert not bad["few_shot>=cls_expert>=prompt>=base"] and not bad["few_shot_beyond_base"]
+
+
+def test_the_table_has_a_row_per_strategy_and_marks_missing_cells():
+    text = markdown(cells(90, 90), {})
+    assert text.splitlines()[0].startswith("| strategy | mini-mul |")
+    assert "| expert reinforce-mlp | 18.0 [" in text and "| few_shot |" in text
+    assert f"| expert {LORA} | n/a |" in text
