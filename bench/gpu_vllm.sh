@@ -112,7 +112,8 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
         miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
-            stage miniature 590 python3 -m experts.eval.miniature --out /root/miniature --device cuda ${MINI_ARGS:-}
+            stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
+                ${MINI_ARGS:-}
             (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \

@@ -69,7 +69,7 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
                           val_every=args.val_every, val_limit=args.val_limit, micro_batch=args.micro_batch,
                           lr=args.lr, seed=args.train_seed, device=args.device, cache_dir=args.cache_dir,
                           model=args.model)
-        summary = SVFTrainer(cfg, bases[targets]).run()
+        summary = SVFTrainer(cfg, bases[targets], resume=True).run()  # a run stopped midway continues
         summaries.setdefault(label, {})[task] = summary
         _progress(f"train {label} {task}: best val {summary['best_val']} at step {summary['best_step']} "
                   f"({summary['seconds']} s)", t0)
@@ -98,7 +98,7 @@ def train_lora(args, out: Path, t0: float) -> dict[str, dict]:
                          name=f"lora-{task}")
         base = base or load_model(cfg)
         _progress(f"train {LORA} {task} ...", t0)
-        found[task] = train_sequence(cfg, base)
+        found[task] = train_sequence(cfg, base, resume=True)
         _progress(f"train {LORA} {task}: done ({found[task]['seconds']} s)", t0)
     return found
 
