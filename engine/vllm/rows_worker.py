@@ -187,6 +187,18 @@ def _gather(layer, sub: Sub, local: torch.Tensor) -> torch.Tensor:
     return torch.cat(full.chunk(tp)[::rep]) if rep > 1 else full
 
 
+def _full_shape(layer, sub: Sub, local: torch.Tensor) -> tuple[int, int]:
+    """The (out, in) shape of ``sub``'s full matrix, from this rank's part alone (what ``_gather`` would
+    return, without moving the weights: the SAPT-only layout needs no factors, so no full matrix)."""
+    rank, tp = _tp(layer)
+    out, inp = local.shape
+    if tp == 1:
+        return out, inp
+    if _row_parallel(layer):
+        return out, inp * tp
+    return out * tp // replicas(layer, sub.index), inp
+
+
 def _this_rank(layer, sub: Sub, local_rows: int, out_side: torch.Tensor, in_side: torch.Tensor):
     """This rank's part of a factor pair of ``sub`` (out_side: (out, r) like U or B; in_side: (r, in) like
     Vh or A): rows of out_side for a column-parallel layer, columns of in_side for a row-parallel one."""
@@ -226,10 +238,12 @@ class WorkerRows:
             for layer, subs, chosen in found:
                 for sub in subs:
                     if sub.name in chosen:
+                        if not config.svf:  # the SAPT bank alone: shapes only
+                            targets.append(Target(sub.name, "linear", *_full_shape(layer, sub, layer.weight[sub.rows])))
+                            continue
                         w = _gather(layer, sub, layer.weight[sub.rows])
                         targets.append(Target(sub.name, "linear", w.shape[0], w.shape[1]))
-                        if config.svf:
-                            weights.append(w)
+                        weights.append(w)
                         del w
             t1 = time.time()
             factors = load_or_compute_matrices(weights, targets, config.svd_cache, progress=False) if weights else {}

@@ -212,3 +212,24 @@ def test_a_server_without_svf_rows_refuses_svf_requests_and_serves_sapt():
     e = SVFExpert("a", {"m.gate_proj": torch.zeros(6)})
     with pytest.raises(ValueError, match="vllm_svf_mode off"):
         view.validate(Adaptation.mixture({e: 1.0}))
+
+
+def test_the_sapt_only_layout_reads_full_shapes_from_one_rank(monkeypatch):
+    """Without SVF no rank gathers whole matrices: the shape of each follows from its shard and the layout."""
+    from types import SimpleNamespace
+
+    from engine.vllm import rows_worker
+    from engine.vllm.rows_worker import Sub, _full_shape
+
+    class QKVParallelLinear(SimpleNamespace):
+        pass
+
+    qkv = QKVParallelLinear(tp_rank=1, tp_size=4, num_kv_head_replicas=2)
+    down = SimpleNamespace(tp_rank=3, tp_size=4, row_parallel=True)
+    monkeypatch.setattr(rows_worker, "_row_parallel", lambda layer: getattr(layer, "row_parallel", False))
+    q, k = Sub("q_proj", 0, slice(0, 256)), Sub("k_proj", 1, slice(256, 320))
+    assert _full_shape(qkv, q, torch.empty(256, 1024)) == (1024, 1024)  # query heads split over 4 ranks
+    assert _full_shape(qkv, k, torch.empty(64, 1024)) == (128, 1024)  # key heads: 2 ranks hold each copy
+    assert _full_shape(down, Sub("down_proj", None, slice(None)), torch.empty(1024, 896)) == (1024, 3584)
+    single = SimpleNamespace()
+    assert _full_shape(single, q, torch.empty(7, 5)) == (7, 5)
