@@ -13,6 +13,7 @@
 #                                    plain, torch only), openai (structured
 #                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
 #                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
+#                                    structured8b (the same on the Llama-3-8B shape),
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
 #                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
@@ -111,6 +112,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         structured)
             stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
+        structured8b)
+            stage structured8b 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --shape llama3-8b \
+                --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" ;;
         miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
             stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
                 ${MINI_ARGS:-}

@@ -9,9 +9,13 @@ Goals: logprobs cost <= 5% of throughput, structured outputs <= 10%. Reports pea
 
 ``--engine vllm`` runs the same variants on the vLLM engine (rows mode, CUDA graphs on; needs a GPU and vLLM):
 every request is sent at once and vLLM batches them. There a structured row ends with its grammar's EOS.
+On SmolLM2 a decode step of 128 rows takes a few milliseconds of GPU time, so vLLM's host work per token and
+per step (the grammar's token masks, the logprobs' Python objects) weighs as much as the model; ``--shape
+llama3-8b`` serves the same requests on the Llama-3-8B shape (random weights, vLLM's dummy load, no
+detokenization in either run), where the GPU sets the pace as it does for the models users serve.
 
     python bench/sampling_features.py [--requests 64] [--device cuda] [--out results/sampling_features.json]
-    python bench/sampling_features.py --engine vllm --requests 512 --max-num-seqs 128
+    python bench/sampling_features.py --engine vllm --requests 512 --max-num-seqs 128 [--shape llama3-8b]
 """
 from __future__ import annotations
 
@@ -83,12 +87,21 @@ def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
 
 
 def vllm_server(args, folder: str):
-    """(serve function, tokenizer) of a vLLM engine on ``folder``."""
+    """(serve function, engine) of a vLLM engine on ``folder``, or on the Llama-3-8B shape."""
     from engine.vllm.engine import VLLMEngine, VLLMOptions
 
-    engine = VLLMEngine.from_options(VLLMOptions(
-        model=folder, served_name="smollm2", dtype="bfloat16", adapt_targets="all", max_model_len=512,
-        max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory))
+    common = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=args.max_num_seqs, max_waiting=100_000,
+                  gpu_memory_utilization=args.gpu_memory)
+    if args.shape == "llama3-8b":
+        from bench.vllm_bench import llama3_8b_folder
+        from engine.spec import default_cache_dir
+
+        shape = llama3_8b_folder(folder, default_cache_dir() / "llama3-8b-shape")
+        opts = VLLMOptions(model=str(shape), served_name="llama3-8b-shape", host_model=False, load_format="dummy",
+                           detokenize=False, adapt_targets="none", svf_mode="swap", **common)
+    else:
+        opts = VLLMOptions(model=folder, served_name="smollm2", adapt_targets="all", **common)
+    engine = VLLMEngine.from_options(opts)
     return (lambda reqs, extra: serve_vllm(engine, reqs, extra)), engine
 
 
@@ -97,6 +110,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded SmolLM2)")
     ap.add_argument("--engine", choices=["native", "vllm"], default="native")
     ap.add_argument("--device", default="cpu", help="native engine's device")
+    ap.add_argument("--shape", choices=["smollm2", "llama3-8b"], default="smollm2",
+                    help="vLLM engine: the model's own weights, or the Llama-3-8B shape with random weights")
     ap.add_argument("--gpu-memory", type=float, default=0.5, help="vLLM's share of the GPU memory")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=16)
@@ -114,7 +129,8 @@ def main(argv=None) -> None:
 
         device = torch.device("cuda")
         folder = args.model or str(gguf_to_hf_folder(embedded_gguf_path(), default_cache_dir()))
-        tok, name = AutoTokenizer.from_pretrained(folder), Path(folder).name
+        tok = AutoTokenizer.from_pretrained(folder)
+        name = Path(folder).name if args.shape == "smollm2" else "llama3-8b-shape (random weights)"
         run_, engine = vllm_server(args, folder)
     else:
         model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device,
