@@ -2,8 +2,12 @@
 
 Fitness of one α is measured on the task's shots through the engine: every (member, shot) pair is one
 score request whose rows carry that member's mixture, so a whole population is evaluated in shared
-batches. Fitness is the mean per-token log-likelihood of the answers (`loglik`), or the exact-match
-accuracy of greedy answers with the log-likelihood as tie-break (`exact_match`). The requests run at
+batches. Fitness is the mean per-token log-likelihood of the answers (`loglik`), or the accuracy of greedy
+answers with the log-likelihood as tie-break (`exact_match`: the reply equals the shot's answer, or whatever
+the caller's `judge` accepts, such as a task's own scorer). The log-likelihood favours the phrasing of the
+shots' answers: an expert that answers correctly in another form scores below the base model on it, so
+where a task has a scorer, accuracy is the fitness that finds it (the paper's CEM searches on task
+performance). The requests run at
 background priority, a bounded number at a time: a search never delays users' requests by more than the
 engine steps already under way.
 """
@@ -14,6 +18,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -56,8 +61,13 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 class FewShotSearch:
-    def __init__(self, engine, spec: FewShotSpec, experts: list[SVFExpert], max_in_flight: int = 64):
+    def __init__(self, engine, spec: FewShotSpec, experts: list[SVFExpert], max_in_flight: int = 64,
+                 judge: Callable[[int, str], bool] | None = None, max_tokens: int | None = None):
+        """`judge(i, reply)`: is a greedy reply to shot i right (`exact_match` fitness; default: equals its
+        answer). `max_tokens`: reply length for judging (default: the answer's length in characters + 8)."""
         self.engine, self.spec, self.experts = engine, spec, experts
+        self.judge = judge or (lambda i, text: text.strip() == spec.shots[i].answer.strip())
+        self.max_tokens = max_tokens
         # Background work: at most this many requests queued or running at once, so users keep their room
         # in the engine's queue (and the scheduler admits them first: priority BACKGROUND).
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -105,18 +115,22 @@ class FewShotSearch:
         P = len(adaptations)
         return [ll[i::P] for i in range(P)]
 
+    async def _reply(self, req: GenerationRequest) -> str:
+        parts = []
+        async with self._in_flight:
+            async for out in self.engine.generate(req):
+                if out.error:
+                    raise RuntimeError(f"fitness evaluation failed: {out.error}")
+                parts.append(out.text)
+        return "".join(parts)
+
     async def _exact(self, a: Adaptation) -> list[float]:
-        reqs = [GenerationRequest(f"cem-{next(_ids)}", p, SamplingParams(max_tokens=len(ans) + 8, temperature=0), a,
+        reqs = [GenerationRequest(f"cem-{next(_ids)}", p,
+                                  SamplingParams(max_tokens=self.max_tokens or len(s.answer) + 8, temperature=0), a,
                                   priority=BACKGROUND)
-                for p, ans in self._shots]
-        texts = []
-        for r in reqs:
-            parts = []
-            async with self._in_flight:
-                async for out in self.engine.generate(r):
-                    parts.append(out.text)
-            texts.append("".join(parts))
-        return [float(t.strip() == s.answer.strip()) for t, s in zip(texts, self.spec.shots)]
+                for (p, _), s in zip(self._shots, self.spec.shots)]
+        texts = await asyncio.gather(*(self._reply(r) for r in reqs))
+        return [float(self.judge(i, t)) for i, t in enumerate(texts)]
 
     async def fitness(self, population: torch.Tensor) -> torch.Tensor:
         """(P, *shape) α -> (P,) fitness; all members' requests are in flight together."""

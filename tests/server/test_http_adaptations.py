@@ -125,3 +125,31 @@ def test_jobs_are_bounded_and_cancellable_and_users_go_first(tiny_settings, tiny
                                                 "cem": {"population": 4, "generations": 1, "seed": 1}})
         assert again.status_code == 202 and wait_job(c, again.json()["id"])["status"] == "done"
         assert assert_error_shape(c.delete("/v1/adaptations/adapt-nope"), 404)["code"] == "not_found"
+
+
+def test_task_fitness_judges_each_members_greedy_replies(cem_server, tiny_llama_dir):
+    """exact_match fitness with a judge: the judge sees each shot's greedy reply under the member's mixture
+    (the merged-weight model's own greedy reply), and the fitness is the judged accuracy, log-likelihood only
+    breaking ties."""
+    import asyncio
+
+    srv, experts = cem_server
+    seen: dict[int, str] = {}
+
+    def judge(i: int, reply: str) -> bool:
+        seen[i] = reply
+        return i != 1
+
+    spec = FewShotSpec("t", ["a", "b"], [Shot(**e) for e in EXAMPLES], CEMConfig(population=1, generations=1),
+                       fitness="exact_match")
+    search = FewShotSearch(srv.engine, spec, [experts["a"], experts["b"]], judge=judge, max_tokens=5)
+    got = asyncio.run(search.fitness(torch.tensor([[1.0, 0.0]], dtype=torch.float64)))
+    assert 2 / 3 - 1e-3 <= float(got[0]) <= 2 / 3 + 1e-3
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = reference_model(tiny_llama_dir, [(experts["a"], 1.0)])
+    for i, e in enumerate(EXAMPLES):
+        p = prompt_ids(tok, e["prompt"])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        assert seen[i] and seen[i] == tok.decode(out[0, len(p):], skip_special_tokens=True)
