@@ -116,6 +116,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             stage structured8b 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --shape llama3-8b \
                 --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" ;;
         miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
+            # a fresh machine starts from the committed runs and cells (MINI_ARGS="--redo ROWS" or --fresh redo them)
+            [ -d /root/miniature ] || [ ! -d docs/results/h200/miniature/runs ] ||
+                cp -r docs/results/h200/miniature /root/miniature
             stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
                 ${MINI_ARGS:-}
             (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;

@@ -64,3 +64,28 @@ def install_shipped(store, directory: Path = BUILTIN_DIR) -> list[str]:
     if added:
         log.info("shipped experts installed: %s", ", ".join(added))
     return added
+
+
+def ship(sources: dict[str, Path], model_folder: str | Path, directory: Path = BUILTIN_DIR) -> list[Path]:
+    """Copy trained expert files into ``directory`` as ``<name>.safetensors``, their header carrying the
+    fingerprint of the weights in ``model_folder`` (what ``install_shipped`` checks against the served model)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM
+
+    from experts.store.base_model import model_fingerprint
+
+    net = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    fingerprint = model_fingerprint(net)
+    del net
+    written = []
+    for name, src in sources.items():
+        with safe_open(str(src), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        meta.update(name=name, base_fingerprint=fingerprint)
+        dst = Path(directory) / f"{name}.safetensors"
+        atomic_write(dst, save(tensors, metadata=meta))
+        dst.chmod(0o644)  # package data: readable by the server's own user (the image runs as uid 10001)
+        written.append(dst)
+    return written

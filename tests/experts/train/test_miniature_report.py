@@ -33,3 +33,23 @@ def test_the_table_has_a_row_per_strategy_and_marks_missing_cells():
     assert text.splitlines()[0].startswith("| strategy | mini-mul |")
     assert "| expert reinforce-mlp | 18.0 [" in text and "| few_shot |" in text
     assert f"| expert {LORA} | n/a |" in text
+
+
+def test_a_scored_cell_is_kept_only_for_the_same_settings(tmp_path):
+    import json
+
+    from experts.eval.miniature import _relocated, kept_cell
+
+    path = tmp_path / "few_shot.mini-add2.json"
+    assert kept_cell(path, {"seed": 0}, redo=False) is None  # never scored
+    path.write_text(json.dumps({"accuracy": 0.5, "settings": {"seed": 0, "cem_generations": 8}}))
+    assert kept_cell(path, {"seed": 0, "cem_generations": 8}, redo=False)["accuracy"] == 0.5
+    assert kept_cell(path, {"seed": 0, "cem_generations": 20}, redo=False) is None  # other settings: scored again
+    assert kept_cell(path, {"seed": 1, "cem_generations": 8}, redo=False) is None  # a fresh test draw
+    assert kept_cell(path, {"seed": 0, "cem_generations": 8}, redo=True) is None  # --redo
+    # a run folder moved from another machine: its files are found where the folder is now
+    (tmp_path / "expert.safetensors").write_bytes(b"")
+    moved = _relocated({"expert_file": "/elsewhere/runs/x/expert.safetensors"}, tmp_path, "expert_file")
+    assert moved["expert_file"] == str(tmp_path / "expert.safetensors")
+    here = {"expert_file": str(tmp_path / "expert.safetensors")}
+    assert _relocated(dict(here), tmp_path / "other", "expert_file") == here
