@@ -232,9 +232,15 @@ BASE_TEXT=$(complete "$BASE_MODEL")
 [ -n "$BASE_TEXT" ] || fail "empty completion"
 echo "base: $BASE_TEXT"
 curl -sSf "$URL/metrics" >"$WORK/metrics" && grep -q '^t2_' "$WORK/metrics" || fail "/metrics has no t2_ series"
-for shipped in gsm8k mbpp arc-easy; do  # experts/builtin/, installed at first start on the embedded model
+for shipped in gsm8k mbpp arc-easy mini-mul mini-add mini-last; do  # experts/builtin/, installed at first start
     [[ " $(models) " == *" $shipped "* ]] || fail "shipped expert $shipped not in /v1/models"
 done
+# The shipped mini-mul expert answers products of two digits (100% of 500 test questions, base 27%).
+MUL=$(expect 200 "$(http POST /v1/chat/completions $KEY -H 'Content-Type: application/json' \
+    -d '{"model": "mini-mul", "messages": [{"role": "user", "content": "What is 7 times 8?"}], "max_tokens": 24,
+         "temperature": 0}')" | json 'd["choices"][0]["message"]["content"]')
+echo "mini-mul: $MUL"
+[[ "$MUL" == *56* ]] || fail "the shipped mini-mul expert did not answer 7 times 8"
 
 # --- 5. expert ------------------------------------------------------------------------------------------
 log "expert upload"

@@ -8,7 +8,8 @@ from experts.store.base_model import BaseModelInfo
 from experts.store.expert_store import ExpertStore
 from experts.store.shipped import MARKER, install_shipped, shipped_files
 
-SHIPPED = {"arc-easy": "reasoning", "classifier": "classifier", "gsm8k": "math", "mbpp": "code"}
+SHIPPED = {"arc-easy": "reasoning", "classifier": "classifier", "gsm8k": "math", "mbpp": "code",
+           "mini-mul": "multiplication", "mini-add": "addition", "mini-last": "letters"}
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +44,22 @@ def test_not_installed_for_another_model(tmp_path, base_mlp):
     store.load()
     assert install_shipped(store) == []
     assert store.list() == []
+
+
+@pytest.mark.integration
+def test_ship_stamps_the_served_models_fingerprint(tmp_path, smol_base, smollm2_dir):
+    """`ship` copies a trained expert under its new name with the fingerprint of the model folder's weights,
+    which is what makes `install_shipped` put it into a store serving that model."""
+    from experts.store.shipped import ship
+    from experts.train.output import read_expert_file
+
+    src = shipped_files()[0]
+    (dst,) = ship({"copy": src}, smollm2_dir, tmp_path / "builtin")
+    expert, meta = read_expert_file(dst)
+    original, _ = read_expert_file(src)
+    assert meta["base_fingerprint"] == smol_base.fingerprint and expert.name == "copy"
+    assert dst.stat().st_mode & 0o777 == 0o644
+    assert all(torch.equal(expert.z[k], original.z[k]) for k in original.z)
+    store = ExpertStore(tmp_path / "store", base=smol_base)
+    store.load()
+    assert install_shipped(store, tmp_path / "builtin") == ["copy"]
