@@ -169,7 +169,7 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         # compact JSON, as the native engine writes it: vLLM 0.25's xgrammar backend reads this engine-wide
         # setting only, not the request's StructuredOutputsParams.disable_any_whitespace; with any whitespace
         # allowed, sampled rows ran out of tokens in runs of blanks (3 of 32 documents on the H200)
-        structured_outputs_config=StructuredOutputsConfig(disable_any_whitespace=True),
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         # in vLLM's compile-cache key: a rows engine never loads a graph compiled for another layout, nor stock
         # vLLM one compiled with the rows layers
         additional_config={"t2_rows": rows.compile_key()} if rows is not None else {},
