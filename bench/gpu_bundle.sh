@@ -8,7 +8,7 @@
 # OUT_DIR/p1 .. pN each get one part; the last also gets bundle.tar.sha256. On the GPU machine, copy
 # every part to /root, then `bash bench/gpu_vllm.sh install`.
 set -euo pipefail
-wheels=$1 out=$2 parts=${3:-7}
+wheels=$1 out=$2 parts=${3:-8}
 PY=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
