@@ -12,7 +12,10 @@ every request is sent at once and vLLM batches them. There a structured row ends
 On SmolLM2 a decode step of 128 rows takes a few milliseconds of GPU time, so vLLM's host work per token and
 per step (the grammar's token masks, the logprobs' Python objects) weighs as much as the model; ``--shape
 llama3-8b`` serves the same requests on the Llama-3-8B shape (random weights, vLLM's dummy load, no
-detokenization in either run), where the GPU sets the pace as it does for the models users serve.
+detokenization in either run), where the GPU sets the pace as it does for the models users serve. On vLLM each
+variant is also served straight through vLLM's own ``AsyncLLM`` with the same vLLM sampling parameters
+(``direct`` rows: no request or output handling of this engine), so that a cost splits into vLLM's and this
+engine's.
 
     python bench/sampling_features.py [--requests 64] [--device cuda] [--out results/sampling_features.json]
     python bench/sampling_features.py --engine vllm --requests 512 --max-num-seqs 128 [--shape llama3-8b]
@@ -65,11 +68,24 @@ def serve(model, tok, reqs, max_num_seqs: int, extra: dict, device) -> tuple[flo
     return t.seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
 
 
+def _all_at_once(reqs, extra, count) -> tuple[float, int, list[tuple]]:
+    """Every request sent at once; ``count(i, ids, params)`` serves one and returns its generated tokens."""
+    def params(i, mt):
+        kw = extra(i) if callable(extra) else extra
+        return SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos="structure" not in kw, **kw)
+
+    async def run():
+        return await asyncio.gather(*(count(i, ids, params(i, mt)) for i, (ids, mt) in enumerate(reqs)))
+
+    t0 = time.perf_counter()
+    counts = asyncio.run(run())
+    seconds = time.perf_counter() - t0
+    return seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
+
+
 def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
     """``serve`` on the vLLM engine: every request at once."""
-    async def one(i, ids, mt):
-        kw = extra(i) if callable(extra) else extra
-        params = SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos="structure" not in kw, **kw)
+    async def count(i, ids, params):
         n = 0
         async for o in engine.generate(GenerationRequest(f"s{time.monotonic_ns()}-{i}", list(ids), params)):
             if o.error:
@@ -77,13 +93,20 @@ def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
             n += len(o.token_ids)
         return n
 
-    async def run():
-        return await asyncio.gather(*(one(i, ids, mt) for i, (ids, mt) in enumerate(reqs)))
+    return _all_at_once(reqs, extra, count)
 
-    t0 = time.perf_counter()
-    counts = asyncio.run(run())
-    seconds = time.perf_counter() - t0
-    return seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
+
+def serve_direct(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
+    """``serve_vllm`` through vLLM's ``AsyncLLM`` itself: the vLLM parameters this engine would send, none of its
+    request or output handling."""
+    async def count(i, ids, params):
+        n = 0
+        async for o in engine.llm.generate({"type": "token", "prompt_token_ids": list(ids)},
+                                           engine.sampling_params(params), f"d{time.monotonic_ns()}-{i}"):
+            n += len(o.outputs[0].token_ids)
+        return n
+
+    return _all_at_once(reqs, extra, count)
 
 
 def vllm_server(args, folder: str):
@@ -132,12 +155,14 @@ def main(argv=None) -> None:
         tok = AutoTokenizer.from_pretrained(folder)
         name = Path(folder).name if args.shape == "smollm2" else "llama3-8b-shape (random weights)"
         run_, engine = vllm_server(args, folder)
+        direct = (lambda rs, extra: serve_direct(engine, rs, extra))
     else:
         model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device,
                                                                     shape="smollm2"))
 
         def run_(rs, extra):
             return serve(model, engine_tok, rs, args.max_num_seqs, extra, device)
+        direct = None
     reqs = workload(tok, args.requests, args.seed)
     run_(reqs[:4], {})  # warm-up
     best: dict[str, dict] = {}
@@ -152,22 +177,30 @@ def main(argv=None) -> None:
         for variant, extra in VARIANTS.items():  # interleaved: drift of the machine hits every variant alike
             if variant != "plain" and variant not in args.variants:
                 continue
-            seconds, tokens, done = run_(reqs, extra)
-            keep(variant, seconds, tokens)
-            if variant.startswith("json"):  # a structured row ends with its document: plain rows of those lengths
-                seconds, tokens, _ = run_(done, {})
-                keep(f"plain, {variant}'s lengths", seconds, tokens)
-    plain = best["plain"]["tok_s"]
-    rows = [{**b, "vs_plain": b["tok_s"] / plain} for b in best.values()]
+            for prefix, serve_ in (("", run_), ("direct ", direct)):
+                if serve_ is None:
+                    continue
+                seconds, tokens, done = serve_(reqs, extra)
+                keep(prefix + variant, seconds, tokens)
+                if variant.startswith("json"):  # a structured row ends with its document: plain rows of those lengths
+                    seconds, tokens, _ = serve_(done, {})
+                    keep(f"{prefix}plain, {variant}'s lengths", seconds, tokens)
+    def base(variant: str) -> float:  # each path against its own plain run
+        return best["direct plain" if variant.startswith("direct ") else "plain"]["tok_s"]
+
+    rows = [{**b, "vs_plain": b["tok_s"] / base(b["variant"])} for b in best.values()]
     print_table(rows, ["variant", "tok_s", "vs_plain", "seconds", "tokens"])
-    cost = structured = None
-    if "logprobs" in best:
-        cost = 1 - best["logprobs"]["tok_s"] / plain
-        print(f"logprobs cost {100 * cost:.1f}% of throughput (goal <= 5%)")
-    if "json-schema" in best:
-        structured = 1 - best["json-schema"]["tok_s"] / best["plain, json-schema's lengths"]["tok_s"]
-        print(f"structured outputs (JSON schema, every row) cost {100 * structured:.1f}% of throughput against "
-              "plain rows of the same lengths (goal <= 10%)")
+    costs: dict[str, float] = {}
+    for prefix in ("", "direct ") if direct else ("",):
+        if prefix + "logprobs" in best:
+            costs[prefix + "logprobs"] = c = 1 - best[prefix + "logprobs"]["tok_s"] / best[prefix + "plain"]["tok_s"]
+            print(f"{prefix}logprobs cost {100 * c:.1f}% of throughput (goal <= 5%)")
+        if prefix + "json-schema" in best:
+            costs[prefix + "json-schema"] = c = 1 - (best[prefix + "json-schema"]["tok_s"]
+                                                     / best[f"{prefix}plain, json-schema's lengths"]["tok_s"])
+            print(f"{prefix}structured outputs (JSON schema, every row) cost {100 * c:.1f}% of throughput against "
+                  "plain rows of the same lengths (goal <= 10%)")
+    cost, structured = costs.get("logprobs"), costs.get("json-schema")
     mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": sampler.mb if sampler else peak_gpu_mb(device)}
     print(f"peak RSS {mem['peak_rss_mb']:.0f} MiB; peak GPU {mem['peak_gpu_mb'] or 0:.0f} MiB")
     if args.engine == "vllm":
@@ -175,7 +208,7 @@ def main(argv=None) -> None:
     write_json(args.out, {"machine": machine(), "model": name, "engine": args.engine, "settings": vars(args),
                           "rows": rows,
                           "logprobs_cost": cost, "goal": 0.05,
-                          "structured_cost": structured, "structured_goal": 0.10, "memory": mem})
+                          "structured_cost": structured, "structured_goal": 0.10, "costs": costs, "memory": mem})
 
 
 if __name__ == "__main__":
