@@ -7,16 +7,18 @@ intervals, and write the JSON, the learning curves and the Markdown table.
 
 Runs (each skipped when its run folder already holds a summary, so a stopped run resumes):
 - ``reinforce-mlp``: SVF on the MLP matrices with REINFORCE (the paper's recipe), one expert per trained task;
-  rollouts are sampled and rewards taken against the batch mean (``--rollout``, ``--baseline``): with greedy
-  rollouts, mini-last stayed at 9-11% in 12 steps of 32, sampled ones reached 19% by step 8;
+  rewards are taken against the batch mean (``--baseline``); rollouts are sampled, except for the format task,
+  whose sampled replies earned no reward (``ROLLOUTS``, ``--rollout``);
 - ``reinforce-all``: the same on every linear matrix (MLP + attention);
 - ``next-token-mlp``: the MLP experts trained on the reference replies instead (the paper's ablation);
 - ``classifier``: the classifier expert on ``mini-cls`` (which skill a request needs), next-token on the labels;
+  trained again when the suite's categories change (a kept run records the ones it learnt);
 - ``lora-next-token``: a LoRA of rank 1 on q_proj and v_proj (57,600 parameters on SmolLM2, against SVF's
   51,840 on the MLP) trained on the reference replies, as the paper's LoRA baseline is.
 
 Cells: base on every task; each expert on its own task; on the unseen tasks, pass 1 by prompt, by the
 classifier expert and by few-shot CEM over the ``reinforce-mlp`` experts. ``--seed`` draws a fresh test set.
+Scored cells are kept while their settings match; pass 1's cells and ``mini-cls`` also record the categories.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ RUNS = (  # label, targets, objective
     ("next-token-mlp", "mlp", "next_token"),
 )
 LORA = "lora-next-token"
+# REINFORCE rollouts per task (--rollout overrides): sampled at temperature 1 by default (greedy ones left
+# mini-last at 9-11% in 12 steps of 32 on the CPU, sampled ones reached 19% by step 8); greedy for the format
+# task, whose sampled replies at temperature 1 earned no reward in steps 2-4 (0 of 32 each; greedy: 6%, 25%,
+# 38% of the batch at steps 1-3)
+ROLLOUTS = {"mini-bracket": "greedy"}
 
 
 def _progress(msg: str, t0: float) -> None:
@@ -48,9 +55,23 @@ def _relocated(summary: dict, run_dir: Path, key: str) -> dict:
     return summary
 
 
+def kept_run(run_dir: Path, categories: tuple[str, ...] | None = None) -> bool:
+    """Whether a finished run is reused. A classifier run (``categories`` given) is reused only when it learnt
+    these categories; one trained for another suite is removed, so that it is trained again."""
+    if not (run_dir / "summary.json").exists():
+        return False
+    if categories is None:
+        return True
+    learnt = run_dir / "categories.json"
+    if learnt.exists() and json.loads(learnt.read_text()) == list(categories):
+        return True
+    shutil.rmtree(run_dir)
+    return False
+
+
 def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
     """label -> task -> the training summary (its expert file among it)."""
-    from experts.tasks.miniature import TRAINED
+    from experts.tasks.miniature import CATEGORIES, TRAINED
     from experts.train.config import TrainConfig
     from experts.train.model import load_base
     from experts.train.trainer import SVFTrainer
@@ -65,7 +86,7 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
     for i, (label, targets, objective, task) in enumerate(plan):
         run_dir = out / "runs" / label / task
         done = run_dir / "summary.json"
-        if done.exists():
+        if kept_run(run_dir, CATEGORIES if label == "classifier" else None):
             summaries.setdefault(label, {})[task] = _relocated(json.loads(done.read_text()), run_dir, "expert_file")
             _progress(f"train {i + 1}/{len(plan)} {label} {task}: kept ({done})", t0)
             continue
@@ -77,8 +98,11 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
                           batch_size=args.batch, max_steps=args.steps, epochs=max(1, args.steps),
                           val_every=args.val_every, val_limit=args.val_limit, micro_batch=args.micro_batch,
                           lr=args.lr, seed=args.train_seed, device=args.device, cache_dir=args.cache_dir,
-                          model=args.model, rollout=args.rollout, baseline=args.baseline)
+                          model=args.model, rollout=args.rollout or ROLLOUTS.get(task, "sample"),
+                          baseline=args.baseline)
         summary = SVFTrainer(cfg, bases[targets], resume=True).run()  # a run stopped midway continues
+        if label == "classifier":
+            (run_dir / "categories.json").write_text(json.dumps(list(CATEGORIES)))
         summaries.setdefault(label, {})[task] = summary
         _progress(f"train {label} {task}: best val {summary['best_val']} at step {summary['best_step']} "
                   f"({summary['seconds']} s)", t0)
@@ -138,7 +162,7 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
     from experts.eval.evaluate import evaluate
     from experts.eval.strategies import EvalContext, StrategyUnavailable
     from experts.tasks import get_task
-    from experts.tasks.miniature import TRAINED, UNSEEN
+    from experts.tasks.miniature import CATEGORIES, TRAINED, UNSEEN
     from experts.train.model import load_base
     from experts.train.output import read_expert_file
     from experts.train.rollout import make_engine
@@ -158,6 +182,8 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
         def cell(row: str, task_name: str, strategy: str, ctx) -> None:
             kept = out / "cells" / f"{row}.{task_name}.json"
             settings = {"seed": args.seed, "limit": args.limit, **(cem_settings if strategy == "few_shot" else {})}
+            if strategy in ("prompt", "cls_expert", "few_shot") or task_name == "mini-cls":
+                settings["categories"] = list(CATEGORIES)  # pass 1's choices: scored again when the suite changes
             res = kept_cell(kept, settings, row in redo)
             if res is not None:
                 cells.setdefault(row, {})[task_name] = res
@@ -273,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="examples per optimizer step")
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rollout", default="sample", choices=("greedy", "sample"),
-                   help="REINFORCE rollouts (sample: temperature 1; greedy rollouts left mini-last at 11%%)")
+    p.add_argument("--rollout", default=None, choices=("greedy", "sample"),
+                   help="REINFORCE rollouts for every task (default: sampled at temperature 1, greedy for the "
+                        "format task; see ROLLOUTS)")
     p.add_argument("--baseline", default="mean", choices=("none", "mean"), help="REINFORCE reward baseline")
     p.add_argument("--val-every", type=int, default=5)
     p.add_argument("--val-limit", type=int, default=200)

@@ -2,13 +2,15 @@
 can show its effect on a 135M-parameter model, whose paper benchmarks sit near zero.
 
 SmolLM2-135M-Instruct answers these greedily at 10-50% (scored as below; 100 draws each): the product of
-two digits (23%), their sum (26%), the last letter of a word (15%). Three more tasks are never trained on;
-each needs a trained skill in another form: a two-digit number plus a digit (addition's variant, 8%), the
-first letter of a word (the last letter's, 74%) and a product plus a digit (multiplication then addition).
-Pass 1 must route them.
+two digits (23%), their sum (26%), the last letter of a word (15%), and a format to follow: a word written
+inside square brackets (8-14%). Four more tasks are never trained on; each needs a trained skill in another
+form: a two-digit number plus a digit (addition's variant, 8%), the first letter of a word (the last letter's,
+74%), a product plus a digit (multiplication then addition) and a word inside parentheses (the format's
+variant, 0%). Pass 1 must route them.
 
 Scoring reads what a reply commits to, not its wording: the last number of the reply for arithmetic; for
-letters, the last quoted or bold single letter, else the last lone letter that is not the word "a" or "I".
+letters, the last quoted or bold single letter, else the last lone letter that is not the word "a" or "I"; for
+formats, the last span between the asked delimiters (on one line), which must hold the word.
 Answers are compared exactly (letters case-insensitively). The model tends to explain before it answers,
 so a reply cut at ``max_tokens`` often has no answer yet: shorter replies are part of what training teaches.
 
@@ -76,6 +78,16 @@ def _first(rng):
     return f'What is the first letter of the word "{w}"?', w[0]
 
 
+def _bracket(rng):
+    w = _word(rng)
+    return f'Write the word "{w}" inside square brackets.', f"[{w}]"
+
+
+def _paren(rng):
+    w = _word(rng)
+    return f'Write the word "{w}" inside parentheses.', f"({w})"
+
+
 def _muladd(rng):
     a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
     return f"What is {a} times {b} plus {c}?", str(a * b + c)
@@ -84,7 +96,7 @@ def _muladd(rng):
 @dataclass(frozen=True)
 class Spec:
     make: Callable[[random.Random], tuple[str, str]]  # -> (question, answer)
-    kind: str  # number | letter
+    kind: str  # number | letter | wrapped (the answer is the word between the delimiters of the answer)
     category: str  # the skill pass 1 should pick for it
     trained: bool  # an expert is trained on it (else: unseen, for pass 1)
 
@@ -93,15 +105,18 @@ SPECS: dict[str, Spec] = {
     "mini-mul": Spec(_mul, "number", "multiplication", True),
     "mini-add": Spec(_add, "number", "addition", True),
     "mini-last": Spec(_last, "letter", "letters", True),
+    "mini-bracket": Spec(_bracket, "wrapped", "format", True),
     "mini-add2": Spec(_add2, "number", "addition", False),
     "mini-first": Spec(_first, "letter", "letters", False),
     "mini-muladd": Spec(_muladd, "number", "multiplication", False),
+    "mini-paren": Spec(_paren, "wrapped", "format", False),
 }
 TRAINED = tuple(n for n, s in SPECS.items() if s.trained)
 UNSEEN = tuple(n for n, s in SPECS.items() if not s.trained)
 CATEGORIES = tuple(dict.fromkeys(SPECS[n].category for n in TRAINED))
 GUIDELINES = {"multiplication": "multiplying numbers", "addition": "adding or subtracting numbers",
-              "letters": "questions about the letters of a word"}
+              "letters": "questions about the letters of a word",
+              "format": "writing a word in a requested format"}
 
 
 def read_number(text: str) -> str | None:
@@ -118,6 +133,12 @@ def read_letter(text: str) -> str | None:
         return marked[-1].lower()
     lone = [c for c in re.findall(r"(?<![A-Za-z'’])([A-Za-z])(?![A-Za-z'’])", text) if c not in ("a", "I")]
     return lone[-1].lower() if lone else None
+
+
+def read_wrapped(text: str, opening: str, closing: str) -> str | None:
+    """The last span of the reply between ``opening`` and ``closing`` on one line, delimiters kept, lowercased."""
+    spans = re.findall(f"{re.escape(opening)}([^{re.escape(opening + closing)}\n]*){re.escape(closing)}", text)
+    return f"{opening}{spans[-1]}{closing}".lower() if spans else None
 
 
 def _stream(task: str, split: str, seed: int) -> random.Random:
@@ -147,11 +168,17 @@ class MiniatureTask(Task):
         for i in range(SIZES[split]):
             q, a = self.spec.make(rng)
             out.append(Example(id=f"{self.name}/{split}/{self.test_seed if split == 'test' else 0}/{i}", question=q,
-                               answer=a, reference=f"The answer is {a}." if self.spec.kind == "number"
-                               else f'The answer is "{a}".'))
+                               answer=a, reference=self._reference(a)))
         return out
 
+    def _reference(self, answer: str) -> str:
+        if self.spec.kind == "wrapped":
+            return answer
+        return f"The answer is {answer}." if self.spec.kind == "number" else f'The answer is "{answer}".'
+
     def parse(self, ex: Example, completion: str):
+        if self.spec.kind == "wrapped":
+            return read_wrapped(completion, ex.answer[0], ex.answer[-1])
         return read_number(completion) if self.spec.kind == "number" else read_letter(completion)
 
     def score(self, ex: Example, completion: str) -> bool:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from experts.tasks import get_task
-from experts.tasks.miniature import CATEGORIES, SPECS, TRAINED, UNSEEN, read_letter, read_number
+from experts.tasks.miniature import CATEGORIES, SPECS, TRAINED, UNSEEN, read_letter, read_number, read_wrapped
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -23,6 +23,9 @@ def test_splits_are_fixed_sized_and_answers_right(name):
             assert int(ex.answer) == nums[0] + nums[1]
         elif name == "mini-muladd":
             assert int(ex.answer) == nums[0] * nums[1] + nums[2]
+        elif name in ("mini-bracket", "mini-paren"):
+            word = re.search(r'"([a-z]+)"', ex.question).group(1)
+            assert ex.answer == (f"[{word}]" if "square" in ex.question else f"({word})")
         else:
             word = re.search(r'"([a-z]+)"', ex.question).group(1)
             assert ex.answer == (word[0] if "first" in ex.question else word[-1])
@@ -65,6 +68,17 @@ def test_read_number(reply, want):
 ])
 def test_read_letter(reply, want):
     assert read_letter(reply) == want
+
+
+@pytest.mark.parametrize("reply, opening, closing, want", [
+    ("Bread: [BREAD]", "[", "]", "[bread]"),
+    ("[a] then [kite]", "[", "]", "[kite]"),
+    ("The word (kite) in brackets: [kite", "[", "]", None),
+    ("(zebra)", "(", ")", "(zebra)"),
+    ("[ocean]", "(", ")", None),
+])
+def test_read_wrapped(reply, opening, closing, want):
+    assert read_wrapped(reply, opening, closing) == want
 
 
 def test_the_classification_task_labels_each_skill():

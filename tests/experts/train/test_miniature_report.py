@@ -53,3 +53,18 @@ def test_a_scored_cell_is_kept_only_for_the_same_settings(tmp_path):
     assert moved["expert_file"] == str(tmp_path / "expert.safetensors")
     here = {"expert_file": str(tmp_path / "expert.safetensors")}
     assert _relocated(dict(here), tmp_path / "other", "expert_file") == here
+
+
+def test_a_classifier_run_is_kept_only_for_the_categories_it_learnt(tmp_path):
+    import json
+
+    from experts.eval.miniature import kept_run
+
+    run = tmp_path / "runs" / "classifier" / "mini-cls"
+    assert not kept_run(run, ("a", "b"))  # never trained
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    assert kept_run(run)  # an expert's run: kept once finished
+    (run / "categories.json").write_text(json.dumps(["a", "b"]))
+    assert kept_run(run, ("a", "b"))
+    assert not kept_run(run, ("a", "b", "c")) and not run.exists()  # another suite: removed, trained again
