@@ -13,7 +13,8 @@
 #                                    plain, torch only), openai (structured
 #                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
 #                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
-#                                    structured8b (the same on the Llama-3-8B shape),
+#                                    structured8b (the same on the Llama-3-8B shape), structured_native
+#                                    (the same bench on the native engine, on the GPU),
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
 #                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
@@ -112,6 +113,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         structured)
             stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
+        structured_native)  # the native engine's own sampler and grammar masks on the GPU (no vLLM)
+            stage structured_native 300 python3 bench/sampling_features.py --device cuda --model "$FOLDER" --requests 512 \
+                --max-num-seqs 128 --out "$OUT/sampling_features_native_cuda.json" ;;
         structured8b)
             stage structured8b 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --shape llama3-8b \
                 --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" ;;
