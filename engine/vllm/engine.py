@@ -234,21 +234,11 @@ def remove_stale_runs(root: Path) -> None:
 
 
 def vllm_logprobs(completion, k: int | None) -> list[TokenLogprob] | None:
-    """vLLM's logprobs of each generated token (the sampled token's, then the top k's) as ours: its flat
-    lists (``SamplingParams.flat_logprobs``, one set of lists per output instead of a dict of objects per
-    token), or its per-token {token id: Logprob(logprob, rank)}."""
-    lps = completion.logprobs
-    if k is None or lps is None:
+    """vLLM's per-token {token id: Logprob(logprob, rank)} (the sampled token and the top k) as ours."""
+    if k is None or completion.logprobs is None:
         return None
     out = []
-    if hasattr(lps, "start_indices"):  # vllm.logprobs.FlatLogprobs: position i is entries start..end
-        ids, values, ranks = lps.token_ids, lps.logprobs, lps.ranks
-        for i, tok in enumerate(completion.token_ids):
-            s, e = lps.start_indices[i], lps.end_indices[i]
-            ranked = sorted((ranks[j], ids[j], values[j]) for j in range(s + 1, e) if ranks[j] is not None)
-            out.append(TokenLogprob(tok, values[s], [(t, v) for r, t, v in ranked if r <= k][:k]))
-        return out
-    for tok, entry in zip(completion.token_ids, lps):
+    for tok, entry in zip(completion.token_ids, completion.logprobs):
         ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None))
         top = [(t, v) for r, t, v in ranked if r <= k][:k]
         out.append(TokenLogprob(tok, entry[tok].logprob, top))
@@ -522,8 +512,7 @@ class VLLMEngine:
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
-            min_tokens=p.min_tokens, logprobs=p.logprobs, flat_logprobs=p.logprobs is not None,
-            detokenize=self.options.detokenize,
+            min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize,
             skip_special_tokens=p.skip_special_tokens, include_stop_str_in_output=p.include_stop_str_in_output,
             structured_outputs=vllm_structure(self.api, p.structure),
             output_kind=self.api.RequestOutputKind.DELTA)
