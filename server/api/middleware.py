@@ -45,9 +45,31 @@ class AuthGate:
                 check = admin_key_error if need == "admin" else api_key_error
                 err = check(self.settings, token)
                 if err is not None:
+                    await discard_small_body(scope, receive)
                     await send_error(send, err, close=True)
                     return
         await self.app(scope, receive, send)
+
+
+DISCARD_BYTES, DISCARD_SECONDS = 64 * 1024, 1.0
+
+
+async def discard_small_body(scope: Scope, receive: Receive) -> None:
+    """Read and drop a small declared body before a refusal closes the connection: unread bytes left in the
+    socket make the close a TCP reset, which can reach the client before the answer does. A large or
+    undeclared body is not read (the refusal never waits for it), nor is one slower than a second."""
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is None or not declared.isdigit() or int(declared) > DISCARD_BYTES:
+        return
+
+    async def drain() -> None:
+        while (await receive()).get("more_body", False):
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), DISCARD_SECONDS)
+    except asyncio.TimeoutError:
+        pass
 
 
 class BodyLimitMiddleware:
