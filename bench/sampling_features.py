@@ -99,12 +99,15 @@ def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
 def serve_direct(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
     """``serve_vllm`` through vLLM's ``AsyncLLM`` itself: the vLLM parameters this engine would send, none of its
     request or output handling."""
-    async def count(i, ids, params):
+    async def one(i, ids, params):  # on the engine's own event loop, where vLLM's output handler runs
         n = 0
         async for o in engine.llm.generate({"type": "token", "prompt_token_ids": list(ids)},
                                            engine.sampling_params(params), f"d{time.monotonic_ns()}-{i}"):
             n += len(o.outputs[0].token_ids)
         return n
+
+    async def count(i, ids, params):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(one(i, ids, params), engine._loop))
 
     return _all_at_once(reqs, extra, count)
 
