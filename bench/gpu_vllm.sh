@@ -13,7 +13,8 @@
 #                                    plain, torch only), openai (structured
 #                                    outputs, logprobs, echo and penalties on the vLLM engine), structured
 #                                    (bench/sampling_features.py on vLLM: structured outputs' and logprobs' cost),
-#                                    structured8b (the same on the Llama-3-8B shape), structured_native
+#                                    structured8b (the same on the Llama-3-8B shape; SF_ARGS passes flags,
+#                                    e.g. "--rounds 1 --variants logprobs json-schema"), structured_native
 #                                    (the same bench on the native engine, on the GPU),
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
 #                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
@@ -118,7 +119,8 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
                 --max-num-seqs 128 --out "$OUT/sampling_features_native_cuda.json" ;;
         structured8b)
             stage structured8b 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --shape llama3-8b \
-                --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" ;;
+                --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" \
+                ${SF_ARGS:-} ;;
         miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
             # a fresh machine starts from the committed runs and cells (MINI_ARGS="--redo ROWS" or --fresh redo them)
             [ -d /root/miniature ] || [ ! -d docs/results/h200/miniature/runs ] ||
