@@ -9,7 +9,8 @@ from experts.store.expert_store import ExpertStore
 from experts.store.shipped import MARKER, install_shipped, shipped_files
 
 SHIPPED = {"arc-easy": "reasoning", "classifier": "classifier", "gsm8k": "math", "mbpp": "code",
-           "mini-mul": "multiplication", "mini-add": "addition", "mini-last": "letters"}
+           "mini-mul": "multiplication", "mini-add": "addition", "mini-last": "letters",
+           "mini-bracket": "format"}
 
 
 @pytest.fixture(scope="module")
