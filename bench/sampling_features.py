@@ -117,7 +117,7 @@ def vllm_server(args, folder: str):
     from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     common = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=args.max_num_seqs, max_waiting=100_000,
-                  gpu_memory_utilization=args.gpu_memory)
+                  gpu_memory_utilization=args.gpu_memory, structured_backend=args.structured_backend)
     if args.shape == "llama3-8b":
         from bench.vllm_bench import llama3_8b_folder
         from engine.spec import default_cache_dir
@@ -139,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", choices=["smollm2", "llama3-8b"], default="smollm2",
                     help="vLLM engine: the model's own weights, or the Llama-3-8B shape with random weights")
     ap.add_argument("--gpu-memory", type=float, default=0.5, help="vLLM's share of the GPU memory")
+    ap.add_argument("--structured-backend", choices=["guidance", "xgrammar"], default="guidance",
+                    help="vLLM engine: its grammar engine for structured outputs (the vllm_structured_backend setting)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="each variant is run this many times; the best counts")

@@ -42,6 +42,7 @@ class VLLMSpec:
     tensor_parallel_size: int = 1  # GPUs one engine spreads the model over
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False  # no CUDA graphs
+    structured_backend: Literal["guidance", "xgrammar"] = "guidance"  # vLLM's grammar engine
 
 
 @dataclass(frozen=True)

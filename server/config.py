@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spreads the model over")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, lt=1, description="share of GPU memory vLLM takes")
     vllm_enforce_eager: bool = Field(False, description="vLLM without CUDA graphs (faster start, slower decode)")
+    vllm_structured_backend: Literal["guidance", "xgrammar"] = Field(
+        "guidance", description="vLLM's grammar engine for structured outputs and tool calls: guidance "
+        "(llguidance) | xgrammar")
 
     @field_validator("vllm_lora_max_rank")
     @classmethod

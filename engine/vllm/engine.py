@@ -77,6 +77,7 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
+    structured_backend: str = "guidance"  # vLLM's grammar engine: guidance (llguidance) | xgrammar
     svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | off (rows for SAPT alone) | swap
     max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
     lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
@@ -113,6 +114,7 @@ class VLLMApi:
     LoRARequest: Any
     RequestOutputKind: Any
     StructuredOutputsParams: Any = None
+    validate_structure: Any = None  # (vLLM SamplingParams) -> None or ValueError: the grammar backend's own check
 
 
 def vllm_structure(api: "VLLMApi", st: Structure | None):
@@ -124,6 +126,27 @@ def vllm_structure(api: "VLLMApi", st: Structure | None):
     value = list(st.value) if st.kind == "choice" else st.value
     return api.StructuredOutputsParams(**{st.kind: value}, **({"disable_any_whitespace": True} if st.kind == "json"
                                                               else {}))
+
+
+class VLLMGrammars:
+    """engine.structured's Grammars, whose check also asks vLLM's grammar backend (a StructureError either way:
+    a 400 at the edge, never a failed request inside vLLM)."""
+
+    def __init__(self, grammars, api: "VLLMApi"):
+        self.grammars, self.api = grammars, api
+
+    def check(self, st: Structure) -> None:
+        from engine.structured import StructureError
+
+        self.grammars.check(st)
+        if self.api.validate_structure is not None:
+            try:
+                self.api.validate_structure(self.api.SamplingParams(structured_outputs=vllm_structure(self.api, st)))
+            except ValueError as e:
+                raise StructureError(str(e)) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.grammars, name)
 
 
 def rows_config(options: VLLMOptions) -> RowsConfig | None:
@@ -166,10 +189,11 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
         worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
-        # compact JSON, as the native engine writes it: vLLM 0.25's xgrammar backend reads this engine-wide
+        # compact JSON, as the native engine writes it: vLLM 0.25's grammar backends read this engine-wide
         # setting only, not the request's StructuredOutputsParams.disable_any_whitespace; with any whitespace
         # allowed, sampled rows ran out of tokens in runs of blanks (3 of 32 documents on the H200)
-        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        structured_outputs_config=StructuredOutputsConfig(backend=options.structured_backend,
+                                                          disable_any_whitespace=True),
         # in vLLM's compile-cache key: a rows engine never loads a graph compiled for another layout, nor stock
         # vLLM one compiled with the rows layers
         additional_config={"t2_rows": rows.compile_key()} if rows is not None else {},
@@ -177,7 +201,11 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
             enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
             specialize_active_lora=options.specialize_active_lora,
             max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules)))
-    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind, StructuredOutputsParams)
+    validate = None
+    if options.structured_backend == "guidance":  # llguidance refuses some structures xgrammar takes
+        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar as validate
+    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind,
+                                                     StructuredOutputsParams, validate)
 
 
 def load_host_model(options: VLLMOptions):
@@ -234,11 +262,21 @@ def remove_stale_runs(root: Path) -> None:
 
 
 def vllm_logprobs(completion, k: int | None) -> list[TokenLogprob] | None:
-    """vLLM's per-token {token id: Logprob(logprob, rank)} (the sampled token and the top k) as ours."""
-    if k is None or completion.logprobs is None:
+    """vLLM's logprobs of each generated token (the sampled token's, then the top k's) as ours: its flat
+    lists (``SamplingParams.flat_logprobs``, one set of lists per output instead of a dict of objects per
+    token), or its per-token {token id: Logprob(logprob, rank)}."""
+    lps = completion.logprobs
+    if k is None or lps is None:
         return None
     out = []
-    for tok, entry in zip(completion.token_ids, completion.logprobs):
+    if hasattr(lps, "start_indices"):  # vllm.logprobs.FlatLogprobs: position i is entries start..end
+        ids, values, ranks = lps.token_ids, lps.logprobs, lps.ranks
+        for i, tok in enumerate(completion.token_ids):
+            s, e = lps.start_indices[i], lps.end_indices[i]
+            ranked = sorted((ranks[j], ids[j], values[j]) for j in range(s + 1, e) if ranks[j] is not None)
+            out.append(TokenLogprob(tok, values[s], [(t, v) for r, t, v in ranked if r <= k][:k]))
+        return out
+    for tok, entry in zip(completion.token_ids, lps):
         ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None))
         top = [(t, v) for r, t, v in ranked if r <= k][:k]
         out.append(TokenLogprob(tok, entry[tok].logprob, top))
@@ -512,19 +550,20 @@ class VLLMEngine:
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_p=p.min_p,
-            min_tokens=p.min_tokens, logprobs=p.logprobs, detokenize=self.options.detokenize,
+            min_tokens=p.min_tokens, logprobs=p.logprobs, flat_logprobs=p.logprobs is not None,
+            detokenize=self.options.detokenize,
             skip_special_tokens=p.skip_special_tokens, include_stop_str_in_output=p.include_stop_str_in_output,
             structured_outputs=vllm_structure(self.api, p.structure),
             output_kind=self.api.RequestOutputKind.DELTA)
 
     @property
-    def grammars(self):
-        """Structured outputs' compiler (engine.structured): the edge checks structures with it before vLLM
-        sees them; vLLM compiles them again with its own xgrammar backend."""
+    def grammars(self) -> "VLLMGrammars":
+        """Structured outputs' check at the edge: before vLLM sees a structure, it must compile with this
+        engine's compiler (engine.structured) and pass vLLM's grammar backend's own check."""
         if self._grammars is None:
             from engine.structured import Grammars
 
-            self._grammars = Grammars.shared(self.tokenizer, len(self.tokenizer))
+            self._grammars = VLLMGrammars(Grammars.shared(self.tokenizer, len(self.tokenizer)), self.api)
         return self._grammars
 
     async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
