@@ -1,10 +1,12 @@
 """The engine contract: the plain data crossing the engine boundary (callers build ``GenerationRequest``s
 and consume ``RequestOutput``s; nothing here holds tensors), the ``Engine`` protocol both engines satisfy,
-``stream_outputs`` (an engine thread's outputs as an async iterator) and ``check_admission``, the one
-check every engine runs before it accepts a request."""
+``stream_outputs`` (an engine thread's outputs as an async iterator), ``Handoff`` (how they cross to the
+caller's thread) and ``check_admission``, the one check every engine runs before it accepts a request."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
@@ -186,6 +188,43 @@ class Engine(Protocol):
     async def wait_adaptation(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the adaptive layers (prepared in the background at start);
         whether adapted requests are served now. An adapted request sent before waits in the engine."""
+
+
+class Handoff:
+    """Outputs an engine thread hands to the streams of callers' event loops: queued per loop and delivered
+    in batches, one wake-up of a loop for whatever piled up since its last one. Waking the loop for each
+    output (``call_soon_threadsafe`` per token) cost 25 us of the caller's thread per output against 3 us
+    batched (256 streams of 128 tokens): a step of 256 rows spent 6 ms there, holding the GIL that
+    vLLM's output handler needs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> [pending, wake-up due]
+
+    def put(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, out: "RequestOutput") -> None:
+        """Queue ``out`` for ``q`` on ``loop`` (from any thread; dropped when ``loop`` is closed)."""
+        with self._lock:
+            box = self._loops.get(loop)
+            if box is None:
+                box = self._loops[loop] = [[], False]
+            box[0].append((q, out))
+            if box[1]:
+                return
+            box[1] = True
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            with self._lock:
+                self._loops.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            box = self._loops.get(loop)
+            if box is None:
+                return
+            items, box[0], box[1] = box[0], [], False
+        for q, out in items:
+            q.put_nowait(out)
 
 
 async def stream_outputs(q: asyncio.Queue, on_exit: Callable[[bool], None]) -> AsyncIterator[RequestOutput]:

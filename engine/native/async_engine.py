@@ -15,7 +15,14 @@ from adapters.install import install_factors
 from adapters.runtime import AdaptationRuntime
 from adapters.svd_cache import load_or_compute
 from adapters.targets import find_targets
-from engine.contract import EngineDeadError, GenerationRequest, RequestOutput, check_admission, stream_outputs
+from engine.contract import (
+    EngineDeadError,
+    GenerationRequest,
+    Handoff,
+    RequestOutput,
+    check_admission,
+    stream_outputs,
+)
 from engine.loader import install_adapters, load_model, target_spec
 from engine.native.llm_engine import EngineConfig, LLMEngine
 from engine.spec import EngineSpec
@@ -41,6 +48,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req, q, loop) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._handoff = Handoff()  # outputs to the callers' loops
         self._pending = 0  # requests accepted but not yet running (inbox + engine waiting queue)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -186,10 +194,7 @@ class AsyncEngine:
         target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if target is not None:
             loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, out)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            self._handoff.put(loop, q, out)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -33,6 +33,7 @@ from engine.contract import (
     EngineDeadError,
     EngineError,
     GenerationRequest,
+    Handoff,
     RequestOutput,
     SamplingParams,
     Structure,
@@ -293,6 +294,7 @@ class VLLMEngine:
         self.options = options
         self.tokenizer = tokenizer
         self._grammars = None
+        self._handoff = Handoff()  # outputs to the callers' loops
         self.model_name = options.served_name
         self.max_model_len = options.max_model_len
         self.max_waiting = options.max_waiting
@@ -461,10 +463,7 @@ class VLLMEngine:
         q: asyncio.Queue = asyncio.Queue()
 
         def push(out: RequestOutput) -> None:
-            try:
-                caller.call_soon_threadsafe(q.put_nowait, out)
-            except RuntimeError:  # the caller's loop is closed: nobody listens any more
-                pass
+            self._handoff.put(caller, q, out)
 
         fut = asyncio.run_coroutine_threadsafe(self._serve(request, push), self._loop)
         self._tasks[request.request_id] = fut

@@ -1,5 +1,6 @@
 """Log-probabilities through the openai SDK: chat (logprobs, top_logprobs) and completions (integer logprobs),
-whole and streamed, against the model's own log-softmax computed here."""
+whole and streamed, against the model's own log-softmax computed here. A streamed request and a whole one are
+prefilled in different batches, so their float32 values agree to 1e-5 (2.4e-6 apart seen), not bit for bit."""
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ def test_completion_logprobs_match_the_model_and_the_stream(client, tiny_llama_d
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
                                        stream=True)
     got = [x for chunk in stream for c in chunk.choices if c.logprobs for x in c.logprobs.token_logprobs]
-    assert got == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert got == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
 def test_chat_logprobs_and_top_logprobs_whole_and_streamed(client):
@@ -64,7 +65,7 @@ def test_chat_logprobs_and_top_logprobs_whole_and_streamed(client):
                                             top_logprobs=2, stream=True)
     streamed = [x.logprob for ch in stream for c in ch.choices if c.logprobs and c.logprobs.content
                 for x in c.logprobs.content]
-    assert streamed == pytest.approx([c.logprob for c in content], abs=1e-6)
+    assert streamed == pytest.approx([c.logprob for c in content], abs=1e-5)
     plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
@@ -93,4 +94,4 @@ def test_echo_puts_the_prompt_and_its_logprobs_first_whole_and_streamed(client, 
     chunks = [ch for ch in stream if ch.choices]
     assert chunks[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in chunks) == c.text
     got = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
-    assert got[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-6) and got[0] is None
+    assert got[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-5) and got[0] is None
