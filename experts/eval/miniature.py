@@ -238,7 +238,8 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
                                                                      {"mini-cls": "classifier"}, str(out), args.seed))
         for strategy in ("prompt", "cls_expert", "few_shot"):
             for task_name in UNSEEN:
-                cell(strategy, task_name, strategy, ctx)
+                if not args.unseen or task_name in args.unseen.split(","):
+                    cell(strategy, task_name, strategy, ctx)
     return cells
 
 
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="copy the reinforce-mlp experts into DIR (experts/builtin: the server installs them) with the "
                         "base model's fingerprint")
     p.add_argument("--redo", default="", help="rows to score again although kept, comma-separated (e.g. few_shot)")
+    p.add_argument("--unseen", default="", help="pass 1 (prompt, classifier expert, few-shot) on these unseen tasks "
+                                                "only, comma-separated (default: all)")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="test generator (0: the fixed test sets) and CEM seed")
     p.add_argument("--quick", action="store_true", help="2 steps of 8, 40 test examples, a small CEM: a smoke run")
