@@ -1,6 +1,8 @@
 """Token selection: pure functions over a batch of logits with explicit random generators."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 # Below this temperature a row is greedy: dividing logits by a (float32) temperature this small makes
@@ -28,27 +30,49 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def process_logits(logits: torch.Tensor, rows: list[tuple[int, object, list[int], list[int], list[int]]]) -> torch.Tensor:
-    """Penalties, biases and minimum lengths, row by row (only the rows listed; the others are untouched).
+    """Penalties, biases and minimum lengths of the rows listed (the others are untouched): the (row, token)
+    entries each rule touches are gathered on the host, then every row is processed in a few batched ops.
+    Small tensors per row and per rule cost a step of 128 rows on the GPU more kernel launches than its
+    forward (penalties ran at 0.42x of plain there).
 
     rows: (row index, SamplingParams, prompt ids, output ids, end ids: EOS unless ignored, and stop_token_ids)
     -> logits (B, V) float32. As vLLM applies them: the repetition penalty over prompt and output tokens,
     the frequency and presence penalties over output tokens, then the bias, then min_tokens' mask."""
     logits = logits.float().clone()
-    V = logits.shape[1]
+    dev = logits.device
+    rep_at: list[tuple[int, int]] = []  # (row, token) seen in the prompt or the output
+    rep_by: list[float] = []
+    add_at: list[tuple[int, int]] = []  # (row, token) += value: frequency and presence penalties, biases
+    add: list[float] = []
+    ban_at: list[tuple[int, int]] = []  # (row, token) = -inf: ends before min_tokens
     for i, p, prompt, output, ends in rows:
-        row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=row.device)
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            seen = set(prompt) | set(output)
+            rep_at += [(i, t) for t in seen]
+            rep_by += [p.repetition_penalty] * len(seen)
         if (p.frequency_penalty or p.presence_penalty) and output:
-            counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=row.device), minlength=V)[:V]
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
-            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
-        if p.min_tokens and len(output) < p.min_tokens and ends:
-            row[torch.tensor(ends, dtype=torch.long, device=row.device)] = float("-inf")
+            for t, n in Counter(output).items():
+                add_at.append((i, t))
+                add.append(-(p.frequency_penalty * n + p.presence_penalty))
+        for t, b in (p.logit_bias or {}).items():
+            add_at.append((i, t))
+            add.append(b)
+        if p.min_tokens and len(output) < p.min_tokens:
+            ban_at += [(i, t) for t in ends]
+
+    def index(at: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.tensor(at, dtype=torch.long).to(dev, non_blocking=True)
+        return both[:, 0], both[:, 1]
+
+    if rep_at:  # each (row, token) once: the new value is computed from the old one
+        at, pen = index(rep_at), torch.tensor(rep_by).to(dev, non_blocking=True)
+        vals = logits[at]
+        logits[at] = torch.where(vals > 0, vals / pen, vals * pen)
+    if add_at:
+        logits.index_put_(index(add_at), torch.tensor(add, dtype=logits.dtype).to(dev, non_blocking=True),
+                          accumulate=True)
+    if ban_at:
+        logits[index(ban_at)] = float("-inf")
     return logits
 
 

@@ -41,6 +41,28 @@ def test_processing_matches_the_rules_row_by_row_and_leaves_other_rows_alone():
     assert torch.isfinite(kept).tolist() == [[True, True, True, False]]  # 0.05 < 0.2 * 0.5
 
 
+def test_a_batch_of_mixed_rows_matches_the_rules_row_by_row():
+    """The batched scatters against the per-row rules on 24 rows of random settings (some rows untouched)."""
+    import random
+
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    B, V = 24, 50
+    logits = torch.randn(B, V, generator=g) * 4
+    rows, want = [], logits.clone()
+    for i in range(B):
+        if i % 5 == 4:
+            continue  # not processed: must stay as it is
+        p = SamplingParams(repetition_penalty=rng.choice([1.0, 1.2, 0.8]), frequency_penalty=rng.choice([0, 0.5, -1]),
+                           presence_penalty=rng.choice([0, 0.3]), min_tokens=rng.choice([0, 5]),
+                           logit_bias={t: rng.uniform(-5, 5) for t in rng.sample(range(V), rng.choice([0, 1, 3]))})
+        prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 8))]
+        output = [rng.randrange(V) for _ in range(rng.randrange(0, 8))]  # repeats included
+        ends = rng.choice([[], [0], [0, 49]])
+        rows.append((i, p, prompt, output, ends))
+        want[i] = reference(logits[i], p, prompt, output, ends)
+    torch.testing.assert_close(process_logits(logits, rows), want)
+
+
 def test_a_processed_row_changes_alone_in_a_batch(tiny_model, tiny_llama_dir):
     from transformers import AutoTokenizer
 
