@@ -112,3 +112,11 @@ def data_dir(given: str | None) -> str:
     where = given or f"$T2_DATA_DIR or {', '.join(str(root / p) for p in DATA_PLACES)}"
     sys.exit(f"{Path(sys.argv[0]).name}: error: no benchmark data at {where}: lay it out as <root>/gsm8k/, mbpp/, "
              "humaneval/, arc/, math500/ (README: 'Benchmark data') and pass --data <root>")
+
+
+def report_host_only(args, rows: list[dict], cols: list[str]) -> None:
+    """The end of a benchmark that does no GPU work: its table, its memory (peak GPU: none) and its JSON."""
+    print_table(rows, cols)
+    mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": None}
+    print(f"peak RSS {mem['peak_rss_mb']:.0f} MiB; peak GPU 0 MiB (no GPU work)")
+    write_json(args.out, {"machine": machine(), "settings": vars(args), "rows": rows, "memory": mem})

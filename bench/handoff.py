@@ -16,10 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, peak_gpu_mb, peak_rss_mb, print_table, write_json  # noqa: E402
+from bench.common import report_host_only  # noqa: E402
 from engine.contract import Handoff, RequestOutput, stream_outputs  # noqa: E402
 
 
@@ -75,10 +73,7 @@ def main(argv=None) -> None:
     n = args.streams * args.tokens
     rows = [{"mode": m, "us_per_output": s * 1e6 / n, "seconds": s, "vs_per_output": best["per-output"] / s}
             for m, s in best.items()]
-    print_table(rows, ["mode", "us_per_output", "vs_per_output", "seconds"])
-    mem = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(torch.device("cpu"))}  # no GPU work here
-    print(f"peak RSS {mem['peak_rss_mb']:.0f} MiB; peak GPU {mem['peak_gpu_mb'] or 0:.0f} MiB")
-    write_json(args.out, {"machine": machine(), "settings": vars(args), "rows": rows, "memory": mem})
+    report_host_only(args, rows, ["mode", "us_per_output", "vs_per_output", "seconds"])
 
 
 if __name__ == "__main__":
