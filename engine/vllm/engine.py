@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.util
 import logging
 import os
@@ -133,18 +134,23 @@ class VLLMGrammars:
     """engine.structured's Grammars, whose check also asks vLLM's grammar backend (a StructureError either way:
     a 400 at the edge, never a failed request inside vLLM)."""
 
-    def __init__(self, grammars, api: "VLLMApi"):
+    def __init__(self, grammars, api: "VLLMApi", capacity: int = 256):
         self.grammars, self.api = grammars, api
+        # structures the backend took, as the compiler's cache keeps compiled ones (a refusal is not kept)
+        self._ask_backend = functools.lru_cache(maxsize=capacity)(self._ask_backend)
 
     def check(self, st: Structure) -> None:
-        from engine.structured import StructureError
-
         self.grammars.check(st)
         if self.api.validate_structure is not None:
-            try:
-                self.api.validate_structure(self.api.SamplingParams(structured_outputs=vllm_structure(self.api, st)))
-            except ValueError as e:
-                raise StructureError(str(e)) from None
+            self._ask_backend(st)
+
+    def _ask_backend(self, st: Structure) -> None:
+        from engine.structured import StructureError
+
+        try:
+            self.api.validate_structure(self.api.SamplingParams(structured_outputs=vllm_structure(self.api, st)))
+        except ValueError as e:
+            raise StructureError(str(e)) from None
 
     def __getattr__(self, name: str):
         return getattr(self.grammars, name)
