@@ -18,6 +18,8 @@
 #                                    (the same bench on the native engine, on the GPU),
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
 #                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
+#                                    arc (bench/gpu_arc.sh: ARC-Easy experts by REINFORCE, base and experts
+#                                    on the whole test split; ARC_* pass settings),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
 #                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
 #                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
@@ -128,6 +130,10 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
                 ${MINI_ARGS:-}
             (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;
+        arc)  # ARC-Easy REINFORCE recipes trained at once, scored on the whole test split (bench/gpu_arc.sh);
+            # the data root (default .whl/data, carried) holds arc/; runs stay in /root/arcrun between calls
+            stage arc 590 env FOLDER="$FOLDER" DATA="${DATA:-.whl/data}" OUT=/root/arcrun bash bench/gpu_arc.sh
+            (cd /root/arcrun && tar cf "$OUT/arc.tar" --exclude='ckpt-*' arc) ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \
                 --repeats "${REPEATS:-3}" --prompts "${PROMPTS:-windows}" \
