@@ -15,7 +15,8 @@ llama3-8b`` serves the same requests on the Llama-3-8B shape (random weights, vL
 detokenization in either run), where the GPU sets the pace as it does for the models users serve. On vLLM each
 variant is also served straight through vLLM's own ``AsyncLLM`` with the same vLLM sampling parameters
 (``direct`` rows: no request or output handling of this engine), so that a cost splits into vLLM's and this
-engine's.
+engine's. Requests are sent from the loop that owns vLLM, as the server sends them; ``--hop`` also sends them
+from a loop of their own (``hop`` rows: outputs cross threads, as before the server shared its loop with vLLM).
 
     python bench/sampling_features.py [--requests 64] [--device cuda] [--out results/sampling_features.json]
     python bench/sampling_features.py --engine vllm --requests 512 --max-num-seqs 128 [--shape llama3-8b]
@@ -68,8 +69,9 @@ def serve(model, tok, reqs, max_num_seqs: int, extra: dict, device) -> tuple[flo
     return t.seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
 
 
-def _all_at_once(reqs, extra, count) -> tuple[float, int, list[tuple]]:
-    """Every request sent at once; ``count(i, ids, params)`` serves one and returns its generated tokens."""
+def _all_at_once(reqs, extra, count, loop) -> tuple[float, int, list[tuple]]:
+    """Every request sent at once from ``loop`` (the one that owns vLLM, as in the server); ``count(i, ids,
+    params)`` serves one and returns its generated tokens."""
     def params(i, mt):
         kw = extra(i) if callable(extra) else extra
         return SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos="structure" not in kw, **kw)
@@ -78,13 +80,14 @@ def _all_at_once(reqs, extra, count) -> tuple[float, int, list[tuple]]:
         return await asyncio.gather(*(count(i, ids, params(i, mt)) for i, (ids, mt) in enumerate(reqs)))
 
     t0 = time.perf_counter()
-    counts = asyncio.run(run())
+    counts = asyncio.run(run()) if loop is None else asyncio.run_coroutine_threadsafe(run(), loop).result()
     seconds = time.perf_counter() - t0
     return seconds, sum(counts), [(ids, max(c, 1)) for (ids, _), c in zip(reqs, counts)]
 
 
-def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
-    """``serve`` on the vLLM engine: every request at once."""
+def serve_vllm(engine, reqs, extra, hop: bool = False) -> tuple[float, int, list[tuple]]:
+    """``serve`` on the vLLM engine: every request at once, from the loop that owns vLLM (the server's way), or
+    (``hop``) from a loop of their own, whose outputs cross threads through ``engine.contract.Handoff``."""
     async def count(i, ids, params):
         n = 0
         async for o in engine.generate(GenerationRequest(f"s{time.monotonic_ns()}-{i}", list(ids), params)):
@@ -93,23 +96,20 @@ def serve_vllm(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
             n += len(o.token_ids)
         return n
 
-    return _all_at_once(reqs, extra, count)
+    return _all_at_once(reqs, extra, count, None if hop else engine._loop)
 
 
 def serve_direct(engine, reqs, extra) -> tuple[float, int, list[tuple]]:
     """``serve_vllm`` through vLLM's ``AsyncLLM`` itself: the vLLM parameters this engine would send, none of its
     request or output handling."""
-    async def one(i, ids, params):  # on the engine's own event loop, where vLLM's output handler runs
+    async def count(i, ids, params):
         n = 0
         async for o in engine.llm.generate({"type": "token", "prompt_token_ids": list(ids)},
                                            engine.sampling_params(params), f"d{time.monotonic_ns()}-{i}"):
             n += len(o.outputs[0].token_ids)
         return n
 
-    async def count(i, ids, params):
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(one(i, ids, params), engine._loop))
-
-    return _all_at_once(reqs, extra, count)
+    return _all_at_once(reqs, extra, count, engine._loop)
 
 
 def vllm_server(args, folder: str):
@@ -147,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
                     help="which variants run (plain always does)")
+    ap.add_argument("--hop", action="store_true", help="vLLM engine: also serve from a loop of the callers' own "
+                    "('hop' rows: outputs cross threads), against the loop that owns vLLM (the server's way)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.engine == "vllm":
@@ -161,13 +163,14 @@ def main(argv=None) -> None:
         name = Path(folder).name if args.shape == "smollm2" else "llama3-8b-shape (random weights)"
         run_, engine = vllm_server(args, folder)
         direct = (lambda rs, extra: serve_direct(engine, rs, extra))
+        hop = (lambda rs, extra: serve_vllm(engine, rs, extra, hop=True)) if args.hop else None
     else:
         model, tok, engine_tok, name, device = load(SimpleNamespace(model=args.model, device=args.device,
                                                                     shape="smollm2"))
 
         def run_(rs, extra):
             return serve(model, engine_tok, rs, args.max_num_seqs, extra, device)
-        direct = None
+        direct = hop = None
     reqs = workload(tok, args.requests, args.seed)
     # warm-up: on vLLM the whole stream once (its first full batch compiles and captures what the timed runs
     # reuse; a 4-request warm-up left the first timed run 23% slower than the same run later)
@@ -184,7 +187,7 @@ def main(argv=None) -> None:
         for variant, extra in VARIANTS.items():  # interleaved: drift of the machine hits every variant alike
             if variant != "plain" and variant not in args.variants:
                 continue
-            for prefix, serve_ in (("", run_), ("direct ", direct)):
+            for prefix, serve_ in (("", run_), ("direct ", direct), ("hop ", hop)):
                 if serve_ is None:
                     continue
                 seconds, tokens, done = serve_(reqs, extra)
@@ -193,12 +196,13 @@ def main(argv=None) -> None:
                     seconds, tokens, _ = serve_(done, {})
                     keep(f"{prefix}plain, {variant}'s lengths", seconds, tokens)
     def base(variant: str) -> float:  # each path against its own plain run
-        return best["direct plain" if variant.startswith("direct ") else "plain"]["tok_s"]
+        prefix = next((p for p in ("direct ", "hop ") if variant.startswith(p)), "")
+        return best[prefix + "plain"]["tok_s"]
 
     rows = [{**b, "vs_plain": b["tok_s"] / base(b["variant"])} for b in best.values()]
     print_table(rows, ["variant", "tok_s", "vs_plain", "seconds", "tokens"])
     costs: dict[str, float] = {}
-    for prefix in ("", "direct ") if direct else ("",):
+    for prefix in ("", *(["direct "] if direct else []), *(["hop "] if hop else [])):
         if prefix + "logprobs" in best:
             costs[prefix + "logprobs"] = c = 1 - best[prefix + "logprobs"]["tok_s"] / best[prefix + "plain"]["tok_s"]
             print(f"{prefix}logprobs cost {100 * c:.1f}% of throughput (goal <= 5%)")

@@ -5,6 +5,7 @@ cannot run is one clear error at start.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 
 from engine.contract import Engine
@@ -31,13 +32,15 @@ def check_engine_available(name: str) -> None:
         raise EngineUnavailableError("--engine vllm needs a CUDA GPU and none is visible; use --engine native")
 
 
-def load_engine(spec: EngineSpec) -> Engine:
-    """Build the engine ``spec`` asks for (loads the model; blocking: call it off the event loop)."""
+def load_engine(spec: EngineSpec, loop: asyncio.AbstractEventLoop | None = None) -> Engine:
+    """Build the engine ``spec`` asks for (loads the model; blocking: call it off the event loop).
+    ``loop``: the running loop its callers will use (a server's); the vLLM engine runs vLLM on it, so
+    outputs reach callers without a hop between threads."""
     check_engine_available(spec.engine)
     if spec.engine == "vllm":
         from engine.vllm.engine import VLLMEngine
 
-        return VLLMEngine.from_spec(spec)
+        return VLLMEngine.from_spec(spec, loop=loop)
     from engine.native.async_engine import AsyncEngine
 
     return AsyncEngine.from_spec(spec)

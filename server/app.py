@@ -41,7 +41,7 @@ and `top_k`. Errors always have the shape `{"error": {"message", "type", "param"
 async def _load_engine(state: ServerState) -> None:
     started = time.time()
     try:
-        engine = await asyncio.to_thread(load_engine, state.settings.engine_spec())
+        engine = await asyncio.to_thread(load_engine, state.settings.engine_spec(), asyncio.get_running_loop())
     except Exception as e:
         _load_failed(state, "loading the model failed", e)
         return

@@ -1,8 +1,11 @@
 """``VLLMEngine``: the engine contract of ``engine.factory`` served by vLLM's AsyncLLM.
 
-A dedicated thread runs an asyncio loop that owns the AsyncLLM (created there, used only there), the
-adapter cache, the router and the swap gate; callers on any other loop get their outputs through a
-queue on their own loop, as with the native engine. Per request: the router decides how its adaptation
+One asyncio loop owns the AsyncLLM, the adapter cache, the router and the swap gate. By default it is a
+loop of the engine's own thread; a server passes its own loop instead (``loop=``), as vLLM's own server
+runs its AsyncLLM on the loop that serves HTTP: then vLLM's output handler, this engine and the callers
+share one loop and one thread, and an output reaches its caller's queue directly. Callers on any other
+loop get their outputs in batches through ``engine.contract.Handoff``: a hop between threads that share
+one GIL, which cost logprobs-heavy streams a fifth of their throughput on the H200. Per request: the router decides how its adaptation
 is served (base weights, swapped weights, LoRA adapter), the gate admits it once its weights are loaded,
 and vLLM runs it with its adapter; score requests become prompt log-probability requests.
 
@@ -166,7 +169,8 @@ def rows_config(options: VLLMOptions) -> RowsConfig | None:
 
 
 def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
-    """Start vLLM's AsyncLLM for ``options`` (in the calling thread's running loop)."""
+    """Start vLLM's AsyncLLM for ``options``. Called in a running loop, its output handler starts on that
+    loop; called in a thread without one, on the loop of its first request (``VLLMEngine.boot``)."""
     rows = rows_config(options)
     if options.dtype not in ("bfloat16", "float16") and rows is None:
         raise ValueError(f"the vLLM engine serves bfloat16 or float16 (vLLM's LoRA kernels), not {options.dtype}")
@@ -296,7 +300,8 @@ def _finish_reason(reason: str | None) -> str:
 
 class VLLMEngine:
     def __init__(self, options: VLLMOptions, tokenizer, model=None, runtime=None,
-                 connect: Callable[[VLLMOptions], tuple[Any, VLLMApi]] = connect_vllm):
+                 connect: Callable[[VLLMOptions], tuple[Any, VLLMApi]] = connect_vllm,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.options = options
         self.tokenizer = tokenizer
         self._grammars = None
@@ -309,9 +314,11 @@ class VLLMEngine:
         self._host_runtime = runtime
         self._connect = connect
         self.scratch = options.cache_dir / "vllm" / f"run-{os.getpid()}-{id(self):x}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="t2serve-vllm", daemon=True)
-        self._tasks: dict[str, concurrent.futures.Future] = {}
+        # the loop that owns vLLM: a given one (a server's, running in another thread), or the engine thread's
+        self._loop = loop or asyncio.new_event_loop()
+        self._thread = None if loop else threading.Thread(target=self._run_loop, name="t2serve-vllm", daemon=True)
+        self._booted = False
+        self._tasks: dict[str, concurrent.futures.Future | asyncio.Task] = {}
         self._lock = threading.Lock()
         self._pending = 0  # requests accepted and not yet finished
         self._stopping = False
@@ -323,12 +330,14 @@ class VLLMEngine:
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: EngineSpec) -> "VLLMEngine":
-        return cls.from_options(VLLMOptions.from_spec(spec))
+    def from_spec(cls, spec: EngineSpec, loop: asyncio.AbstractEventLoop | None = None) -> "VLLMEngine":
+        return cls.from_options(VLLMOptions.from_spec(spec), loop=loop)
 
     @classmethod
-    def from_options(cls, options: VLLMOptions, connect=connect_vllm) -> "VLLMEngine":
-        """Load the host model (unless ``options.host_model`` is False), start vLLM, return when ready."""
+    def from_options(cls, options: VLLMOptions, connect=connect_vllm,
+                     loop: asyncio.AbstractEventLoop | None = None) -> "VLLMEngine":
+        """Load the host model (unless ``options.host_model`` is False), start vLLM, return when ready.
+        ``loop``: a running loop of another thread that is to own vLLM (blocking: never call this on it)."""
         from transformers import AutoTokenizer
 
         t0 = time.time()
@@ -336,7 +345,7 @@ class VLLMEngine:
         model, runtime = load_host_model(options) if options.host_model else (None, None)
         if options.lora_modules is None and runtime is not None:
             options.lora_modules = sorted({t.name.rsplit(".", 1)[-1] for t in runtime.targets})
-        engine = cls(options, tokenizer, model, runtime, connect)
+        engine = cls(options, tokenizer, model, runtime, connect, loop)
         try:
             engine.boot()
         except BaseException:
@@ -348,7 +357,20 @@ class VLLMEngine:
     def boot(self, timeout: float | None = None) -> None:
         remove_stale_runs(self.scratch.parent)
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self._thread.start()
+        self._booted = True
+        if self._thread is not None:
+            self._thread.start()
+            asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout)
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("boot() blocks: call it off the event loop that is to own vLLM")
+        # vLLM's start (a minute or two) happens here, so the given loop goes on serving meanwhile (health
+        # checks); its output handler then starts on that loop
+        self.llm, self.api = self._connect(self.options)
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout)
 
     def _run_loop(self) -> None:
@@ -356,7 +378,11 @@ class VLLMEngine:
         self._loop.run_forever()
 
     async def _open(self) -> None:
-        self.llm, self.api = self._connect(self.options)
+        if self.llm is None:
+            self.llm, self.api = self._connect(self.options)
+        start = getattr(self.llm, "_run_output_handler", None)
+        if start is not None:  # as vLLM does when built on a running loop: engine failures are heard at once
+            start()
         if rows_config(self.options) is not None:
             info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install
             targets = [Target(n, "linear", o, i) for n, o, i in info["targets"]]
@@ -413,7 +439,8 @@ class VLLMEngine:
     @property
     def ready(self) -> bool:
         llm, gate = self.llm, self.gate
-        return (self._thread.is_alive() and self._dead is None and not self._stopping and llm is not None
+        return (self._booted and (self._thread is None or self._thread.is_alive()) and not self._loop.is_closed()
+                and self._dead is None and not self._stopping and llm is not None
                 and gate is not None and gate.dead is None and not getattr(llm, "errored", False))
 
     def stats(self) -> dict:
@@ -432,15 +459,19 @@ class VLLMEngine:
         await asyncio.to_thread(self.close, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        if not self._thread.is_alive():
+        """Stop vLLM (blocking: off the loop that owns it)."""
+        own = self._thread is not None
+        if not self._booted or (own and not self._thread.is_alive()) or self._loop.is_closed():
             shutil.rmtree(self.scratch, ignore_errors=True)
             return
         try:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout)
         except Exception:
             log.exception("stopping vLLM failed")
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        if own:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+        self._booted = False
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     async def _close(self) -> None:
@@ -467,11 +498,13 @@ class VLLMEngine:
             self._pending += 1
         caller = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        if caller is self._loop:  # the loop that owns vLLM: outputs go straight into the caller's queue
+            fut = caller.create_task(self._serve(request, q.put_nowait))
+        else:
+            def push(out: RequestOutput) -> None:
+                self._handoff.put(caller, q, out)
 
-        def push(out: RequestOutput) -> None:
-            self._handoff.put(caller, q, out)
-
-        fut = asyncio.run_coroutine_threadsafe(self._serve(request, push), self._loop)
+            fut = asyncio.run_coroutine_threadsafe(self._serve(request, push), self._loop)
         self._tasks[request.request_id] = fut
         return stream_outputs(q, lambda finished: self._closed(request.request_id, fut, finished))
 
@@ -487,7 +520,8 @@ class VLLMEngine:
             fut.cancel()
 
     def adapter_report(self, adaptation) -> dict:
-        """How ``adaptation`` is served here (for SVF in lora mode: rank and relative error per matrix)."""
+        """How ``adaptation`` is served here (for SVF in lora mode: rank and relative error per matrix).
+        Blocking: call it off the loop that owns vLLM."""
         return asyncio.run_coroutine_threadsafe(self._report(adaptation), self._loop).result()
 
     async def _report(self, adaptation) -> dict:

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -26,12 +27,19 @@ def engine(folder, ref):
 
     opts = VLLMOptions(model=folder, served_name="smollm2", cache_dir=ref.cache, dtype="bfloat16", adapt_targets="all",
                        max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3, svf_mode="rows")
-    eng = VLLMEngine.from_options(opts)
+    # as the server runs it: vLLM on the loop its callers use (started off that loop while it runs)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    eng = VLLMEngine.from_options(opts, loop=loop)
     yield eng
     eng.close()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
 
 
-def run(engine, reqs: list[GenerationRequest]) -> dict[str, dict]:
+def run(engine, reqs: list[GenerationRequest], other_loop: bool = False) -> dict[str, dict]:
+    """Every request at once, on the loop that owns vLLM (the server's way), or on a loop of their own."""
     async def one(r):
         out = {"ids": [], "text": "", "reason": None, "logprobs": [], "scores": None}
         async for o in engine.generate(r):
@@ -46,7 +54,9 @@ def run(engine, reqs: list[GenerationRequest]) -> dict[str, dict]:
     async def main():
         return dict(await asyncio.gather(*(one(r) for r in reqs)))
 
-    return asyncio.run(main())
+    if other_loop:
+        return asyncio.run(main())
+    return asyncio.run_coroutine_threadsafe(main(), engine._loop).result(600)
 
 
 def parses(d: dict) -> bool:
@@ -91,6 +101,8 @@ def test_logprobs_and_echo_prompt_logprobs_match_the_native_engine(engine, ref):
                                                          frequency_penalty=0.5, repetition_penalty=1.2,
                                                          logit_bias={13: -100.0}, min_tokens=4))]
     got = run(engine, reqs)
+    again = run(engine, reqs[:1], other_loop=True)["lp"]  # a caller on another loop: outputs through the hand-off
+    assert len(again["ids"]) == 8 and again["ids"][0] == got["lp"]["ids"][0] and len(again["logprobs"]) == 8
     native = LLMEngine(ref.model, ref.tok, EngineConfig(max_num_seqs=4, max_model_len=1024), ref.runtime)
     for r in reqs:
         native.add_request(r)

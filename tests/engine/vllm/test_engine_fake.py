@@ -222,3 +222,62 @@ def test_prompt_logprobs_for_echo_match_the_native_engine(engine, ref, adaptatio
         assert [e.token_id for e in g[1:]] == ids[1:]
         assert [e.logprob for e in g[1:]] == pytest.approx([e.logprob for e in w[1:]], abs=1e-4)
     assert any(r["params"].prompt_logprobs == 3 for r in engine.llm.requests if "#score" in r["id"])
+
+
+def test_an_engine_on_the_callers_loop_serves_it_directly_and_other_loops_through_the_handoff(tiny_llama_dir, ref,
+                                                                                              adaptations):
+    """A server passes its loop (``loop=``): vLLM is started off that loop while it goes on running, then the
+    engine runs on it with no thread of its own; its callers get the same tokens as the native engine's, as do
+    callers on another loop; a stream left early is aborted; close() stops vLLM and leaves the loop running."""
+    import threading
+
+    server_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=ref.cache, dtype="float32",
+                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, svf_mode="swap",
+                       lora_max_rank=64, swap_quantum=0.01)
+    before = set(threading.enumerate())
+    eng = VLLMEngine.from_options(opts, connect=fake_connect, loop=server_loop)
+    try:
+        started = [t.name for t in threading.enumerate() if t not in before]
+        assert eng.ready and eng._thread is None and "t2serve-vllm" not in started
+        reqs = [request(f"l{i}-{j}", ids, a) for i, a in enumerate([None, *adaptations[:3]])
+                for j, ids in enumerate(ref.prompts)]
+        want = native(ref, reqs)
+
+        async def on_server_loop():
+            assert asyncio.get_running_loop() is server_loop
+            got = await asyncio.gather(*(collect(eng, r) for r in reqs))
+            stream = eng.generate(request("left", ref.prompts[1], adaptations[3], n=200))
+            first = await stream.__anext__()
+            await stream.aclose()
+            for _ in range(200):
+                if eng._pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return dict(got), first, eng._pending
+
+        got, first, pending = asyncio.run_coroutine_threadsafe(on_server_loop(), server_loop).result(120)
+        assert got == want and not first.finished and pending == 0
+        assert served(eng, reqs[:2]) == {r.request_id: want[r.request_id] for r in reqs[:2]}  # another loop
+        with pytest.raises(RuntimeError, match="off the event loop"):
+            asyncio.run_coroutine_threadsafe(_boot_on(eng), server_loop).result(10)
+    finally:
+        eng.close()
+    assert eng.llm.shut and not eng.ready and server_loop.is_running()
+    server_loop.call_soon_threadsafe(server_loop.stop)
+    thread.join(10)
+
+
+async def collect(engine, r):
+    toks, last = [], None
+    async for o in engine.generate(r):
+        toks += o.token_ids
+        last = o
+    assert last.finished and last.error is None, last.error
+    return r.request_id, toks
+
+
+async def _boot_on(engine):
+    engine.boot()  # on the loop that is to own vLLM: refused, it would stop that loop for vLLM's whole start
