@@ -281,11 +281,11 @@ def vllm_logprobs(completion, k: int | None) -> list[TokenLogprob] | None:
         return None
     out = []
     if hasattr(lps, "start_indices"):  # vllm.logprobs.FlatLogprobs: position i is entries start..end
-        # vLLM writes the sampled token's entry first, then the top k by rank (1..k, its sampler's sorted topk)
-        ids, values = lps.token_ids, lps.logprobs
-        for tok, s, e in zip(completion.token_ids, lps.start_indices, lps.end_indices):
-            out.append(TokenLogprob(tok, values[s], list(zip(ids[s + 1:min(e, s + 1 + k)],
-                                                             values[s + 1:min(e, s + 1 + k)]))))
+        ids, values, ranks = lps.token_ids, lps.logprobs, lps.ranks
+        for i, tok in enumerate(completion.token_ids):
+            s, e = lps.start_indices[i], lps.end_indices[i]
+            ranked = sorted((ranks[j], ids[j], values[j]) for j in range(s + 1, e) if ranks[j] is not None)
+            out.append(TokenLogprob(tok, values[s], [(t, v) for r, t, v in ranked if r <= k][:k]))
         return out
     for tok, entry in zip(completion.token_ids, lps):
         ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None))
