@@ -7,12 +7,14 @@
 # ARC_RUNS: "TARGETS:LR:KL_COEF[:TEMPERATURE] ..." (rollouts sampled at TEMPERATURE, default 0.7; default four
 # recipes); ARC_STEPS optimizer steps of 256 questions
 # (default 60, about 7 epochs of the 2,251 training questions); ARC_LIMIT_S seconds for all training;
-# ARC_BATCH, ARC_VAL_LIMIT, ARC_EVAL_LIMIT shrink a run for a smoke test on a CPU.
+# ARC_BATCH, ARC_VAL_LIMIT, ARC_EVAL_LIMIT shrink a run for a smoke test on a CPU. ARC_TASK: arc-easy-text
+# (default: the choices answered in their own words) or arc-easy (by letter).
 # Runs go to $OUT/arc/RUN (log.jsonl, curves.png, expert.safetensors), scores to $OUT/arc/eval/RUN. A run cut
 # short by the time limit resumes from its last step's checkpoint when the script runs again on the same OUT.
 set -uo pipefail
 : "${FOLDER:?a Hugging Face folder}" "${DATA:?a data root holding arc/}"
 OUT=${OUT:-/tmp/out}
+TASK=${ARC_TASK:-arc-easy-text}
 STEPS=${ARC_STEPS:-60}
 LIMIT=${ARC_LIMIT_S:-480}
 BATCH=${ARC_BATCH:-256}
@@ -24,7 +26,7 @@ for spec in ${ARC_RUNS:-mlp:2e-3:0:0.7 mlp:5e-3:0:1.0 all:2e-3:0:1.0 mlp:1e-2:0.
     IFS=: read -r targets lr kl temp <<<"$spec"
     temp=${temp:-0.7}
     name="$targets-lr$lr-kl$kl-t$temp"
-    timeout -k 10 "$LIMIT" python3 -m experts.train svf --task arc-easy --data "$DATA" --model "$FOLDER" \
+    timeout -k 10 "$LIMIT" python3 -m experts.train svf --task "$TASK" --data "$DATA" --model "$FOLDER" \
         --run-dir "$OUT/arc/$name" --targets "$targets" --lr "$lr" --kl-coef "$kl" --objective reinforce \
         --baseline mean --rollout sample --temperature "$temp" --batch-size "$BATCH" --micro-batch 128 $VAL \
         --max-steps "$STEPS" --epochs 20 --val-every 10 --max-tokens 32 --max-num-seqs 256 --resume \
@@ -37,7 +39,7 @@ grep -h "\[val\]" "$OUT"/arc/*.log | tail -n 40
 score() {  # NAME STRATEGY [FLAGS...]
     local name=$1 strategy=$2
     shift 2
-    python3 -m experts.eval --task arc-easy --strategy "$strategy" --data "$DATA" --model "$FOLDER" \
+    python3 -m experts.eval --task "$TASK" --strategy "$strategy" --data "$DATA" --model "$FOLDER" \
         --out "$OUT/arc/eval/$name" $EVAL "$@" >"$OUT/arc/eval/$name.log" 2>&1
     tail -n 3 "$OUT/arc/eval/$name.log"
 }
@@ -45,6 +47,6 @@ score base base
 for d in "$OUT"/arc/*/; do
     name=$(basename "$d")
     [ -f "$d/expert.safetensors" ] || continue
-    score "$name" expert --targets "${name%%-*}" --expert "arc-easy=$d/expert.safetensors" &
+    score "$name" expert --targets "${name%%-*}" --expert "$TASK=$d/expert.safetensors" &
 done
 wait

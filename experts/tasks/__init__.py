@@ -7,7 +7,7 @@ import time; data paths are always arguments.
 """
 from __future__ import annotations
 
-from experts.tasks.arc import ARC
+from experts.tasks.arc import ARC, ARCText
 from experts.tasks.base import Example, Task, render_prompt
 from experts.tasks.cls import Classification
 from experts.tasks.code import MBPP, HumanEval
@@ -18,7 +18,8 @@ from experts.tasks.miniature import classification as miniature_classification
 from experts.tasks.synthetic import SYNTHETIC_TASKS
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    GSM8K(), MBPP(), HumanEval(), ARC("arc-easy", "Easy"), ARC("arc-challenge", "Challenge"), MATH500(),
+    GSM8K(), MBPP(), HumanEval(), ARC("arc-easy", "Easy"), ARC("arc-challenge", "Challenge"),
+    ARCText("arc-easy-text", "Easy"), ARCText("arc-challenge-text", "Challenge"), MATH500(),
     Classification(), *SYNTHETIC_TASKS, *MINIATURE_TASKS, miniature_classification(),
 )}
 ALIASES = {"arc": "arc-easy", "classifier": "cls", "math": "math500"}

@@ -16,7 +16,7 @@ from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
 from experts.train.flags import add_config_flags
 
 HELP = {
-    "task": "gsm8k | mbpp | arc-easy | arc-challenge | cls (see experts/tasks)",
+    "task": "gsm8k | mbpp | arc-easy | arc-challenge | arc-easy-text | cls (see experts/tasks)",
     "data": "data root in the layout of shared/data (gsm8k/, mbpp/, arc/ ...) or the task's own folder",
     "run_dir": "folder for checkpoint, log.jsonl, curves.png and expert.safetensors (default runs/<name>)",
     "model": "Hugging Face folder or .gguf file (default: the embedded SmolLM2)",

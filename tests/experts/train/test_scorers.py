@@ -75,6 +75,31 @@ def test_arc_both_sets(data):
     assert get_task("arc-easy").score(numeric, "B") and not get_task("arc-easy").score(numeric, "D")
 
 
+def test_arc_in_the_choices_own_words(data):
+    """The text form lists the choices without letters; a reply scores when the one choice it names is right."""
+    for name in ("arc-easy-text", "arc-challenge-text"):
+        task = get_task(name)
+        ex = task.load(data, "train")[0]  # plants: heat, light energy, wind, sound; B
+        assert "- light energy\n" in ex.question and "B." not in ex.question and ex.reference == "light energy"
+        assert task.score(ex, "Light energy.") and task.score(ex, "Plants need light energy from the Sun.")
+        assert not task.score(ex, "heat") and not task.score(ex, "plants")  # a wrong choice, none
+        assert not task.score(ex, "- heat\n- light energy\n- wind")  # several choices named: no answer
+        assert task.parse(ex, "light energy") == "B" and task.parse(ex, "wind or sound") is None
+    numeric = get_task("arc-easy-text").load(data, "test")[-1]  # labels 1-4: the answer is still the choice
+    assert get_task("arc-easy-text").score(numeric, "eight") and not get_task("arc-easy-text").score(numeric, "six")
+
+
+def test_a_choice_inside_another_named_choice_does_not_count():
+    from experts.tasks.arc import named_choice
+
+    assert named_choice("It is heat transfer.", ["heat", "heat transfer", "cold"]) == 1
+    assert named_choice("heat and cold", ["heat", "heat transfer", "cold"]) is None
+    assert named_choice("The sun's light!", ["the Sun's light", "wind"]) == 0  # case and punctuation ignored
+    assert named_choice("sunlight", ["light", "wind"]) is None  # a word, not a part of one
+    assert named_choice("The offspring is Rr.", ["R", "rr", "Rr", "RR"]) == 2  # choices that differ in case only
+    assert named_choice("It is 1.0 x 10^-3.", ["1.0 x 10^3", "1.0 x 10^-3"]) == 1  # or in signs
+
+
 def test_math500(data):
     task = get_task("math500")
     frac, five = task.load(data, "test")
