@@ -4,8 +4,8 @@
 #
 #   FOLDER=HF_FOLDER DATA=DATA_ROOT OUT=DIR bash bench/gpu_arc.sh
 #
-# ARC_RUNS: "TARGETS:LR:KL_COEF[:TEMPERATURE] ..." (rollouts sampled at TEMPERATURE, default 0.7; default four
-# recipes); ARC_STEPS optimizer steps of 256 questions
+# ARC_RUNS: "TARGETS:LR:KL_COEF[:ROLLOUT] ..." (ROLLOUT: greedy, or a temperature to sample at; default greedy,
+# default four recipes); ARC_STEPS optimizer steps of 256 questions
 # (default 60, about 7 epochs of the 2,251 training questions); ARC_LIMIT_S seconds for all training;
 # ARC_BATCH, ARC_VAL_LIMIT, ARC_EVAL_LIMIT shrink a run for a smoke test on a CPU. ARC_TASK: arc-easy-text
 # (default: the choices answered in their own words) or arc-easy (by letter).
@@ -22,13 +22,14 @@ VAL=${ARC_VAL_LIMIT:+--val-limit $ARC_VAL_LIMIT}
 EVAL=${ARC_EVAL_LIMIT:+--limit $ARC_EVAL_LIMIT}
 mkdir -p "$OUT/arc/eval"
 pids=()
-for spec in ${ARC_RUNS:-mlp:2e-3:0:0.7 mlp:5e-3:0:1.0 all:2e-3:0:1.0 mlp:1e-2:0.1:1.0}; do
-    IFS=: read -r targets lr kl temp <<<"$spec"
-    temp=${temp:-0.7}
-    name="$targets-lr$lr-kl$kl-t$temp"
+for spec in ${ARC_RUNS:-mlp:5e-3:0:greedy mlp:2e-3:0:greedy all:5e-3:0:greedy mlp:5e-3:0:0.5}; do
+    IFS=: read -r targets lr kl rollout <<<"$spec"
+    rollout=${rollout:-greedy}
+    if [ "$rollout" = greedy ]; then how=(--rollout greedy); name="$targets-lr$lr-kl$kl-greedy"
+    else how=(--rollout sample --temperature "$rollout"); name="$targets-lr$lr-kl$kl-t$rollout"; fi
     timeout -k 10 "$LIMIT" python3 -m experts.train svf --task "$TASK" --data "$DATA" --model "$FOLDER" \
         --run-dir "$OUT/arc/$name" --targets "$targets" --lr "$lr" --kl-coef "$kl" --objective reinforce \
-        --baseline mean --rollout sample --temperature "$temp" --batch-size "$BATCH" --micro-batch 128 $VAL \
+        --baseline mean "${how[@]}" --batch-size "$BATCH" --micro-batch 128 $VAL \
         --max-steps "$STEPS" --epochs 20 --val-every 10 --max-tokens 32 --max-num-seqs 256 --resume \
         >>"$OUT/arc/$name.log" 2>&1 &
     pids+=($!)

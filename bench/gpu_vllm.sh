@@ -17,7 +17,8 @@
 #                                    e.g. "--rounds 1 --variants logprobs json-schema"), structured_native
 #                                    (the same bench on the native engine, on the GPU),
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
-#                                    generated tasks; resumes across calls, MINI_ARGS passes flags),
+#                                    generated tasks; resumes across calls, MINI_ARGS passes flags, e.g.
+#                                    "--data .whl/data --real-steps 60 --real-batch 256": ARC-Easy joins),
 #                                    arc (bench/gpu_arc.sh: ARC-Easy experts by REINFORCE, base and experts
 #                                    on the whole test split; ARC_* pass settings),
 #                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b

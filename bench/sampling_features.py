@@ -178,8 +178,11 @@ def main(argv=None) -> None:
     best: dict[str, dict] = {}
     sampler = MemorySampler().__enter__() if args.engine == "vllm" else None  # vLLM's workers are other processes
 
+    rounds: dict[str, list[float]] = {}  # every round's tok/s: the spread says how far one round can be trusted
+
     def keep(variant: str, seconds: float, tokens: int) -> None:
         print(f"round {r + 1} {variant}: {tokens / seconds:.1f} tok/s", flush=True)
+        rounds.setdefault(variant, []).append(round(tokens / seconds, 1))
         if variant not in best or seconds < best[variant]["seconds"]:
             best[variant] = {"variant": variant, "seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds}
 
@@ -199,7 +202,11 @@ def main(argv=None) -> None:
         prefix = next((p for p in ("direct ", "hop ") if variant.startswith(p)), "")
         return best[prefix + "plain"]["tok_s"]
 
-    rows = [{**b, "vs_plain": b["tok_s"] / base(b["variant"])} for b in best.values()]
+    rows = [{**b, "vs_plain": b["tok_s"] / base(b["variant"]), "rounds_tok_s": rounds[b["variant"]]}
+            for b in best.values()]
+    if args.rounds > 1:
+        spread = max(max(v) / min(v) - 1 for v in rounds.values())
+        print(f"rounds of one variant differ by up to {100 * spread:.0f}% (a cost below that is not shown by one run)")
     print_table(rows, ["variant", "tok_s", "vs_plain", "seconds", "tokens"])
     costs: dict[str, float] = {}
     for prefix in ("", *(["direct "] if direct else []), *(["hop "] if hop else [])):

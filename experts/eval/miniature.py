@@ -16,6 +16,10 @@ Runs (each skipped when its run folder already holds a summary, so a stopped run
 - ``lora-next-token``: a LoRA of rank 1 on q_proj and v_proj (57,600 parameters on SmolLM2, against SVF's
   51,840 on the MLP) trained on the reference replies, as the paper's LoRA baseline is.
 
+With ``--data DIR`` (benchmark data in the layout of shared/data) a real benchmark joins: ARC-Easy with the
+choices answered in their own words (``arc-easy-text``), a ``reinforce-mlp`` expert trained on it with greedy
+rollouts (``--real-steps``, ``--real-batch``), base and expert scored on its whole test split (1,240 questions).
+
 Cells: base on every task; each expert on its own task; on the unseen tasks, pass 1 by prompt, by the
 classifier expert and by few-shot CEM over the ``reinforce-mlp`` experts. ``--seed`` draws a fresh test set.
 Scored cells are kept while their settings match; pass 1's cells and ``mini-cls`` also record the categories.
@@ -42,6 +46,14 @@ LORA = "lora-next-token"
 # task, whose sampled replies at temperature 1 earned no reward in steps 2-4 (0 of 32 each; greedy: 6%, 25%,
 # 38% of the batch at steps 1-3)
 ROLLOUTS = {"mini-bracket": "greedy"}
+# A real benchmark (--data): its expert is REINFORCE on the MLP. Greedy rollouts: sampled at temperature 1, 3-9%
+# of replies on arc-easy-text committed to the right choice (greedy: 16-26%), so most steps saw no reward.
+REAL = ("arc-easy-text",)
+REAL_MAX_TOKENS = 32
+
+
+def real_tasks(args) -> tuple[str, ...]:
+    return REAL if getattr(args, "data", None) else ()
 
 
 def _progress(msg: str, t0: float) -> None:
@@ -77,6 +89,7 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
     from experts.train.trainer import SVFTrainer
 
     plan = [(label, targets, objective, task) for label, targets, objective in RUNS for task in TRAINED]
+    plan += [("reinforce-mlp", "mlp", "reinforce", task) for task in real_tasks(args)]
     # The classifier learns from the labels (next-token): the base model answers the question inside the
     # \boxed{} of the classification prompt instead of naming a category (0% of greedy replies), so REINFORCE
     # with greedy rollouts would never see a reward.
@@ -94,12 +107,15 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
             bases.clear()  # one base model in memory at a time
             bases[targets] = load_base(args.model, device=args.device, targets=targets, cache_dir=args.cache_dir)
         _progress(f"train {i + 1}/{len(plan)} {label} {task} ...", t0)
-        cfg = TrainConfig(task=task, data=str(out), run_dir=str(run_dir), targets=targets, objective=objective,
-                          batch_size=args.batch, max_steps=args.steps, epochs=max(1, args.steps),
-                          val_every=args.val_every, val_limit=args.val_limit, micro_batch=args.micro_batch,
-                          lr=args.lr, seed=args.train_seed, device=args.device, cache_dir=args.cache_dir,
-                          model=args.model, rollout=args.rollout or ROLLOUTS.get(task, "sample"),
-                          baseline=args.baseline)
+        real = task in REAL
+        steps = (args.real_steps or args.steps) if real else args.steps
+        cfg = TrainConfig(task=task, data=args.data if real else str(out), run_dir=str(run_dir), targets=targets,
+                          objective=objective, batch_size=(args.real_batch or args.batch) if real else args.batch,
+                          max_steps=steps, epochs=max(1, steps), val_every=args.val_every, val_limit=args.val_limit,
+                          micro_batch=args.micro_batch, lr=args.lr, seed=args.train_seed, device=args.device,
+                          cache_dir=args.cache_dir, model=args.model,
+                          rollout="greedy" if real else args.rollout or ROLLOUTS.get(task, "sample"),
+                          baseline=args.baseline, max_tokens=REAL_MAX_TOKENS if real else None)
         summary = SVFTrainer(cfg, bases[targets], resume=True).run()  # a run stopped midway continues
         if label == "classifier":
             (run_dir / "categories.json").write_text(json.dumps(list(CATEGORIES)))
@@ -181,7 +197,8 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
 
         def cell(row: str, task_name: str, strategy: str, ctx) -> None:
             kept = out / "cells" / f"{row}.{task_name}.json"
-            settings = {"seed": args.seed, "limit": args.limit, **(cem_settings if strategy == "few_shot" else {})}
+            limit = args.real_limit if task_name in REAL else args.limit  # a real benchmark: its whole test split
+            settings = {"seed": args.seed, "limit": limit, **(cem_settings if strategy == "few_shot" else {})}
             if strategy in ("prompt", "cls_expert", "few_shot") or task_name == "mini-cls":
                 settings["categories"] = list(CATEGORIES)  # pass 1's choices: scored again when the suite changes
             res = kept_cell(kept, settings, row in redo)
@@ -191,7 +208,7 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
                 return
             task = get_task(task_name).seeded(args.seed)
             try:
-                res = evaluate(ctx, task, strategy, limit=args.limit)
+                res = evaluate(ctx, task, strategy, limit=limit)
             except StrategyUnavailable as e:
                 cells.setdefault(row, {})[task_name] = {"error": str(e)}
                 return
@@ -206,12 +223,12 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
                       f"[{100 * res['ci95'][0]:.1f}, {100 * res['ci95'][1]:.1f}] n={res['n']}", t0)
 
         for label in labels:
-            for task_name in TRAINED:
+            for task_name in TRAINED + (real_tasks(args) if label == "reinforce-mlp" else ()):
                 expert, meta = read_expert_file(trained[label][task_name]["expert_file"])
                 name = f"{label}:{task_name}"
                 experts[name], categories[name] = expert, meta.get("category", "other")
                 ctx = EvalContext(base, engine, {name: expert}, {name: categories[name]}, {task_name: name},
-                                  str(out), args.seed)
+                                  args.data if task_name in REAL else str(out), args.seed)
                 cell(f"expert {label}", task_name, "expert", ctx)
         if targets != "mlp":  # the LoRA ablation: q_proj and v_proj are adapted layers of this base
             from experts.eval.strategies import StrategyResult, register_strategy
@@ -224,6 +241,8 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
         ctx = EvalContext(base, engine, {}, {}, {}, str(out), args.seed)
         for task_name in TRAINED + UNSEEN + ("mini-cls",):
             cell("base", task_name, "base", ctx)
+        for task_name in real_tasks(args):
+            cell("base", task_name, "base", EvalContext(base, engine, {}, {}, {}, args.data, args.seed))
         # pass 1 over the REINFORCE MLP experts (and the classifier expert for cls_expert)
         chosen = {f"reinforce-mlp:{t}": experts[f"reinforce-mlp:{t}"] for t in TRAINED}
         cls_expert, meta = read_expert_file(trained["classifier"]["mini-cls"]["expert_file"])
@@ -253,7 +272,7 @@ def verdicts(cells: dict) -> dict:
 
     out: dict = {"experts_beyond_base": {}, "unseen_ordering": {}}
     for label in [r[0] for r in RUNS] + [LORA]:
-        for t in TRAINED:
+        for t in TRAINED + REAL:
             e, b = acc(f"expert {label}", t), acc("base", t)
             if e and b:
                 out["experts_beyond_base"][f"{label} {t}"] = e["ci95"][0] > b["ci95"][1]
@@ -271,7 +290,7 @@ def markdown(cells: dict, trained: dict) -> str:
     from experts.eval.stats import format_cell
     from experts.tasks.miniature import TRAINED, UNSEEN
 
-    cols = TRAINED + UNSEEN
+    cols = TRAINED + tuple(t for t in REAL if t in cells.get("base", {})) + UNSEEN
     lines = ["| strategy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in ["base"] + [f"expert {label}" for label, _, _ in RUNS] + [f"expert {LORA}", "prompt", "cls_expert",
                                                                           "few_shot"]:
@@ -306,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="mean", choices=("none", "mean"), help="REINFORCE reward baseline")
     p.add_argument("--val-every", type=int, default=5)
     p.add_argument("--val-limit", type=int, default=200)
-    p.add_argument("--limit", type=int, default=None, help="test examples per task (default: all 500)")
+    p.add_argument("--limit", type=int, default=None, help="test examples per generated task (default: all 500)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="benchmark data (layout of shared/data): ARC-Easy in the text form joins the suite")
+    p.add_argument("--real-steps", type=int, default=None, help="optimizer steps on the real benchmark (--steps)")
+    p.add_argument("--real-batch", type=int, default=None, help="examples per step there (--batch)")
+    p.add_argument("--real-limit", type=int, default=None, help="its test examples (default: the whole split)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--cem-population", type=int, default=32)
@@ -328,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.batch, args.micro_batch, args.val_every, args.val_limit = 2, 8, 8, 1, 16
         args.limit, args.cem_population, args.cem_generations, args.shots = args.limit or 40, 4, 2, 4
+        args.real_limit = args.real_limit or 40
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     for kept in ("runs", "cells"):

@@ -35,6 +35,17 @@ def test_the_table_has_a_row_per_strategy_and_marks_missing_cells():
     assert f"| expert {LORA} | n/a |" in text
 
 
+def test_a_real_benchmark_gets_its_column_and_verdict_when_scored():
+    c = cells(90, 90)
+    assert "arc-easy-text" not in markdown(c, {})
+    c["base"]["arc-easy-text"] = accuracy_cell(262, 1240)  # 21.1%
+    c["expert reinforce-mlp"]["arc-easy-text"] = accuracy_cell(372, 1240)  # 30.0%
+    assert "| mini-bracket | arc-easy-text | mini-add2 |" in markdown(c, {}).splitlines()[0]
+    assert verdicts(c)["experts_beyond_base"]["reinforce-mlp arc-easy-text"]
+    c["expert reinforce-mlp"]["arc-easy-text"] = accuracy_cell(280, 1240)  # 22.6%: inside base's interval
+    assert not verdicts(c)["experts_beyond_base"]["reinforce-mlp arc-easy-text"]
+
+
 def test_a_scored_cell_is_kept_only_for_the_same_settings(tmp_path):
     import json
 
