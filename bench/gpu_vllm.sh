@@ -118,8 +118,10 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             stage structured 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --requests 512 \
                 --max-num-seqs 128 --out "$OUT/sampling_features_vllm.json" ;;
         structured_native)  # the native engine's own sampler and grammar masks on the GPU (no vLLM)
-            stage structured_native 300 python3 bench/sampling_features.py --device cuda --model "$FOLDER" --requests 512 \
-                --max-num-seqs 128 --out "$OUT/sampling_features_native_cuda.json" ;;
+            # six shorter rounds, each variant paired with the same round's plain run (the paired median): a plain
+            # run of 512 requests varied by up to 40% between rounds on an H200 host
+            stage structured_native 420 python3 bench/sampling_features.py --device cuda --model "$FOLDER" \
+                --requests 256 --rounds 6 --max-num-seqs 128 --out "$OUT/sampling_features_native_cuda.json" ${SF_ARGS:-} ;;
         structured8b)
             stage structured8b 420 python3 bench/sampling_features.py --engine vllm --model "$FOLDER" --shape llama3-8b \
                 --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" \
