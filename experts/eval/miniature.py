@@ -50,6 +50,7 @@ ROLLOUTS = {"mini-bracket": "greedy"}
 # of replies on arc-easy-text committed to the right choice (greedy: 16-26%), so most steps saw no reward.
 REAL = ("arc-easy-text",)
 REAL_MAX_TOKENS = 32
+REAL_LR = 5e-3  # the recipe that moved it on the CPU (docs/results/cpu/arc-easy-text/)
 
 
 def real_tasks(args) -> tuple[str, ...]:
@@ -112,7 +113,8 @@ def train(args, out: Path, t0: float) -> dict[str, dict[str, dict]]:
         cfg = TrainConfig(task=task, data=args.data if real else str(out), run_dir=str(run_dir), targets=targets,
                           objective=objective, batch_size=(args.real_batch or args.batch) if real else args.batch,
                           max_steps=steps, epochs=max(1, steps), val_every=args.val_every, val_limit=args.val_limit,
-                          micro_batch=args.micro_batch, lr=args.lr, seed=args.train_seed, device=args.device,
+                          micro_batch=args.micro_batch, lr=(args.real_lr or REAL_LR) if real else args.lr,
+                          seed=args.train_seed, device=args.device,
                           cache_dir=args.cache_dir, model=args.model,
                           rollout="greedy" if real else args.rollout or ROLLOUTS.get(task, "sample"),
                           baseline=args.baseline, max_tokens=REAL_MAX_TOKENS if real else None)
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark data (layout of shared/data): ARC-Easy in the text form joins the suite")
     p.add_argument("--real-steps", type=int, default=None, help="optimizer steps on the real benchmark (--steps)")
     p.add_argument("--real-batch", type=int, default=None, help="examples per step there (--batch)")
+    p.add_argument("--real-lr", type=float, default=None, help=f"learning rate there (default {REAL_LR})")
     p.add_argument("--real-limit", type=int, default=None, help="its test examples (default: the whole split)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--shots", type=int, default=10)
@@ -368,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         from experts.tasks.miniature import TRAINED
 
         folder, _ = resolve_model_folder(args.model, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
-        shipped = ship({t: Path(trained["reinforce-mlp"][t]["expert_file"]) for t in TRAINED}, folder, Path(args.ship))
+        shipped = ship({t: Path(trained["reinforce-mlp"][t]["expert_file"]) for t in TRAINED + real_tasks(args)},
+                       folder, Path(args.ship))
         _progress(f"shipped {', '.join(str(p) for p in shipped)}", t0)
     cells = evaluate_all(args, out, trained, t0)
     import torch
