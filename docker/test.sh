@@ -232,7 +232,7 @@ BASE_TEXT=$(complete "$BASE_MODEL")
 [ -n "$BASE_TEXT" ] || fail "empty completion"
 echo "base: $BASE_TEXT"
 curl -sSf "$URL/metrics" >"$WORK/metrics" && grep -q '^t2_' "$WORK/metrics" || fail "/metrics has no t2_ series"
-for shipped in gsm8k mbpp arc-easy mini-mul mini-add mini-last mini-bracket; do  # experts/builtin/, installed at first start
+for shipped in gsm8k mbpp arc-easy-text mini-mul mini-add mini-last mini-bracket; do  # experts/builtin/, installed at first start
     [[ " $(models) " == *" $shipped "* ]] || fail "shipped expert $shipped not in /v1/models"
 done
 # The shipped mini-mul expert answers products of two digits (100% of 500 test questions, base 27%).

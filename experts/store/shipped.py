@@ -1,5 +1,5 @@
 """Experts shipped with the package (``experts/builtin/*.safetensors``): SVF experts trained for the
-embedded SmolLM2-135M-Instruct (GSM8K, MBPP, ARC-Easy and the pass-1 classifier).
+embedded SmolLM2-135M-Instruct (GSM8K, MBPP, ARC-Easy, the miniature's skills and the pass-1 classifier).
 
 At start the server puts each of them into its expert store when the served model is the one they were
 trained for (the fingerprint in the file's header equals the served weights' fingerprint), so pass 1

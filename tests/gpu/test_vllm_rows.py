@@ -54,7 +54,7 @@ def experts():
     from tests.support import REPO_ROOT
 
     root = Path(REPO_ROOT) / "experts" / "builtin"
-    return [read_expert_file(root / f"{n}.safetensors")[0] for n in ("gsm8k", "mbpp", "arc-easy", "classifier")]
+    return [read_expert_file(root / f"{n}.safetensors")[0] for n in ("gsm8k", "mbpp", "arc-easy-text", "classifier")]
 
 
 def batch(ref, seed: int):

@@ -8,7 +8,7 @@ from experts.store.base_model import BaseModelInfo
 from experts.store.expert_store import ExpertStore
 from experts.store.shipped import MARKER, install_shipped, shipped_files
 
-SHIPPED = {"arc-easy": "reasoning", "classifier": "classifier", "gsm8k": "math", "mbpp": "code",
+SHIPPED = {"arc-easy-text": "reasoning", "classifier": "classifier", "gsm8k": "math", "mbpp": "code",
            "mini-mul": "multiplication", "mini-add": "addition", "mini-last": "letters",
            "mini-bracket": "format"}
 
