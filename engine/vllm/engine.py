@@ -280,12 +280,14 @@ def vllm_logprobs(completion, k: int | None) -> list[TokenLogprob] | None:
     if k is None or lps is None:
         return None
     out = []
-    if hasattr(lps, "start_indices"):  # vllm.logprobs.FlatLogprobs: position i is entries start..end
-        ids, values, ranks = lps.token_ids, lps.logprobs, lps.ranks
+    if hasattr(lps, "start_indices"):
+        # vllm.logprobs.FlatLogprobs: position i is entries start..end, the sampled token first, then the top ones
+        # by rank 1, 2, ... (vllm/logprobs.py, append_logprobs_for_next_position): read as slices, no sorting
+        ids, values, starts, ends = lps.token_ids, lps.logprobs, lps.start_indices, lps.end_indices
         for i, tok in enumerate(completion.token_ids):
-            s, e = lps.start_indices[i], lps.end_indices[i]
-            ranked = sorted((ranks[j], ids[j], values[j]) for j in range(s + 1, e) if ranks[j] is not None)
-            out.append(TokenLogprob(tok, values[s], [(t, v) for r, t, v in ranked if r <= k][:k]))
+            s = starts[i]
+            e = min(ends[i], s + 1 + k)
+            out.append(TokenLogprob(tok, values[s], list(zip(ids[s + 1:e], values[s + 1:e]))))
         return out
     for tok, entry in zip(completion.token_ids, lps):
         ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None))
