@@ -6,6 +6,10 @@ The stream of bench/batching.py (mixed prompt lengths, 16-128 new tokens, greedy
 t=0 on one engine. A structured row ends when its JSON document is complete, so a structured run is compared
 with a plain run of the same requests generating exactly as many tokens each (prefill then weighs the same).
 Goals: logprobs cost <= 5% of throughput, structured outputs <= 10%. Reports peak RSS and peak GPU memory.
+Each cost is reported three ways: the best round of each variant against the best plain round, each round
+against the same round's plain run (paired_costs, median over rounds), and on the native engine the share of
+each run spent in the feature's own code (attributed_costs, median over rounds: steady on a host whose whole
+runs differ by tens of percent).
 
 ``--engine vllm`` runs the same variants on the vLLM engine (rows mode, CUDA graphs on; needs a GPU and vLLM):
 every request is sent at once and vLLM batches them. There a structured row ends with its grammar's EOS.
