@@ -97,12 +97,38 @@ class Grammars:
         if st.kind == "choice":
             if not st.value or not all(isinstance(x, str) and x for x in st.value):
                 raise StructureError("choice must be a non-empty list of non-empty strings")
-            return c.compile_regex(choice_regex(tuple(st.value)))
+            compiled = c.compile_regex(choice_regex(tuple(st.value)))
+            for j, text in enumerate(st.value):
+                stuck = self._dead_end(compiled, text)
+                if stuck is not None:
+                    raise StructureError(f"choice {j} cannot be generated with this model's tokens: the grammar "
+                                         f"engine allows no token after {stuck!r}")
+            return compiled
         if st.kind == "grammar":
             if not isinstance(st.value, str) or not st.value.strip():
                 raise StructureError("grammar must be a non-empty EBNF string")
             return c.compile_grammar(st.value)
         raise StructureError(f"unknown structure kind {st.kind!r}")
+
+    def _dead_end(self, compiled, text: str) -> str | None:
+        """Walk ``text``'s own tokens through a matcher of ``compiled``: the prefix after which it allows no token
+        at all (a dead end: some characters, e.g. beyond the Basic Multilingual Plane, defeat the grammar
+        engine), or None. A token of the walk the matcher refuses (a tokenizer that spells ``text`` another
+        way) ends the walk without a verdict."""
+        xgr = self._xgr
+        ids = self._tokenizer.encode(text, add_special_tokens=False)
+        m = xgr.GrammarMatcher(compiled)
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        for n, t in enumerate([*ids, None]):
+            if m.is_terminated():
+                return None
+            bitmask.zero_()
+            m.fill_next_token_bitmask(bitmask, 0)
+            if not bool(bitmask.any()):
+                return self._tokenizer.decode(ids[:n])
+            if t is None or not m.accept_token(t):
+                return None
+        return None
 
     def check(self, st: Structure) -> None:
         """Raise StructureError when ``st`` does not compile (cached, so the engine's own compile is free)."""

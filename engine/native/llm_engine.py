@@ -33,6 +33,8 @@ log = logging.getLogger("t2serve.engine")
 TTFT_SAMPLES = 4096
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request under its adaptation; "
               "the request was stopped, others were not affected")
+DEAD_END = ("the structure allows no token of this model at this point (the grammar engine found no way on); "
+            "the request was stopped, others were not affected")
 
 
 @dataclass
@@ -258,7 +260,10 @@ class LLMEngine:
         logprobs = self._logprobs(seqs, raw, tokens)
         for i, (s, tok) in enumerate(zip(seqs, tokens)):
             if tok == FAILED:
-                outs.append(self._fail(s, NON_FINITE))
+                if s.matcher is not None and bool(torch.isfinite(raw[i].max())):  # the model was fine: the mask
+                    outs.append(self._fail(s, DEAD_END, bad_request=True))
+                else:
+                    outs.append(self._fail(s, NON_FINITE))
                 continue
             if s.matcher is not None and not s.matcher.accept_token(tok):
                 outs.append(self._fail(s, "the grammar engine refused the sampled token"))
@@ -316,10 +321,10 @@ class LLMEngine:
         """The tokens that end a sequence with ``p``: EOS (unless ignored) and its stop token ids."""
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
 
-    def _fail(self, s: Sequence, error: str) -> RequestOutput:
+    def _fail(self, s: Sequence, error: str, bad_request: bool = False) -> RequestOutput:
         """End ``s`` alone with ``error`` (its slot is freed; the batch goes on)."""
         out = self._retire(s, "abort")
-        out.error = error
+        out.error, out.bad_request = error, bad_request
         return out
 
     def _retire(self, s: Sequence, reason: FinishReason) -> RequestOutput:

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from starlette.types import Receive
 
 from engine.contract import EngineError, GenerationRequest, RequestOutput, SamplingParams
-from server.errors import APIError, from_engine_error
+from server.errors import APIError, from_engine_error, invalid_request
 from server.metrics import Metrics
 from server.schemas import Usage
 
@@ -156,6 +156,8 @@ class EngineRun:
         return self.choices
 
     def _account(self, choice: Choice, out: RequestOutput) -> None:
+        if out.error and out.bad_request:
+            raise invalid_request(f"Generation stopped: {out.error}", code="structure_dead_end")
         if out.error:
             raise APIError(500, f"Generation failed: {out.error}", type="server_error", code="engine_error")
         if out.token_ids and not self._first_token_seen:

@@ -74,3 +74,20 @@ def test_bad_or_conflicting_structures_are_a_400(client, kw, param):
     assert e.value.status_code == 400
     if param:
         assert e.value.body["param"] == param
+
+
+def test_structures_the_grammar_engine_cannot_finish_are_a_400_and_the_server_goes_on(client):
+    from tests.engine.native.test_structured import STUCK
+
+    with pytest.raises(openai.BadRequestError) as e:  # a choice: found when it is checked, before any step
+        ask(client, extra_body={"guided_choice": ["yes", STUCK]})
+    assert e.value.body["param"] == "guided_choice" and "choice 1" in e.value.body["message"]
+    # a pattern: found at the step where no token is allowed (after "a"): a 400, or in a stream that has begun,
+    # the error event
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, extra_body={"guided_regex": STUCK})
+    assert e.value.body["code"] == "structure_dead_end" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.APIError) as e:
+        list(ask(client, stream=True, extra_body={"guided_regex": STUCK}))
+    assert e.value.body["code"] == "structure_dead_end", e.value.body
+    assert ask(client, max_tokens=4).choices[0].message.content is not None

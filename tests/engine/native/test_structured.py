@@ -95,3 +95,33 @@ def test_constrained_free_and_adapted_rows_share_a_batch(engine):
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", together["regex"]["text"])
     for r in reqs():  # every row alone: the same tokens (the masks touch only their own rows)
         assert run(engine, [r])[r.request_id]["ids"] == together[r.request_id]["ids"], r.request_id
+
+
+# A character the grammar engine cannot follow (U+615AA, beyond the Basic Multilingual Plane, unassigned): the
+# structure compiles, but after its prefix no token is allowed.
+STUCK = "a\U000615aab"
+
+
+def test_a_choice_the_grammar_engine_cannot_finish_is_refused_up_front(engine):
+    with pytest.raises(StructureError, match="choice 1 cannot be generated .* after 'a'"):
+        engine.grammars.check(Structure("choice", ("yes", STUCK)))
+    engine.grammars.check(Structure("choice", ("caf\u00e9", "\U0001f600 smile")))  # beyond the BMP, fine
+
+
+def test_a_structure_at_a_dead_end_fails_its_own_request_as_a_bad_request_and_no_other(engine):
+    from engine.native.llm_engine import DEAD_END
+
+    ids = engine.tokenizer("Describe a cat:").input_ids
+    free = GenerationRequest("free", ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    stuck = GenerationRequest("stuck", ids, SamplingParams(max_tokens=8, temperature=0.0,
+                                                           structure=Structure("regex", STUCK)))
+    outs = []
+    for r in (stuck, free):
+        engine.add_request(r)
+    while engine.has_work:
+        outs += engine.step()
+    last = {o.request_id: o for o in outs}
+    assert last["stuck"].error == DEAD_END and last["stuck"].bad_request and last["stuck"].finished
+    assert not last["free"].error and not last["free"].bad_request
+    together = [t for o in outs if o.request_id == "free" for t in o.token_ids]
+    assert run(engine, [free])["free"]["ids"] == together  # the free row's tokens, as alone
