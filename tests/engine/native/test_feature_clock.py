@@ -2,24 +2,16 @@
 are counted for the runs that use them, not for plain runs, and the engine is left as it was."""
 from __future__ import annotations
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from bench.sampling_features import SCHEMA, FeatureClock, serve
 from engine.native.llm_engine import LLMEngine
 from engine.structured import Grammars
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    return model, tok
-
-
-def test_feature_seconds_are_counted_for_the_runs_that_use_the_features(tiny):
-    model, tok = tiny
+def test_feature_seconds_are_counted_for_the_runs_that_use_the_features(tiny_model, tiny_llama_dir):
+    model, tok = tiny_model, AutoTokenizer.from_pretrained(tiny_llama_dir)
     reqs = [(tok.encode(f"Request {i}: say something."), 6) for i in range(4)]
     seconds, tokens, _, plain_s = serve(model, tok, reqs, 4, {}, torch.device("cpu"))
     assert tokens == 24 and plain_s < 0.05 * seconds  # a plain run only enters the features' entry checks
