@@ -21,12 +21,9 @@
 #                                    "--data .whl/data --real-steps 60 --real-batch 256": ARC-Easy joins),
 #                                    arc (bench/gpu_arc.sh: ARC-Easy experts by REINFORCE, base and experts
 #                                    on the whole test split; ARC_* pass settings),
-#                                    shards (tensor-parallel swap loading on vLLM's layers), lora8b
-#                                    (the 8B shape under each of LORA_VARIANTS), replicas (bench/replicas.py
-#                                    on CPU replicas of CPUS_PER_REPLICA cores each behind HAProxy)
-#
-# LORA_VARIANTS: "RANK:SLOTS[:spec][:dual] ..." - vLLM's max_lora_rank, max_loras, specialize_active_lora,
-# VLLM_LORA_ENABLE_DUAL_STREAM (default "32:8"); REQUESTS: requests per workload for lora8b (default 256).
+#                                    replicas (bench/replicas.py on CPU replicas of CPUS_PER_REPLICA cores
+#                                    each behind HAProxy), http (bench/http_serve.py: `vllm serve` and
+#                                    `t2serve serve --engine vllm` driven by `vllm bench serve`)
 #
 # FOLDER: SmolLM2's Hugging Face folder (default: the one `install` made). Every stage runs under its own
 # time limit and all stages share BUDGET_S seconds (default 480), so a hang costs one stage, not the run;
@@ -143,21 +140,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
                 --out "$OUT/rows_llama3_8b_${PROMPTS:-windows}.json" ;;
         layer)
             stage layer 300 python3 bench/rows_layer.py --shape llama3-8b --out "$OUT/rows_layer_llama3_8b.json" ;;
-        shards)
-            stage shards 120 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/gpu/test_vllm_shards.py ;;
-        lora8b)
-            for v in ${LORA_VARIANTS:-32:8}; do
-                IFS=: read -r rank slots f1 f2 <<<"$v"
-                flags=(--lora-max-rank "$rank" --max-loras "$slots")
-                dual=0
-                for f in $f1 $f2; do
-                    [ "$f" = spec ] && flags+=(--specialize-active-lora)
-                    [ "$f" = dual ] && dual=1
-                done
-                name="lora8b_${v//:/_}"
-                VLLM_LORA_ENABLE_DUAL_STREAM=$dual stage "$name" 240 "${BENCH[@]}" --engine vllm --shape llama3-8b \
-                    --requests "${REQUESTS:-256}" "${flags[@]}" --out "$OUT/$name.json"
-            done ;;
+        http)
+            stage http 590 python3 bench/http_serve.py --model "$FOLDER" --out "$OUT/http_serve_smollm2.json" \
+                ${HTTP_ARGS:-} ;;
         native8b)
             stage native8b 200 "${BENCH[@]}" --engine native --shape llama3-8b --requests "${REQUESTS:-256}" \
                 --out "$OUT/native8b.json" ;;
@@ -168,6 +153,6 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
         *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
-runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json "$OUT"/native8b.json "$OUT"/lora8b_*.json 2>/dev/null)
+runs=$(ls "$OUT"/native_*.json "$OUT"/vllm_*.json "$OUT"/native8b.json 2>/dev/null)
 [ -n "$runs" ] && python3 bench/vllm_bench.py --summarize $runs --out "$OUT/vllm_summary.json" | tee "$OUT/summary.txt"
 echo "total $((SECONDS - T0)) s"

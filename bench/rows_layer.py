@@ -9,7 +9,7 @@ every token in its own row (256 distinct adaptations):
 
   plain       y = x Wᵀ (stock vLLM's MLP)
   rows        SVF on both matrices (U, V; W dropped) and the SAPT bank beside them (rank 64)
-  sapt-only   W kept, the SAPT bank beside it (vllm_svf_mode off)
+  sapt-only   W kept, the SAPT bank beside it (vllm_svf off)
 
 Every variant is first checked against the merged-weight reference of a few rows (float32). Reported: time
 per step and its ratio to plain measured in the same run, the bytes each reads, peak GPU memory, peak RSS.

@@ -167,8 +167,8 @@ def vllm_server(args, folder: str):
         from engine.spec import default_cache_dir
 
         shape = llama3_8b_folder(folder, default_cache_dir() / "llama3-8b-shape")
-        opts = VLLMOptions(model=str(shape), served_name="llama3-8b-shape", host_model=False, load_format="dummy",
-                           detokenize=False, adapt_targets="none", svf_mode="swap", **common)
+        opts = VLLMOptions(model=str(shape), served_name="llama3-8b-shape", skeleton=False, load_format="dummy",
+                           detokenize=False, adapt_targets="none", **common)
     else:
         opts = VLLMOptions(model=folder, served_name="smollm2", adapt_targets="all", **common)
     engine = VLLMEngine.from_options(opts)

@@ -6,9 +6,8 @@ then ``--summarize`` puts the runs side by side. The stream of bench/batching.py
 (``generate``), as the HTTP layer does. Workloads:
   base       every request on the base model
   mixed      request i carries mixture i % 5: the base model or one of 4 SAPT mixtures (one bundle of 4
-             tasks, r=8, on q_proj and v_proj: on vLLM, 4 LoRA adapters of rank 32)
-  mixed-svf  (smollm2) the base model or one of the 4 SVF experts shipped for SmolLM2; on vLLM in swap
-             mode, requests grouped by expert (swaps counted)
+             tasks, r=8, on q_proj and v_proj; on vLLM, rows of its SAPT bank)
+  mixed-svf  (smollm2) the base model or one of the 4 SVF experts shipped for SmolLM2 (on vLLM, rows)
 Shapes: ``smollm2`` (the model at --model), ``llama3-8b`` (random weights: the native engine builds the
 model in memory, vLLM gets a config-only folder written here and random weights of its own).
 Peak GPU memory: torch's peak for the native engine; the device's memory in use (all processes,
@@ -20,9 +19,9 @@ sampled) for both, vLLM's including the KV cache it reserves up front.
 Goals: vLLM >= 3x the native engine on the 8B mixed workload; vLLM's mixed workload within 20% of its base.
 
 ``--rows`` (vLLM only; also what runs without arguments, on the embedded model): one run with three engines, one
-after the other. First stock vLLM (no adaptation machinery: no hooks, no LoRA) serves the base workload; then
+after the other. First stock vLLM (no adaptation machinery: no hooks) serves the base workload; then
 the rows engine (every request its own exact adaptation, engine/vllm/rows.py; SVF on the MLP matrices and the
-SAPT bank beside them), then the SAPT-only rows engine (vllm_svf_mode off: W kept, the bank beside it) serve
+SAPT bank beside them), then the SAPT-only rows engine (vllm_svf off: W kept, the bank beside it) serve
   base         every request on the base model (through the factored MLP on the rows engine)
   unique-svf   every request its own SVF mixture: random α over 4 experts (sakana z ~ 0.5 N(0, 1))
   unique-sapt  every request its own attention over one SAPT bundle (4 tasks, r = 8, on the MLP matrices)
@@ -40,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -81,7 +79,7 @@ def sapt_mixtures(targets: dict[str, tuple[int, int]], d_model: int):
 
 def shipped_experts():
     from adapters import Adaptation
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
 
     root = Path(__file__).resolve().parent.parent / "experts" / "builtin"
     return [Adaptation.expert(read_expert_file(root / f"{name}.safetensors")[0]) for name in SHIPPED]
@@ -149,13 +147,11 @@ def vllm_engine(args):
 
     common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
-                  enforce_eager=args.eager, lora_max_rank=args.lora_max_rank, max_loras=args.max_loras,
-                  specialize_active_lora=args.specialize_active_lora, svf_mode="swap",
-                  lora_modules=list(SAPT_TARGETS))  # LoRA only where adapters go (SVF is swapped in)
-    if args.shape == "llama3-8b":
+                  enforce_eager=args.eager, sapt_bank=args.sapt_bank)
+    if args.shape == "llama3-8b":  # random weights: the SAPT bank on q_proj and v_proj, W kept (no SVD)
         folder = llama3_8b_folder(args.model, Path(args.cache_dir) / "llama3-8b-shape")
-        opts = VLLMOptions(model=str(folder), served_name="llama3-8b-shape", host_model=False, load_format="dummy",
-                           detokenize=False, adapt_targets="none", **common)
+        opts = VLLMOptions(model=str(folder), served_name="llama3-8b-shape", skeleton=False, load_format="dummy",
+                           detokenize=False, adapt_targets=",".join(SAPT_TARGETS), svf=False, **common)
     else:
         opts = VLLMOptions(model=args.model, served_name="smollm2", adapt_targets="all", **common)
     t0 = time.perf_counter()
@@ -257,7 +253,7 @@ def run_rows(args) -> dict:
               "prompts": args.prompts, "rows": [], "phases": {}}
     common = dict(cache_dir=Path(args.cache_dir), dtype="bfloat16", max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_waiting=100_000, gpu_memory_utilization=args.gpu_memory,
-                  enforce_eager=args.eager, svf_mode="rows", lora_max_rank=args.lora_max_rank)
+                  enforce_eager=args.eager, sapt_bank=args.sapt_bank)
     if args.shape == "llama3-8b":
         folder = llama3_8b_folder(args.model, Path(args.cache_dir) / "llama3-8b-shape")
         common.update(model=str(folder), served_name="llama3-8b-shape", load_format="dummy", detokenize=False)
@@ -265,12 +261,11 @@ def run_rows(args) -> dict:
         common.update(model=args.model, served_name="smollm2")
     cfg = AutoConfig.from_pretrained(common["model"])
     reqs = None
-    phases = (("stock", "none", "rows"), ("rows", "mlp", "rows"), ("sapt-only", "mlp", "off"))
-    for phase, targets, svf_mode in phases:
+    phases = (("stock", "none", True), ("rows", "mlp", True), ("sapt-only", "mlp", False))
+    for phase, targets, svf in phases:
         sampler = MemorySampler().__enter__()
         t0 = time.perf_counter()
-        engine = VLLMEngine.from_options(VLLMOptions(adapt_targets=targets, host_model=False,
-                                                     **{**common, "svf_mode": svf_mode}))
+        engine = VLLMEngine.from_options(VLLMOptions(adapt_targets=targets, skeleton=False, svf=svf, **common))
         info = {"start_s": round(time.perf_counter() - t0, 1), "host_rss_after_start_mb": round(host_rss_mb())}
         print(f"{phase} engine up in {info['start_s']} s", flush=True)
         if reqs is None:
@@ -328,8 +323,6 @@ def run_rows(args) -> dict:
 
 def run(args) -> dict:
     result = {"engine": args.engine, "shape": args.shape, "machine": machine(), "args": vars(args)}
-    if args.engine == "vllm":
-        result["lora"] = lora_label(vars(args), os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0") == "1")
     sampler = MemorySampler().__enter__()
     if args.engine == "native":
         engine, tok, adaptations = native_engine(args)
@@ -342,10 +335,9 @@ def run(args) -> dict:
     rows = []
     try:
         for name, kinds in workloads.items():
-            asyncio.run(serve(engine, reqs[: 2 * len(kinds)], kinds))  # warm-up: every adapter built and loaded
-            swaps = engine.stats().get("swaps", 0)
+            asyncio.run(serve(engine, reqs[: 2 * len(kinds)], kinds))  # warm-up: every expert and bundle registered
             r = asyncio.run(serve(engine, reqs, kinds))
-            r.update(workload=name, swaps=engine.stats().get("swaps", 0) - swaps)
+            r.update(workload=name)
             rows.append(r)
             print(f"{args.engine} {args.shape} {name}: {r['tok_s']:.0f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s",
                   flush=True)
@@ -362,47 +354,30 @@ def run(args) -> dict:
     return result
 
 
-def lora_label(args: dict, dual_stream: bool = False) -> str:
-    """vLLM's LoRA settings of a run (runs from before these were settable used rank 64, max_loras 8)."""
-    label = f"rank {args.get('lora_max_rank', 64)}, {args.get('max_loras', 8)} slots"
-    if args.get("specialize_active_lora"):
-        label += ", graphs per active count"
-    if dual_stream:
-        label += ", dual stream"
-    return label
-
-
 def summarize(paths: list[str], out: str | None) -> dict:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    for r in runs:
-        if r["engine"] == "vllm":
-            r.setdefault("lora", lora_label(r["args"]))
     rows, by = [], {}
     for r in runs:
         for w in r.get("rows", []):
-            by[(r["engine"], r["shape"], w["workload"], r.get("lora", ""))] = w
-            rows.append({"engine": r["engine"], "lora": r.get("lora", ""), "shape": r["shape"], "workload": w["workload"],
+            by[(r["engine"], r["shape"], w["workload"])] = w
+            rows.append({"engine": r["engine"], "shape": r["shape"], "workload": w["workload"],
                          "tok_s": w["tok_s"], "seconds": w["seconds"], "ttft_p50_s": w["ttft_p50_s"],
-                         "ttft_p90_s": w["ttft_p90_s"], "swaps": w.get("swaps", 0),
-                         "device_peak_mb": r.get("memory", {}).get("device_peak_mb")})
-    print_table(rows, ["engine", "lora", "shape", "workload", "tok_s", "seconds", "ttft_p50_s", "ttft_p90_s", "swaps",
-                       "device_peak_mb"])
-    goals, labels = {}, sorted({r["lora"] for r in runs if r["engine"] == "vllm"})
-    n = by.get(("native", "llama3-8b", "mixed", ""))
+                         "ttft_p90_s": w["ttft_p90_s"], "device_peak_mb": r.get("memory", {}).get("device_peak_mb")})
+    print_table(rows, ["engine", "shape", "workload", "tok_s", "seconds", "ttft_p50_s", "ttft_p90_s", "device_peak_mb"])
+    goals = {}
+    n, v = by.get(("native", "llama3-8b", "mixed")), by.get(("vllm", "llama3-8b", "mixed"))
     print()
-    for lora in labels:
-        v = by.get(("vllm", "llama3-8b", "mixed", lora))
-        if v and n:
-            goals.setdefault("vllm_over_native_8b_mixed", {})[lora] = v["tok_s"] / n["tok_s"]
-            print(f"vLLM ({lora}) / native, 8B mixed: {v['tok_s'] / n['tok_s']:.2f}x (goal >= 3)")
-        for shape in ("llama3-8b", "smollm2"):
-            m, b = by.get(("vllm", shape, "mixed", lora)), by.get(("vllm", shape, "base", lora))
-            if m and b:
-                goals.setdefault(f"vllm_mixed_overhead_{shape}", {})[lora] = 1 - m["tok_s"] / b["tok_s"]
-                print(f"vLLM ({lora}) mixed-adaptation overhead vs its base, {shape}: "
-                      f"{100 * (1 - m['tok_s'] / b['tok_s']):.1f}% (goal <= 20%)")
+    if v and n:
+        goals["vllm_over_native_8b_mixed"] = v["tok_s"] / n["tok_s"]
+        print(f"vLLM / native, 8B mixed: {v['tok_s'] / n['tok_s']:.2f}x (goal >= 3)")
+    for shape in ("llama3-8b", "smollm2"):
+        m, b = by.get(("vllm", shape, "mixed")), by.get(("vllm", shape, "base"))
+        if m and b:
+            goals[f"vllm_mixed_overhead_{shape}"] = 1 - m["tok_s"] / b["tok_s"]
+            print(f"vLLM mixed-adaptation overhead vs its base, {shape}: {100 * (1 - m['tok_s'] / b['tok_s']):.1f}% "
+                  "(goal <= 20%)")
     summary = {"rows": rows, "goals": goals, "runs": paths,
-               "vllm_start_s": {f"{r['shape']} ({r['lora']})": r["start_s"] for r in runs if "start_s" in r}}
+               "vllm_start_s": {r["shape"]: r["start_s"] for r in runs if "start_s" in r}}
     write_json(out, summary)
     return summary
 
@@ -418,11 +393,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--gpu-memory", type=float, default=0.8, help="vLLM's share of the GPU memory")
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
-    ap.add_argument("--lora-max-rank", type=int, default=64,
-                    help="vLLM's max_lora_rank (its LoRA kernels work on this many ranks whatever an adapter's own)")
-    ap.add_argument("--max-loras", type=int, default=8, help="vLLM's max_loras (adapters in one batch)")
-    ap.add_argument("--specialize-active-lora", action="store_true",
-                    help="vLLM's specialize_active_lora: CUDA graphs per count of active adapters")
+    ap.add_argument("--sapt-bank", type=int, default=64, help="the rows engine's SAPT bank width (vllm_sapt_bank)")
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="--rows: timed runs of each workload (the median is kept)")

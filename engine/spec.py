@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 ENGINES = ("native", "vllm")
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks vLLM's kernels are built for
 
 
 def default_cache_dir() -> Path:
@@ -34,11 +33,9 @@ class ModelSpec:
 class VLLMSpec:
     """The vLLM engine's own settings (``vllm_*`` in the server settings)."""
 
-    svf_mode: Literal["rows", "off", "swap"] = "rows"  # per-row scales | per-row SAPT alone | merged weights swapped
-    max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
-    lora_max_rank: int = 64  # largest LoRA rank served (one of VLLM_LORA_RANKS)
-    max_loras: int = 8  # distinct LoRA adapters in one batch
-    max_adapters: int = 32  # adapter folders kept (LRU)
+    svf: bool = True  # False: W kept, no SVD, SVF experts refused (the SAPT bank alone; the base at full speed)
+    sapt_bank: int = 64  # the SAPT bank's width: total rank (tasks x r) of the bundles loaded at once (0: none)
+    max_experts: int = 256  # SVF experts kept on the GPU (LRU)
     tensor_parallel_size: int = 1  # GPUs one engine spreads the model over
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False  # no CUDA graphs

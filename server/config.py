@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.spec import VLLM_LORA_RANKS, EngineSpec, ModelSpec, VLLMSpec, default_cache_dir, spec_from
+from engine.spec import EngineSpec, ModelSpec, VLLMSpec, default_cache_dir, spec_from
 
 
 class Settings(BaseSettings):
@@ -73,30 +73,20 @@ class Settings(BaseSettings):
                                      "429. Their engine requests run at background priority, behind users' requests")
 
     # --- the vllm engine --------------------------------------------------------------------------
-    vllm_svf_mode: Literal["rows", "off", "swap"] = Field(
-        "rows", description="how vLLM serves adaptations: rows (every request its own exact SVF mixture and SAPT "
-        "attention inside vLLM's batches, through per-row scales) | off (rows for SAPT alone: W kept, no SVD, SVF "
-        "requests refused; full base speed) | swap (merged weights swapped in, requests grouped "
-        "by adaptation; exact)")
-    vllm_max_experts: int = Field(256, ge=1, description="rows mode: SVF experts kept on the GPU (LRU)")
-    vllm_lora_max_rank: int = Field(
-        64, description="largest LoRA rank vLLM serves (SAPT bundles need tasks x r; rows mode: the "
-        "SAPT bank's width, the total rank of the bundles loaded at once): 8 16 32 64 128 256 320 512")
-    vllm_max_loras: int = Field(8, ge=1, description="distinct LoRA adapters vLLM runs in one batch")
-    vllm_max_adapters: int = Field(32, ge=1, description="adapter folders kept, one per distinct mixture (LRU)")
+    vllm_svf: bool = Field(
+        True, description="vLLM serves SVF experts: every request its own exact SVF mixture inside vLLM's batches "
+        "(the adapted matrices as thin SVD factors); off: W kept, no SVD, SVF requests refused, the base at full "
+        "speed (SAPT is served either way)")
+    vllm_sapt_bank: int = Field(
+        64, ge=0, description="width of vLLM's SAPT bank: the total rank (tasks x r) of the SAPT bundles loaded "
+        "at once; 0: no bank")
+    vllm_max_experts: int = Field(256, ge=1, description="SVF experts kept on the GPU (LRU)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spreads the model over")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, lt=1, description="share of GPU memory vLLM takes")
     vllm_enforce_eager: bool = Field(False, description="vLLM without CUDA graphs (faster start, slower decode)")
     vllm_structured_backend: Literal["guidance", "xgrammar"] = Field(
         "guidance", description="vLLM's grammar engine for structured outputs and tool calls: guidance "
         "(llguidance) | xgrammar")
-
-    @field_validator("vllm_lora_max_rank")
-    @classmethod
-    def _lora_rank(cls, v: int) -> int:
-        if v not in VLLM_LORA_RANKS:
-            raise ValueError(f"vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}")
-        return v
 
     def resolved_expert_dir(self) -> Path:
         return self.expert_dir or (self.cache_dir / "experts")

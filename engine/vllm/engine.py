@@ -1,17 +1,20 @@
 """``VLLMEngine``: the engine contract of ``engine.factory`` served by vLLM's AsyncLLM.
 
-One asyncio loop owns the AsyncLLM, the adapter cache, the router and the swap gate. By default it is a
-loop of the engine's own thread; a server passes its own loop instead (``loop=``), as vLLM's own server
-runs its AsyncLLM on the loop that serves HTTP: then vLLM's output handler, this engine and the callers
-share one loop and one thread, and an output reaches its caller's queue directly. Callers on any other
-loop get their outputs in batches through ``engine.contract.Handoff``: a hop between threads that share
-one GIL, which cost logprobs-heavy streams a fifth of their throughput on the H200. Per request: the router decides how its adaptation
-is served (base weights, swapped weights, LoRA adapter), the gate admits it once its weights are loaded,
-and vLLM runs it with its adapter; score requests become prompt log-probability requests.
+vLLM serves adaptations one way: per-row tables inside its own batches (``engine.vllm.rows``). A request's
+adaptation becomes a small recipe in its ``SamplingParams.extra_args`` (``RowRouter.acquire``), every
+worker turns it into the request's row when vLLM admits it, and every adapted layer applies each token's
+row; base requests carry no recipe and read the base row. With no adapted matrices (``adapt_targets``
+none, or SVF off and no SAPT bank) this is stock vLLM.
 
-The engine also keeps a host copy of the base model on the CPU (with the SVD factors of the adapted
-matrices): the HTTP edge validates adaptations against it, SAPT routes prompts with its embeddings,
-expert files are fingerprinted with it, and swaps and SVF adapters are computed from it.
+One asyncio loop owns the AsyncLLM and the rows' registrations. By default it is a loop of the engine's own
+thread; a server passes its own loop instead (``loop=``), as vLLM's own server runs its AsyncLLM on the
+loop that serves HTTP: then vLLM's output handler, this engine and the callers share one loop and one
+thread, and an output reaches its caller's queue directly. Callers on any other loop get their outputs in
+batches through ``engine.contract.Handoff``. Score requests become prompt log-probability requests.
+
+The host keeps a skeleton of the base model (modules on the meta device, input embeddings loaded): SAPT
+routes prompts with its embeddings and the expert store fingerprints weights through it; vLLM's workers
+hold the weights.
 """
 from __future__ import annotations
 
@@ -45,36 +48,30 @@ from engine.contract import (
     check_admission,
     stream_outputs,
 )
-from engine.loader import eos_ids, install_adapters, load_skeleton, resolve_model_folder
-from engine.spec import VLLM_LORA_RANKS, EngineSpec, default_cache_dir, spec_from
-from engine.vllm.adapter_cache import Adapter, AdapterCache
-from engine.vllm.router import SVF_MODES, Route, Router
+from engine.loader import eos_ids, load_skeleton, resolve_model_folder
+from engine.spec import EngineSpec, default_cache_dir, spec_from
 from engine.vllm.row_router import RowRouter, RowsView
 from engine.vllm.rows import RECIPE_KEY
-from engine.vllm.rows_worker import ENV as ROWS_ENV
-from engine.vllm.rows_worker import RowsConfig
+from engine.vllm.rows_worker import CONFIG_KEY, RowsConfig
+from engine.vllm.scoring import prompt_token_logprobs, score_prompts, score_result, token_logprobs
 
 _SET_HERE = "T2_SET_V2_RUNNER"  # VLLM_USE_V2_MODEL_RUNNER was set by this process, not by the user
-ROW_MODES = ("rows", "off")  # svf modes served by per-row tables ("off": the SAPT bank alone, W kept)
-from engine.vllm.scoring import prompt_token_logprobs, score_prompts, score_result, token_logprobs
-from engine.vllm.swap_gate import WeightGate
-from engine.vllm.weight_swap import WeightSwapper
 
 log = logging.getLogger("t2serve.vllm")
 
-WORKER_EXTENSION = "engine.vllm.worker.WeightSwapExtension"
+WORKER_EXTENSION = "engine.vllm.worker.RowsExtension"
 SCORE_BUDGET = 2  # tokens a score request needs beyond its prompt (a label, and the one generated)
 
 
 @dataclass
 class VLLMOptions:
-    """What the vLLM engine is built from (``from_spec`` maps an ``EngineSpec`` onto it; benchmarks set
-    the fields below ``specialize_active_lora`` too)."""
+    """What the vLLM engine is built from (``from_spec`` maps an ``EngineSpec`` onto it; benchmarks set the
+    fields below ``max_experts`` too)."""
 
     model: str  # Hugging Face folder
     served_name: str
     cache_dir: Path = field(default_factory=default_cache_dir)
-    dtype: str = "bfloat16"  # vLLM's LoRA kernels take bfloat16 or float16 (float32: host-only tests)
+    dtype: str = "bfloat16"
     adapt_targets: str = "mlp"  # matrices experts adapt (the setting of the same name)
     max_model_len: int = 2048
     max_num_seqs: int = 32
@@ -83,22 +80,13 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
     structured_backend: str = "guidance"  # vLLM's grammar engine: guidance (llguidance) | xgrammar
-    svf_mode: str = "rows"  # rows (per-row scales inside vLLM's batches) | off (rows for SAPT alone) | swap
-    max_experts: int = 256  # rows mode: SVF experts kept on the GPU (LRU)
-    lora_max_rank: int = 64  # largest LoRA rank served (vLLM's max_lora_rank)
-    max_loras: int = 8  # distinct adapters in one batch
-    specialize_active_lora: bool = False  # CUDA graphs per count of active adapters (vLLM's option)
-    max_adapters: int = 32  # adapter folders kept (LRU)
-    swap_quantum: float = 1.0  # seconds a group may keep growing while another group waits
-    lora_modules: list[str] | None = None  # module names vLLM puts LoRA on (default: the adapted ones)
-    host_model: bool = True  # False: no host copy (no SVF; SAPT still works) - for random-weight benchmarks
+    svf: bool = True  # SVF experts served (False: W kept, no SVD; the SAPT bank alone)
+    sapt_bank: int = 64  # the SAPT bank's width: total rank of the bundles loaded at once (0: none)
+    max_experts: int = 256  # SVF experts kept on the GPU (LRU)
+    skeleton: bool = True  # False: no host skeleton (a shape-only folder without weights: benchmarks)
     load_format: str = "auto"  # "dummy": random weights without reading any (benchmarks)
     detokenize: bool = True  # False: token ids only (models whose vocabulary exceeds the tokenizer's)
     seed: int = 0
-
-    def __post_init__(self):
-        if self.lora_max_rank not in VLLM_LORA_RANKS:
-            raise ValueError(f"vllm_lora_max_rank must be one of {VLLM_LORA_RANKS}, got {self.lora_max_rank}")
 
     @classmethod
     def from_spec(cls, spec: EngineSpec) -> "VLLMOptions":
@@ -116,7 +104,6 @@ class VLLMApi:
     """The vLLM classes requests are built from (replaced by stand-ins in tests without vLLM)."""
 
     SamplingParams: Any
-    LoRARequest: Any
     RequestOutputKind: Any
     StructuredOutputsParams: Any = None
     validate_structure: Any = None  # (vLLM SamplingParams) -> None or ValueError: the grammar backend's own check
@@ -160,37 +147,31 @@ class VLLMGrammars:
 
 
 def rows_config(options: VLLMOptions) -> RowsConfig | None:
-    """The workers' per-row configuration (rows mode with adapted matrices), else None."""
-    if options.svf_mode not in ROW_MODES or options.adapt_targets == "none":
+    """The workers' per-row configuration, or None where nothing is adapted (stock vLLM)."""
+    if options.adapt_targets == "none" or (not options.svf and not options.sapt_bank):
         return None
     svd = None if options.load_format == "dummy" else str(options.cache_dir / "svd")  # random weights: not kept
     targets = options.adapt_targets.split(",") if "," in options.adapt_targets else options.adapt_targets
-    return RowsConfig(targets=targets, sapt_rank=options.lora_max_rank, svd_cache=svd, svf=options.svf_mode == "rows")
+    return RowsConfig(targets=targets, sapt_rank=options.sapt_bank, svd_cache=svd, svf=options.svf)
 
 
 def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
     """Start vLLM's AsyncLLM for ``options``. Called in a running loop, its output handler starts on that
     loop; called in a thread without one, on the loop of its first request (``VLLMEngine.boot``)."""
     rows = rows_config(options)
-    if options.dtype not in ("bfloat16", "float16") and rows is None:
-        raise ValueError(f"the vLLM engine serves bfloat16 or float16 (vLLM's LoRA kernels), not {options.dtype}")
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads: never fork it
-    if rows is not None:  # read by the workers (engine.vllm.rows_worker), which inherit this environment
-        os.environ[ROWS_ENV] = rows.to_env()
+    if rows is not None:
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:  # the runner the hooks are written against
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = os.environ[_SET_HERE] = "1"
         elif os.environ["VLLM_USE_V2_MODEL_RUNNER"] != "1":
             raise ValueError("per-row adaptation runs on vLLM's model runner V2: unset VLLM_USE_V2_MODEL_RUNNER=0")
-    else:
-        os.environ.pop(ROWS_ENV, None)
-        if os.environ.pop(_SET_HERE, None):  # a stock engine after a rows engine in this process: vLLM's default
-            os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+    elif os.environ.pop(_SET_HERE, None):  # a stock engine after a rows engine in this process: vLLM's default
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     if importlib.util.find_spec("flashinfer") is None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from vllm import AsyncEngineArgs
     from vllm import SamplingParams as VSamplingParams
     from vllm.config import StructuredOutputsConfig
-    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -199,62 +180,21 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         seed=options.seed, max_model_len=options.max_model_len, max_num_seqs=options.max_num_seqs,
         tensor_parallel_size=options.tensor_parallel_size, gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager, load_format=options.load_format, enable_prefix_caching=True,
-        worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+        worker_extension_cls=WORKER_EXTENSION if rows is not None else "", disable_log_stats=True,
         # compact JSON, as the native engine writes it: vLLM 0.25's grammar backends read this engine-wide
         # setting only, not the request's StructuredOutputsParams.disable_any_whitespace; with any whitespace
         # allowed, sampled rows ran out of tokens in runs of blanks (3 of 32 documents on the H200)
         structured_outputs_config=StructuredOutputsConfig(backend=options.structured_backend,
                                                           disable_any_whitespace=True),
-        # in vLLM's compile-cache key: a rows engine never loads a graph compiled for another layout, nor stock
-        # vLLM one compiled with the rows layers
-        additional_config={"t2_rows": rows.compile_key()} if rows is not None else {},
-        **({} if options.svf_mode not in SVF_MODES else dict(
-            enable_lora=True, max_lora_rank=options.lora_max_rank, max_loras=options.max_loras,
-            specialize_active_lora=options.specialize_active_lora,
-            max_cpu_loras=options.max_adapters + options.max_loras, lora_target_modules=options.lora_modules)))
+        # the rows configuration travels to every worker inside vLLM's own config (``additional_config``, which
+        # vLLM also folds into its compile-cache key: a rows engine never loads a graph compiled for another
+        # layout, nor stock vLLM one compiled with the rows layers)
+        additional_config={CONFIG_KEY: rows.to_config()} if rows is not None else {})
     validate = None
     if options.structured_backend == "guidance":  # llguidance refuses some structures xgrammar takes
         from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar as validate
-    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, LoRARequest, RequestOutputKind,
-                                                     StructuredOutputsParams, validate)
-
-
-def load_host_model(options: VLLMOptions):
-    """(host model on the CPU, its AdaptationRuntime or None). Rows mode needs no weights on the host:
-    a skeleton with the input embeddings (``load_skeleton``). Swap and lora modes compute from a whole
-    copy and its SVD factors (computed on the GPU when there is one, then cached on disk), before vLLM
-    takes the GPU memory."""
-    from transformers import AutoModelForCausalLM
-
-    if options.svf_mode in ROW_MODES:
-        return load_skeleton(options.model, getattr(torch, options.dtype)), None
-
-    model = AutoModelForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype))
-    model.eval().requires_grad_(False)
-    runtime = None
-    if options.adapt_targets != "none":
-        gpu = torch.cuda.is_available()
-        if gpu:
-            model.to("cuda")
-        runtime = install_adapters(model, options.adapt_targets, options.cache_dir)
-        if gpu:
-            model.to("cpu")
-            torch.cuda.empty_cache()
-    return model, runtime
-
-
-class RuntimeView:
-    """The host AdaptationRuntime as the HTTP edge sees it, with this engine's limits checked too."""
-
-    def __init__(self, runtime, router: Router):
-        self._runtime, self._router = runtime, router
-
-    def validate(self, adaptation) -> None:
-        self._runtime.validate(adaptation)
-        self._router.check(adaptation)
-
-    def __getattr__(self, name: str):
-        return getattr(self._runtime, name)
+    return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, RequestOutputKind, StructuredOutputsParams,
+                                                     validate)
 
 
 def _eos_ids(model, tokenizer, folder: str) -> list[int]:
@@ -266,7 +206,7 @@ def _eos_ids(model, tokenizer, folder: str) -> list[int]:
 
 
 def remove_stale_runs(root: Path) -> None:
-    """Delete the adapter and swap folders of engines whose process is gone (``run-<pid>-...``)."""
+    """Delete the scratch folders of engines whose process is gone (``run-<pid>-...``)."""
     for d in root.glob("run-*"):
         if not scratch_alive(d):
             shutil.rmtree(d, ignore_errors=True)
@@ -301,7 +241,7 @@ def _finish_reason(reason: str | None) -> str:
 
 
 class VLLMEngine:
-    def __init__(self, options: VLLMOptions, tokenizer, model=None, runtime=None,
+    def __init__(self, options: VLLMOptions, tokenizer, model=None,
                  connect: Callable[[VLLMOptions], tuple[Any, VLLMApi]] = connect_vllm,
                  loop: asyncio.AbstractEventLoop | None = None):
         self.options = options
@@ -311,9 +251,8 @@ class VLLMEngine:
         self.model_name = options.served_name
         self.max_model_len = options.max_model_len
         self.max_waiting = options.max_waiting
-        self.model = model  # the host copy (None without one)
+        self.model = model  # the host skeleton (None without one)
         self.eos_token_ids = _eos_ids(model, tokenizer, options.model)
-        self._host_runtime = runtime
         self._connect = connect
         self.scratch = options.cache_dir / "vllm" / f"run-{os.getpid()}-{id(self):x}"
         # the loop that owns vLLM: a given one (a server's, running in another thread), or the engine thread's
@@ -326,9 +265,10 @@ class VLLMEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._serving: set[asyncio.Task] = set()  # requests being served (engine loop)
-        self.llm = self.api = self.cache = self.router = self.swapper = self.gate = None
-        self.rows: RowRouter | None = None  # rows mode
-        self.runtime = None
+        self.llm = self.api = None
+        self.rows: RowRouter | None = None  # None: nothing adapted (stock vLLM)
+        self.runtime: RowsView | None = None  # what the HTTP edge validates adaptations against
+        self.rows_info: dict = {}
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod
@@ -338,16 +278,14 @@ class VLLMEngine:
     @classmethod
     def from_options(cls, options: VLLMOptions, connect=connect_vllm,
                      loop: asyncio.AbstractEventLoop | None = None) -> "VLLMEngine":
-        """Load the host model (unless ``options.host_model`` is False), start vLLM, return when ready.
+        """Load the host skeleton (unless ``options.skeleton`` is False), start vLLM, return when ready.
         ``loop``: a running loop of another thread that is to own vLLM (blocking: never call this on it)."""
         from transformers import AutoTokenizer
 
         t0 = time.time()
         tokenizer = AutoTokenizer.from_pretrained(options.model)
-        model, runtime = load_host_model(options) if options.host_model else (None, None)
-        if options.lora_modules is None and runtime is not None:
-            options.lora_modules = sorted({t.name.rsplit(".", 1)[-1] for t in runtime.targets})
-        engine = cls(options, tokenizer, model, runtime, connect, loop)
+        model = load_skeleton(options.model, getattr(torch, options.dtype)) if options.skeleton else None
+        engine = cls(options, tokenizer, model, connect, loop)
         try:
             engine.boot()
         except BaseException:
@@ -385,49 +323,20 @@ class VLLMEngine:
         start = getattr(self.llm, "_run_output_handler", None)
         if start is not None:  # as vLLM does when built on a running loop: engine failures are heard at once
             start()
-        if rows_config(self.options) is not None:
-            info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install
-            targets = [Target(n, "linear", o, i) for n, o, i in info["targets"]]
-            self.rows = RowRouter(self._rpc, self.scratch / "rows", RowsView(targets, info["sapt_rank"], info["svf"]),
-                                  max_experts=self.options.max_experts)
-            self.rows_info = info
-            self.runtime = self.rows.view
-            self.gate = WeightGate(self._load_weights, quantum=self.options.swap_quantum)
-            log.info("per-row adaptation: %d matrices, %d request slots, SAPT bank %d, tables %.1f MB, "
-                     "factors %.1f MB", len(targets), info["rows"], info["sapt_rank"], info["table_bytes"] / 2**20,
-                     info["factor_bytes"] / 2**20)
+        if rows_config(self.options) is None:
             return
-        self.cache = AdapterCache(self.scratch / "adapters", self.options.max_adapters,
-                                  on_load=self._register, on_evict=self._unregister)
-        self.router = Router(self._host_runtime, self.cache, self.options.model, getattr(torch, self.options.dtype),
-                             svf_mode="swap", max_rank=self.options.lora_max_rank)
-        swap = None
-        if self._host_runtime is not None and self._host_runtime.layers:
-            swap = WeightSwapper(self._host_runtime, self._rpc, self.llm.reset_prefix_cache, self.scratch)
-            self.runtime = RuntimeView(self._host_runtime, self.router)
-        self.swapper = swap
-        self.gate = WeightGate(self._load_weights, quantum=self.options.swap_quantum)
+        info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install
+        targets = [Target(n, "linear", o, i) for n, o, i in info["targets"]]
+        self.rows = RowRouter(self._rpc, self.scratch / "rows", RowsView(targets, info["sapt_rank"], info["svf"]),
+                              max_experts=self.options.max_experts)
+        self.rows_info = info
+        self.runtime = self.rows.view
+        log.info("per-row adaptation: %d matrices, %d request slots, SAPT bank %d, tables %.1f MB, "
+                 "factors %.1f MB", len(targets), info["rows"], info["sapt_rank"], info["table_bytes"] / 2**20,
+                 info["factor_bytes"] / 2**20)
 
     async def _rpc(self, method: str, args: tuple) -> list:
         return await self.llm.collective_rpc(method, args=args)
-
-    async def _load_weights(self, key, adaptation) -> None:
-        if self.swapper is None:
-            if adaptation is None:
-                return
-            raise EngineError("swapping weights needs the host model and adapted matrices")
-        await self.swapper(key, adaptation)
-
-    def _lora_request(self, adapter: Adapter | None):
-        if adapter is None:
-            return None
-        return self.api.LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=str(adapter.path))
-
-    async def _register(self, adapter: Adapter) -> None:
-        await self.llm.add_lora(self._lora_request(adapter))  # vLLM validates it here, not mid-batch
-
-    async def _unregister(self, adapter: Adapter) -> None:
-        await self.llm.remove_lora(adapter.lora_id)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     adaptation = {"phase": "ready", "percent": 100.0}  # the workers prepare their layers before vLLM is up
@@ -440,20 +349,14 @@ class VLLMEngine:
 
     @property
     def ready(self) -> bool:
-        llm, gate = self.llm, self.gate
+        llm = self.llm
         return (self._booted and (self._thread is None or self._thread.is_alive()) and not self._loop.is_closed()
                 and self._dead is None and not self._stopping and llm is not None
-                and gate is not None and gate.dead is None and not getattr(llm, "errored", False))
+                and not getattr(llm, "errored", False))
 
     def stats(self) -> dict:
-        if self.gate is None:
-            return {"running": 0, "waiting": 0}
-        if self.rows is not None:
-            return {"running": self._pending, "waiting": 0, "kv_tokens_used": 0, **self.rows.stats()}
-        return {"running": self.gate.active, "waiting": max(0, self._pending - self.gate.active),
-                "kv_tokens_used": 0, "swaps": self.gate.swaps, "swap_seconds": round(self.gate.swap_seconds, 3),
-                "adapters": len(self.cache), "adapter_builds": self.cache.builds,
-                "weights": self.gate.current}
+        rows = self.rows.stats() if self.rows is not None else {}
+        return {"running": self._pending, "waiting": 0, "kv_tokens_used": 0, **rows}
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking work, abort what is in flight, stop vLLM and the engine thread."""
@@ -482,8 +385,6 @@ class VLLMEngine:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.cache is not None:
-            await self.cache.clear()
         if self.llm is not None:
             self.llm.shutdown()
 
@@ -522,40 +423,41 @@ class VLLMEngine:
             fut.cancel()
 
     def adapter_report(self, adaptation) -> dict:
-        """How ``adaptation`` is served here (for SVF in lora mode: rank and relative error per matrix).
-        Blocking: call it off the loop that owns vLLM."""
+        """How ``adaptation`` is served here (exactly, per row). Blocking: call it off the loop that owns vLLM."""
         return asyncio.run_coroutine_threadsafe(self._report(adaptation), self._loop).result()
 
     async def _report(self, adaptation) -> dict:
-        if self.rows is not None:
-            self.rows.check(adaptation)
-            sapt = adaptation.sapt
-            return {"label": adaptation.label, "svf": "rows" if adaptation.svf is not None else None,
-                    "sapt_rank": sapt.bundle.num_tasks * sapt.bundle.rank if sapt is not None else 0, "exact": True}
-        return await asyncio.to_thread(self.router.report, adaptation)  # may plan: tensor work
+        self._check(adaptation)
+        sapt = adaptation.sapt
+        return {"label": adaptation.label, "svf": "rows" if adaptation.svf is not None else None,
+                "sapt_rank": sapt.bundle.num_tasks * sapt.bundle.rank if sapt is not None else 0, "exact": True}
+
+    def _check(self, adaptation) -> None:
+        if self.rows is None:
+            raise ValueError("this server adapts no matrices on vLLM (adapt_targets none, or SVF off and no SAPT "
+                             "bank): only the base model is served")
+        self.rows.check(adaptation)
 
     async def _serve(self, req: GenerationRequest, push: Callable[[RequestOutput], None]) -> None:
-        route: Route | None = None
         n = len(req.prompt_ids)
         task = asyncio.current_task()
         self._serving.add(task)
+        lease = None
         try:
-            if self.rows is not None:
-                await self._serve_rows(req, push)
-                return
-            route = await self.router.route(req.adaptation)
-            async with self.gate.admitted(route.plan.weights_key, route.plan.weights):
-                lora = self._lora_request(route.adapter)
-                salt = route.plan.weights_key
-                if req.score is not None:
-                    push(await self._score(req, lora, salt))
-                else:
-                    await self._generate(req, lora, salt, push)
+            if req.adaptation is not None:
+                self._check(req.adaptation)
+                lease = await self.rows.acquire(req.adaptation)
+            extra = {RECIPE_KEY: lease.recipe} if lease is not None else None
+            salt = lease.salt if lease is not None else None  # prefixes are shared only under one adaptation
+            if req.score is not None:
+                push(await self._score(req, salt, extra))
+            else:
+                await self._generate(req, salt, push, extra)
         except asyncio.CancelledError:
             push(RequestOutput(req.request_id, [], "", True, "abort", prompt_tokens=n))
             raise
         except Exception as e:
-            if not isinstance(e, EngineError):
+            if not isinstance(e, (EngineError, ValueError)):
                 log.exception("request %s failed", req.request_id)
             push(RequestOutput(req.request_id, [], "", True, "abort", prompt_tokens=n,
                                error=f"{type(e).__name__}: {e}"))
@@ -563,24 +465,12 @@ class VLLMEngine:
             self._serving.discard(task)
             with self._lock:
                 self._pending -= 1
-            if route is not None:
-                await self.router.release(route)
-
-    async def _serve_rows(self, req: GenerationRequest, push) -> None:
-        lease = await self.rows.acquire(req.adaptation)
-        try:
-            extra = {RECIPE_KEY: lease.recipe} if lease is not None else None
-            salt = lease.salt if lease is not None else None  # prefixes are shared only under one adaptation
-            if req.score is not None:
-                push(await self._score(req, None, salt, extra))
-            else:
-                await self._generate(req, None, salt, push, extra)
-        finally:
-            await self.rows.release(lease)
+            if lease is not None:
+                await self.rows.release(lease)
 
     def _prompt(self, ids: list[int], salt: str | None) -> dict:
         prompt: dict = {"type": "token", "prompt_token_ids": list(ids)}  # vLLM's TokensInput: no re-rendering
-        if salt is not None:  # blocks computed under swapped weights are never reused under others
+        if salt is not None:  # blocks computed under one adaptation are never reused under another
             prompt["cache_salt"] = salt
         return prompt
 
@@ -607,10 +497,10 @@ class VLLMEngine:
             self._grammars = VLLMGrammars(Grammars.shared(self.tokenizer, len(self.tokenizer)), self.api)
         return self._grammars
 
-    async def _generate(self, req: GenerationRequest, lora, salt, push, extra: dict | None = None) -> None:
+    async def _generate(self, req: GenerationRequest, salt, push, extra: dict | None = None) -> None:
         n, count = len(req.prompt_ids), 0
         async for o in self.llm.generate(self._prompt(req.prompt_ids, salt), self.sampling_params(req.params, extra),
-                                         req.request_id, lora_request=lora):
+                                         req.request_id):
             c = o.outputs[0]
             count += len(c.token_ids)
             reason = _finish_reason(c.finish_reason) if o.finished else None
@@ -622,7 +512,7 @@ class VLLMEngine:
                 return
         raise EngineError("vLLM ended the request without finishing it")
 
-    async def _score(self, req: GenerationRequest, lora, salt, extra: dict | None = None) -> RequestOutput:
+    async def _score(self, req: GenerationRequest, salt, extra: dict | None = None) -> RequestOutput:
         k = req.score.prompt_logprobs
         params = self.api.SamplingParams(n=1, max_tokens=1, temperature=0.0, prompt_logprobs=k or 0, detokenize=False,
                                          output_kind=self.api.RequestOutputKind.FINAL_ONLY, extra_args=extra)
@@ -631,8 +521,7 @@ class VLLMEngine:
 
         async def one(j: int, ids: list[int]) -> list[float | None]:
             last = None
-            async for o in self.llm.generate(self._prompt(ids, salt), params, f"{req.request_id}#score{j}",
-                                             lora_request=lora):
+            async for o in self.llm.generate(self._prompt(ids, salt), params, f"{req.request_id}#score{j}"):
                 last = o
             if last is None:
                 raise EngineError("vLLM returned nothing for a score request")

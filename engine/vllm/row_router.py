@@ -60,7 +60,7 @@ class RowsView:
     def validate(self, adaptation: Adaptation) -> None:
         if adaptation.svf is not None:
             if not self.svf:
-                raise ValueError("this server serves no SVF experts on vLLM (vllm_svf_mode off: the SAPT bank alone)")
+                raise ValueError("this server serves no SVF experts on vLLM (vllm_svf off: the SAPT bank alone)")
             for name in adaptation.svf.target_names:
                 if name not in self._k:
                     raise ValueError(f"expert matrix {name} is not adapted by this server")
@@ -72,7 +72,7 @@ class RowsView:
             width = bundle.num_tasks * bundle.rank
             if width > self.sapt_rank:
                 raise ValueError(f"this SAPT bundle has rank {width} (tasks x r); this server's SAPT bank holds "
-                                 f"{self.sapt_rank} (setting vllm_lora_max_rank)")
+                                 f"{self.sapt_rank} (setting vllm_sapt_bank)")
             if bundle.prompt_len:
                 raise ValueError("SAPT soft prompts are not served by the vLLM engine")
             missing = [n for n in bundle.target_names if n not in self._k]

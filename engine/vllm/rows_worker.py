@@ -14,16 +14,17 @@ of its methods are wrapped, in the worker process, before the runner exists:
   scheduled tokens) is written to the fixed buffer every adapted layer reads.
 
 ``check_hook_points`` fails loudly when vLLM is another version or these hook points moved.
-The front end passes the configuration in the ``T2_ROWS`` environment variable (JSON of ``RowsConfig``).
+The front end passes the configuration inside vLLM's own config: ``VllmConfig.additional_config[CONFIG_KEY]``
+(``RowsConfig.to_config``), which every worker receives with the rest of vLLM's config; a runner without it
+is left as vLLM made it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from engine.vllm.rows import RECIPE_KEY, RowLinear, RowTables, adapt_layer, laye
 
 log = logging.getLogger("t2serve.vllm.rows")
 
-ENV = "T2_ROWS"
+CONFIG_KEY = "t2_rows"  # the key of vLLM's additional_config that carries a RowsConfig
 SUPPORTED_VLLM = ("0.25.0",)
 RUNNER = "vllm.v1.worker.gpu.model_runner.GPUModelRunner"
 HOOKED = ("load_model", "add_requests", "prepare_inputs")
@@ -49,22 +50,28 @@ class RowsConfig:
     svf: bool = True  # False: W kept, no SVD, SVF experts refused (the SAPT bank alone)
     svd_cache: str | None = None  # folder of the SVD cache (None: computed, not stored)
 
-    def to_env(self) -> str:
-        return json.dumps(asdict(self))
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_config(self) -> dict:
+        """What travels in vLLM's ``additional_config``: the fields, and the compile key."""
+        return {**asdict(self), "compile_key": self.compile_key()}
+
+    @classmethod
+    def from_config(cls, additional: dict | None) -> "RowsConfig | None":
+        raw = (additional or {}).get(CONFIG_KEY)
+        if not raw:
+            return None
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
     def compile_key(self) -> str:
         """What vLLM's compiled-graph cache must tell apart: this configuration and the code of the layers
         it traces. vLLM 0.25 keys its ahead-of-time compiled model by its own configuration only (not by the
         traced code), so without this key an engine would load the graph another layout was compiled for."""
-        h = hashlib.sha256(self.to_env().encode())
+        h = hashlib.sha256(self.to_json().encode())
         for module in ("rows.py", "rows_worker.py"):
             h.update((Path(__file__).parent / module).read_bytes())
         return h.hexdigest()[:16]
-
-    @classmethod
-    def from_env(cls) -> "RowsConfig | None":
-        raw = os.environ.get(ENV)
-        return cls(**json.loads(raw)) if raw else None
 
 
 def check_hook_points() -> None:
@@ -103,7 +110,7 @@ def install_runner_hooks() -> None:
 
     def hooked_load_model(self, *args, **kwargs):
         load_model(self, *args, **kwargs)
-        config = RowsConfig.from_env()
+        config = RowsConfig.from_config(getattr(self.vllm_config, "additional_config", None))
         if config is not None:
             self.t2_rows = WorkerRows.build(self, config)
 
@@ -173,16 +180,32 @@ def adapted_layers(model: torch.nn.Module, spec) -> list[tuple[torch.nn.Module, 
     return out
 
 
+def _all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every tensor-parallel rank's ``t`` joined along ``dim``, in rank order: through vLLM's tensor-parallel
+    group inside vLLM, through torch.distributed's default group where vLLM's is not set up (CPU tests)."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        parallel_state = None
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        return tensor_model_parallel_all_gather(t, dim=dim)
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=dim)
+
+
 def _gather(layer, sub: Sub, local: torch.Tensor) -> torch.Tensor:
     """The full (out, in) matrix of ``sub`` from every rank's part."""
     rank, tp = _tp(layer)
     if tp == 1:
         return local
-    from vllm.distributed import tensor_model_parallel_all_gather
-
     if _row_parallel(layer):
-        return tensor_model_parallel_all_gather(local.contiguous(), dim=1)
-    full = tensor_model_parallel_all_gather(local.contiguous(), dim=0)
+        return _all_gather(local.contiguous(), dim=1)
+    full = _all_gather(local.contiguous(), dim=0)
     rep = replicas(layer, sub.index)
     return torch.cat(full.chunk(tp)[::rep]) if rep > 1 else full
 
@@ -213,7 +236,7 @@ def _this_rank(layer, sub: Sub, local_rows: int, out_side: torch.Tensor, in_side
 
 
 class WorkerRows:
-    """One worker's tables and adapted layers; the RPCs of ``WeightSwapExtension`` call into it."""
+    """One worker's tables and adapted layers; the RPCs of ``engine.vllm.worker.RowsExtension`` call into it."""
 
     def __init__(self, tables: RowTables, layers: list[tuple[torch.nn.Module, RowLinear, list[Sub]]],
                  targets: list[Target], seconds: dict):
@@ -327,8 +350,8 @@ class WorkerRows:
 def rows_of(worker) -> WorkerRows:
     rows = getattr(worker.model_runner, "t2_rows", None)
     if rows is None:
-        raise RuntimeError("per-row adaptation is not installed in this worker (T2_ROWS unset, or vLLM did "
-                           "not use the V2 model runner)")
+        raise RuntimeError("per-row adaptation is not installed in this worker (no rows configuration in vLLM's "
+                           "additional_config, or vLLM did not use the V2 model runner)")
     return rows
 
 

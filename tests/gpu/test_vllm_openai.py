@@ -26,7 +26,7 @@ def engine(folder, ref):
     from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     opts = VLLMOptions(model=folder, served_name="smollm2", cache_dir=ref.cache, dtype="bfloat16", adapt_targets="all",
-                       max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3, svf_mode="rows")
+                       max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3)
     # as the server runs it: vLLM on the loop its callers use (started off that loop while it runs)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -24,7 +24,7 @@ def rows_engine(folder, ref):
     t0 = time.time()
     opts = VLLMOptions(model=folder, served_name="smollm2", cache_dir=ref.cache, dtype="bfloat16", adapt_targets="all",
                        max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3, enforce_eager=False,
-                       svf_mode="rows", lora_max_rank=64)
+                       sapt_bank=64)
     eng = VLLMEngine.from_options(opts)
     record("rows_engine_start", seconds=round(time.time() - t0, 1), info=eng.rows_info)
     yield eng
@@ -33,12 +33,12 @@ def rows_engine(folder, ref):
 
 @pytest.fixture(scope="module")
 def stock_engine(folder, ref, rows_engine):
-    """vLLM without any adaptation machinery (no hooks, no LoRA): what base rows must equal."""
+    """vLLM without any adaptation machinery (no hooks, no extension): what base rows must equal."""
     from engine.vllm.engine import VLLMEngine, VLLMOptions
 
     opts = VLLMOptions(model=folder, served_name="smollm2", cache_dir=ref.cache, dtype="bfloat16", adapt_targets="none",
                        max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.2, enforce_eager=False,
-                       svf_mode="rows", host_model=False)
+                       skeleton=False)
     eng = VLLMEngine.from_options(opts)
     yield eng
     eng.close()
@@ -50,7 +50,7 @@ def experts():
     engine's own tokens away from its float32 ones, and no bf16 engine can be held to them.)"""
     from pathlib import Path
 
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
     from tests.support import REPO_ROOT
 
     root = Path(REPO_ROOT) / "experts" / "builtin"

@@ -1,46 +1,38 @@
 """A stand-in for vLLM's AsyncLLM on the CPU, so the vLLM engine's own logic runs without vLLM.
 
-A Hugging Face model (its own copy, as vLLM holds its own weights) is decoded greedily without a KV
-cache; LoRA adapters are read from their PEFT folders and applied as W + B A for the request; weight
-swaps go through the real worker extension (``WeightSwapExtension``) on that model. It records what it
-was asked, and whether a swap ever happened while a request was in flight.
-
-Rows mode (``engine.vllm.rows``): the model's adapted ``nn.Linear`` layers are turned into row-adapted
-layers by the real ``WorkerRows.install``; the fake then plays vLLM's runner: ``max_num_seqs`` request
-slots, a request waits for a free one, its slot's row is written from its recipe when it gets one, and
-requests decode one token per turn, interleaved, each step mapping its tokens to its own slot.
+A Hugging Face model (its own copy, as vLLM holds its own weights) is decoded greedily without a KV cache.
+Its adapted ``nn.Linear`` layers are turned into row-adapted layers by the real ``WorkerRows.install``, and
+the worker RPCs go through the real worker extension (``RowsExtension``); the fake then plays vLLM's
+runner: ``max_num_seqs`` request slots, a request waits for a free one, its slot's row is written from its
+recipe when it gets one, and requests decode one token per turn, interleaved, each step mapping its tokens
+to its own slot. With nothing adapted (``rows_config`` None) it decodes the plain model. It records what it
+was asked.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import types
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.targets import find_targets
 from engine.vllm.engine import VLLMApi, rows_config
-from engine.vllm.peft_folder import read_peft_adapter
 from engine.vllm.rows import RECIPE_KEY
 from engine.vllm.rows_worker import Sub, WorkerRows
-from engine.vllm.worker import WeightSwapExtension
+from engine.vllm.worker import RowsExtension
 
 
 class Params(SimpleNamespace):
     """Takes whatever vLLM's SamplingParams takes."""
 
 
-class LoRARequest(SimpleNamespace):
-    pass
+API = VLLMApi(Params, SimpleNamespace(DELTA="delta", FINAL_ONLY="final"), Params)
 
 
-API = VLLMApi(Params, LoRARequest, SimpleNamespace(DELTA="delta", FINAL_ONLY="final"), Params)
-
-
-class FakeWorker(WeightSwapExtension):
+class FakeWorker(RowsExtension):
     def __init__(self, model):
         self._model = model
 
@@ -52,15 +44,12 @@ class FakeLLM:
     def __init__(self, options):
         self.options = options
         self.model = AutoModelForCausalLM.from_pretrained(options.model, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(options.model)  # texts as vLLM's detokenizer gives them
         self.worker = FakeWorker(self.model)
         self.errored = False
-        self.registered: dict[int, str] = {}  # lora id -> folder
-        self.removed: list[int] = []
         self.in_flight = 0  # generate() calls not yet exhausted
-        self.swaps_in_flight = 0  # swaps that found a request in flight (must stay 0)
         self.rpcs: list[str] = []
         self.requests: list[dict] = []  # what each generate() was asked
-        self.prefix_resets = 0
         self.shut = False
         self.rows = None
         config = rows_config(options)
@@ -110,6 +99,7 @@ class FakeLLM:
                     yield self._out([], "length", True, self._prompt_logprobs(ids))
                     return
                 seq = list(ids)
+                text = ""
                 eos = self.model.generation_config.eos_token_id
                 eos = set(eos if isinstance(eos, list) else [eos]) - {None}
                 for i in range(params.max_tokens):
@@ -117,8 +107,10 @@ class FakeLLM:
                     t = int(self.model(torch.tensor([seq])).logits[0, -1].argmax())
                     seq.append(t)
                     last = i == params.max_tokens - 1 or (not getattr(params, "ignore_eos", False) and t in eos)
+                    full = self.tokenizer.decode(seq[len(ids):], skip_special_tokens=True)
+                    delta, text = full[len(text):], full  # the text each step adds, as vLLM streams it
                     yield self._out([t], ("length" if i == params.max_tokens - 1 else "stop") if last else None,
-                                    last, None)
+                                    last, None, delta)
                     if last:
                         return
                     await asyncio.sleep(0)  # other requests step in between, on their own slots
@@ -130,46 +122,23 @@ class FakeLLM:
         self.rows.tables.map_tokens(np.array([slot]), np.array([n]), n)
 
     # --- the AsyncLLM surface the engine uses ----------------------------------------------------------
-    async def add_lora(self, req) -> bool:
-        config, _ = read_peft_adapter(req.lora_path)
-        if config["r"] > self.options.lora_max_rank:
-            raise ValueError(f"LoRA rank {config['r']} is greater than max_lora_rank")
-        self.registered[req.lora_int_id] = req.lora_path
-        return True
-
-    async def remove_lora(self, lora_id: int) -> bool:
-        self.removed.append(lora_id)
-        return self.registered.pop(lora_id, None) is not None
-
     async def collective_rpc(self, method: str, timeout=None, args=(), kwargs=None):
         self.rpcs.append(method)
-        if self.in_flight:
-            self.swaps_in_flight += 1
         return [getattr(self.worker, method)(*args, **(kwargs or {}))]
-
-    async def reset_prefix_cache(self) -> bool:
-        self.prefix_resets += 1
-        return True
 
     def shutdown(self) -> None:
         self.shut = True
 
-    async def generate(self, prompt, params, request_id, lora_request=None):
+    async def generate(self, prompt, params, request_id):
         ids = list(prompt["prompt_token_ids"])
-        self.requests.append({"id": request_id, "ids": ids, "lora": lora_request, "salt": prompt.get("cache_salt"),
-                              "params": params})
-        if self.rows is not None:
-            assert lora_request is None, "rows mode sends no LoRA"
-            self.in_flight += 1
-            try:
-                async for out in self._generate_rows(ids, params, request_id):
-                    yield out
-            finally:
-                self.in_flight -= 1
-            return
+        self.requests.append({"id": request_id, "ids": ids, "salt": prompt.get("cache_salt"), "params": params})
         self.in_flight += 1
         try:
-            with torch.no_grad(), self._lora(lora_request):  # all compute at once: adapters never interleave
+            if self.rows is not None:
+                async for out in self._generate_rows(ids, params, request_id):
+                    yield out
+                return
+            with torch.no_grad():
                 plp = self._prompt_logprobs(ids) if getattr(params, "prompt_logprobs", None) is not None else None
                 tokens, reason = self._decode(ids, params)
             if params.output_kind == "final":
@@ -182,23 +151,6 @@ class FakeLLM:
             self.in_flight -= 1
 
     # --- internals ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _lora(self, req):
-        if req is None:
-            yield
-            return
-        assert req.lora_int_id in self.registered, "an adapter was used before it was registered"
-        _, loras = read_peft_adapter(req.lora_path)
-        modules = dict(self.model.named_modules())
-        saved = {n: modules[n].weight.detach().clone() for n in loras}
-        for n, f in loras.items():
-            modules[n].weight.data += (f.B.double() @ f.A.double()).to(torch.float32)
-        try:
-            yield
-        finally:
-            for n, w in saved.items():
-                modules[n].weight.data.copy_(w)
-
     def _prompt_logprobs(self, ids):
         lp = self.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (L, V)
         return [None] + [{t: SimpleNamespace(logprob=float(lp[i - 1, t]))} for i, t in enumerate(ids) if i > 0]
@@ -217,8 +169,8 @@ class FakeLLM:
                 return out, "stop"
         return out, "length"
 
-    def _out(self, tokens, reason, finished, plp):
-        done = SimpleNamespace(token_ids=list(tokens), text="", finish_reason=reason, stop_reason=None, logprobs=None)
+    def _out(self, tokens, reason, finished, plp, text=""):
+        done = SimpleNamespace(token_ids=list(tokens), text=text, finish_reason=reason, stop_reason=None, logprobs=None)
         return SimpleNamespace(outputs=[done], finished=finished, prompt_logprobs=plp)
 
 

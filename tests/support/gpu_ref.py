@@ -10,7 +10,6 @@ when that is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -157,30 +156,5 @@ def agreement(ref, rows, got, adaptations=None) -> dict:
             "reference_picks": picks, "positions": positions, "max_gap": max(max(row) for row in g),
             "ok": picks >= MIN_PICKS * positions and max(max(row) for row in g) <= TOL}
 
-
-@contextlib.contextmanager
-def weights_of(ref, merged: dict):
-    """The reference model with these target weights (the native engine's merged W') for the block."""
-    layers = {layer.name: layer for layer in ref.runtime.layers}
-    saved = {n: layers[n].weight.detach().clone() for n in merged}
-    with torch.no_grad():
-        for n, w in merged.items():
-            layers[n].weight.copy_(w)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                layers[n].weight.copy_(w)
-
-
-def rpc(engine, method, *args):
-    return asyncio.run_coroutine_threadsafe(engine._rpc(method, args), engine._loop).result(120)
-
-
-def weight_sums(engine, names) -> dict[str, list[float]]:
-    """[Σw, Σw²] of each matrix as the workers hold it: their parts added (any tensor-parallel size)."""
-    per_worker = rpc(engine, "t2_weight_sums", names)
-    return {n: [sum(w[n][0] for w in per_worker), sum(w[n][1] for w in per_worker)] for n in names}
 
 

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.factory import EngineUnavailableError, check_engine_available
-from engine.vllm.engine import VLLMEngine, VLLMOptions
+from engine.vllm.engine import VLLMEngine, VLLMOptions, rows_config
+from engine.vllm.rows_worker import CONFIG_KEY, RowsConfig
 from experts.store.registry import ExpertRegistry
 from server.app import create_app
 from server.cli import main
@@ -72,12 +73,17 @@ def test_http_api_and_pass1_on_the_vllm_engine(tiny_llama_dir, tmp_path):
 
 
 def test_settings_map_onto_the_vllm_engine(tiny_llama_dir, tmp_path):
-    s = Settings(model=str(tiny_llama_dir), cache_dir=tmp_path, engine="vllm", vllm_svf_mode="swap",
-                 vllm_lora_max_rank=128, tensor_parallel_size=2, max_num_seqs=7, vllm_max_adapters=5, vllm_max_loras=3)
+    s = Settings(model=str(tiny_llama_dir), cache_dir=tmp_path, engine="vllm", vllm_svf=False, vllm_sapt_bank=96,
+                 tensor_parallel_size=2, max_num_seqs=7, vllm_max_experts=5)
     o = VLLMOptions.from_spec(s.engine_spec())
-    assert (o.model, o.dtype, o.svf_mode, o.lora_max_rank) == (str(tiny_llama_dir), "bfloat16", "swap", 128)
-    assert (o.tensor_parallel_size, o.max_num_seqs, o.max_adapters, o.max_loras) == (2, 7, 5, 3)
-    with pytest.raises(ValueError, match="LoRA ranks"):
-        Settings(vllm_lora_max_rank=100)
-    with pytest.raises(ValueError):  # truncated-LoRA serving of SVF is gone: rows serves it exactly
-        Settings(vllm_svf_mode="lora")
+    assert (o.model, o.dtype, o.svf, o.sapt_bank) == (str(tiny_llama_dir), "bfloat16", False, 96)
+    assert (o.tensor_parallel_size, o.max_num_seqs, o.max_experts) == (2, 7, 5)
+    config = rows_config(o)
+    assert (config.svf, config.sapt_rank, config.targets) == (False, 96, "mlp")
+    # the configuration travels inside vLLM's own config, whole
+    assert RowsConfig.from_config({CONFIG_KEY: config.to_config()}) == config
+    assert RowsConfig.from_config({}) is None
+    assert rows_config(VLLMOptions.from_spec(Settings(model=str(tiny_llama_dir), cache_dir=tmp_path,
+                                                      adapt_targets="none").engine_spec())) is None  # stock vLLM
+    for gone in ("vllm_svf_mode", "vllm_lora_max_rank", "vllm_max_loras", "vllm_max_adapters"):
+        assert gone not in Settings.model_fields  # one way: rows

@@ -1,5 +1,6 @@
 """The vLLM engine's own logic on the CPU, with vLLM replaced by a stand-in that decodes a copy of the
-model (``_fake_vllm``): every kind of adaptation, swaps, scores and errors against the native engine."""
+model (``tests.support.fake_vllm``) through the real row-adapted layers: every kind of adaptation, scores and
+errors against the native engine."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import Adaptation, SAPTBundle, SVFExpert, install
-from adapters.targets import weight_matrix
 from engine.contract import Engine, GenerationRequest, PromptTooLongError, QueueFullError, SamplingParams, ScoreSpec
 from engine.native.async_engine import AsyncEngine
 from engine.native.llm_engine import EngineConfig, LLMEngine
@@ -36,8 +36,7 @@ def ref(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, ref):
     opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=ref.cache, dtype="float32",
-                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, svf_mode="swap",
-                       lora_max_rank=64, swap_quantum=0.01)
+                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, sapt_bank=64)
     eng = VLLMEngine.from_options(opts, connect=fake_connect)
     yield eng
     eng.close()
@@ -98,18 +97,6 @@ def served(engine, reqs) -> dict:
     return asyncio.run(main())
 
 
-def merged_model(ref, adaptation):
-    """A plain copy of the base model with the native engine's merged weights W'."""
-    model = copy.deepcopy(ref.model)
-    merged = ref.runtime.merged_weights(adaptation)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for t in ref.runtime.targets:
-            if t.name in merged:
-                weight_matrix(modules[t.name].weight, t.kind).copy_(merged[t.name])
-    return model
-
-
 def test_both_engines_satisfy_the_engine_contract(engine, ref):
     assert isinstance(engine, Engine) and engine.ready
     native_engine = AsyncEngine(LLMEngine(ref.model, ref.tok, EngineConfig(max_num_seqs=2, max_model_len=64),
@@ -120,40 +107,16 @@ def test_both_engines_satisfy_the_engine_contract(engine, ref):
 
 def test_mixed_batch_of_base_and_four_adaptations_matches_the_native_engine(engine, ref, adaptations):
     fake = engine.llm
-    builds, swaps = engine.cache.builds, engine.gate.swaps
     reqs = [request(f"r{i}-{j}", ids, a) for i, a in enumerate([None, *adaptations])
             for j, ids in enumerate(ref.prompts)]
     got, want = served(engine, reqs), native(ref, reqs)
     assert got == want
     by_prompt = [[got[f"r{i}-{j}"] for i in range(5)] for j in range(2)]
     assert all(len({tuple(t) for t in row}) == 5 for row in by_prompt)  # each row its own result
-    assert engine.cache.builds - builds == 2 and engine.gate.swaps - swaps >= 2  # SAPT adapters, SVF swapped
-    loras = {r["id"]: r["lora"] for r in fake.requests[-10:]}
-    assert loras["r0-0"] is None and loras["r1-0"] is None and loras["r2-0"] is None
-    assert len({loras[f"r{i}-0"].lora_int_id for i in (3, 4)}) == 2
-
-
-def test_swap_mode_serves_the_native_merged_weights_and_restores_the_base(engine, ref, adaptations):
-    fake = engine.llm
-    e0, e1 = adaptations[:2]
-    reqs = [request(f"s{i}", ref.prompts[i % 2], a) for i, a in enumerate([None, e0, e1, None, e0, e1])]
-    got = served(engine, reqs)
-    for rid, a in [("s1", e0), ("s2", e1), ("s4", e0), ("s5", e1)]:
-        r = next(x for x in reqs if x.request_id == rid)
-        want = native(ref, [request(rid, r.prompt_ids)], merged_model(ref, a), ref.runtime)
-        assert got[rid] == want[rid]
-    assert got["s0"] == native(ref, [reqs[0]])["s0"]
-    assert fake.swaps_in_flight == 0 and fake.rpcs.count("t2_load_weights") >= 2
-    salts = {r["id"]: r["salt"] for r in fake.requests}
-    assert salts["s0"] is None and salts["s1"] == Adaptation(svf=e0.svf).key
-    # A base request after the adapted ones: the base weights are back, bit for bit.
-    assert served(engine, [request("s6", ref.prompts[0])])["s6"] == got["s0"]
-    names = [t.name for t in ref.runtime.targets]
-    sums = fake.worker.t2_weight_sums(names)
-    for t in ref.runtime.targets:
-        w = weight_matrix(ref.model.get_submodule(t.name).weight, t.kind).double()
-        assert sums[t.name] == pytest.approx([float(w.sum()), float(w.pow(2).sum())], rel=1e-12)
-    assert fake.prefix_resets >= engine.gate.swaps
+    salts = {r["id"]: r["salt"] for r in fake.requests[-10:]}
+    assert salts["r0-0"] is None and len({salts[f"r{i}-0"] for i in range(1, 5)}) == 4  # prefixes kept apart
+    recipes = {r["id"]: (r["params"].extra_args or {}) for r in fake.requests[-10:]}
+    assert recipes["r0-0"] == {} and all(recipes[f"r{i}-0"] for i in range(1, 5))  # base rows carry no recipe
 
 
 def test_score_requests_match_the_native_engine(engine, ref, adaptations):
@@ -186,7 +149,7 @@ def test_requests_that_cannot_be_queued_raise_at_once(engine, ref):
     asyncio.run(main())
 
 
-def test_leaving_a_stream_aborts_and_releases_its_adapter(engine, ref, adaptations):
+def test_leaving_a_stream_aborts_and_releases_its_rows(engine, ref, adaptations):
 
     async def main():
         stream = engine.generate(request("gone", ref.prompts[1], adaptations[3], n=200))
@@ -200,14 +163,14 @@ def test_leaving_a_stream_aborts_and_releases_its_adapter(engine, ref, adaptatio
 
     first = asyncio.run(main())
     assert not first.finished
-    assert engine._pending == 0 and engine.gate.active == 0
-    assert all(a.refs == 0 for a in engine.cache._entries.values())
+    assert engine._pending == 0
+    assert all(e.refs == 0 for e in [*engine.rows._experts.values(), *engine.rows._bundles.values()])
 
 
-def test_the_http_edge_refuses_a_sapt_bundle_above_the_largest_lora_rank(engine, ref):
+def test_the_http_edge_refuses_a_sapt_bundle_wider_than_the_bank(engine, ref):
     bundle = SAPTBundle({t.name: (t.out_features, t.in_features) for t in ref.runtime.targets
                          if t.name.endswith("q_proj")}, d_model=64, num_tasks=9, rank=8)  # rank 72 > 64
-    with pytest.raises(ValueError, match="vllm_lora_max_rank"):
+    with pytest.raises(ValueError, match="vllm_sapt_bank"):
         engine.runtime.validate(Adaptation.sapt_weights(bundle, torch.full((9,), 1 / 9)))
 
 
@@ -235,8 +198,7 @@ def test_an_engine_on_the_callers_loop_serves_it_directly_and_other_loops_throug
     thread = threading.Thread(target=server_loop.run_forever, daemon=True)
     thread.start()
     opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=ref.cache, dtype="float32",
-                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, svf_mode="swap",
-                       lora_max_rank=64, swap_quantum=0.01)
+                       adapt_targets="all", max_model_len=256, max_num_seqs=8, max_waiting=16, sapt_bank=64)
     before = set(threading.enumerate())
     eng = VLLMEngine.from_options(opts, connect=fake_connect, loop=server_loop)
     try:

@@ -22,8 +22,8 @@ SLOTS = 2
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, ref):  # noqa: F811
     opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=ref.cache, dtype="float32",
-                       adapt_targets="all", max_model_len=256, max_num_seqs=SLOTS, max_waiting=64, svf_mode="rows",
-                       lora_max_rank=16, max_experts=3)
+                       adapt_targets="all", max_model_len=256, max_num_seqs=SLOTS, max_waiting=64, sapt_bank=16,
+                       max_experts=3)
     eng = VLLMEngine.from_options(opts, connect=fake_connect)
     yield eng
     eng.close()

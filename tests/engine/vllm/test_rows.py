@@ -139,7 +139,7 @@ def test_unregistered_experts_and_bundles_are_refused_not_served_as_another():
 
 
 def test_without_svf_the_layer_keeps_w_and_one_gemm_serves_w_and_the_bank():
-    """vllm_svf_mode off: no factors, W kept inside [W | blockdiag(B)], each row its own SAPT mixture."""
+    """vllm_svf off: no factors, W kept inside [W | blockdiag(B)], each row its own SAPT mixture."""
     g = torch.Generator().manual_seed(3)
     d, outs = 6, {"m.gate_proj": 9, "m.up_proj": 7}
     Ws = {n: torch.randn(o, d, generator=g, dtype=D) for n, o in outs.items()}
@@ -210,7 +210,7 @@ def test_a_server_without_svf_rows_refuses_svf_requests_and_serves_sapt():
 
     view = RowsView([Target("m.gate_proj", "linear", 9, 6)], 8, svf=False)
     e = SVFExpert("a", {"m.gate_proj": torch.zeros(6)})
-    with pytest.raises(ValueError, match="vllm_svf_mode off"):
+    with pytest.raises(ValueError, match="vllm_svf off"):
         view.validate(Adaptation.mixture({e: 1.0}))
 
 
