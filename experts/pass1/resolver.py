@@ -188,7 +188,8 @@ class Resolver:
         bundle = self.store.bundle(name) if self.store is not None else None
         if bundle is None:
             raise _bad(f"no ready SAPT bundle named {name!r}", code="expert_not_found")
-        attn = await asyncio.to_thread(sapt_attention, self.runtime.model, bundle, prompt_ids)
+        # the engine's model: a whole one (native) or a skeleton with its input embeddings (vLLM), both enough here
+        attn = await asyncio.to_thread(sapt_attention, self.engine.model, bundle, prompt_ids)
         adaptation = self._check(Adaptation.sapt_weights(bundle, attn, label=name))
         weights = {f"task{i}": round(float(a), 6) for i, a in enumerate(attn)}
         return Decision("sapt", adaptation, chosen=name, expert=name, weights=weights,

@@ -1,21 +1,24 @@
 """A trained SAPT bundle goes into the expert store and a server serves it: same routing weights and the
-same greedy replies as the trained bundle gives through the engine in the training process. Also the
+same greedy replies as the trained bundle gives through the engine in the training process, on the native
+engine and on the vLLM engine's rows. Also the
 ``--compare`` command end to end (tiny settings) and the ``t2serve train sapt`` wiring."""
 import json
 
 import torch
 
 from engine.contract import SamplingParams
+from engine.vllm.engine import VLLMEngine, VLLMOptions
 from experts.sapt.blocks import row_adaptations
 from experts.sapt.data import TaskPool
 from experts.sapt.evaluate import Evaluator
 from experts.sapt.learner import SequenceLearner
 from experts.sapt.routing import batched_attention, serving_copy
+from experts.commands import train_main
 from experts.sapt.run import store_bundle
-from experts.train.cli import main as train_main
 from experts.train.rollout import generate
 from server.cli import build_parser
 from server.config import Settings
+from tests.support.fake_vllm import fake_connect
 from tests.support.live import serve
 
 
@@ -37,7 +40,16 @@ def test_stored_bundle_serves_what_training_measured(tiny_cfg, tiny_base, tiny_l
     settings = Settings(model=str(tiny_llama_dir), served_model_name="tiny", cache_dir=tmp_path / "cache",
                         expert_dir=tmp_path / "store", adapt_targets="attn", api_key=None, admin_api_key=None,
                         max_model_len=1024, max_num_seqs=4, threads=None)
-    with serve(settings) as srv, srv.client() as c:
+    check_served(serve(settings), exs, local, attn)
+    # the same through the vLLM engine's rows (vLLM replaced by its CPU stand-in): pass 1 routes with the
+    # engine's skeleton, the bundle is served from the SAPT bank
+    opts = VLLMOptions(model=str(tiny_llama_dir), served_name="tiny", cache_dir=tmp_path / "cache", dtype="float32",
+                       adapt_targets="attn", max_model_len=1024, max_num_seqs=4, svf=False, sapt_bank=64)
+    check_served(serve(settings, engine=VLLMEngine.from_options(opts, connect=fake_connect)), exs, local, attn)
+
+
+def check_served(server, exs, local, attn):
+    with server as srv, srv.client() as c:
         listed = c.get("/v1/experts").json()["data"]
         assert [(e["id"], e["kind"], e["spec"]["num_tasks"]) for e in listed] == [("skills", "sapt", 2)]
         for (task, ex, prompt), want, a in zip(exs, local, attn):
