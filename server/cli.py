@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_subcommand(sub, _add_settings_flags, settings_from_args)
     from experts.eval.cli import add_subcommand as add_eval
-    from experts.train.cli import add_subcommand as add_train
+    from experts.commands import add_train_subcommand as add_train
 
     add_train(sub)  # also standalone, without the server settings: python -m experts.train / experts.eval
     add_eval(sub)

@@ -2,6 +2,9 @@
 
 - imports point one way, ``server -> experts -> engine -> adapters``: a package may import those to its
   right, never one to its left (bench/ and tests/ may import anything);
+- inside each of those folders too, their subpackages point one way (``SUBPACKAGES``, lowest first); a
+  module directly in the folder may sit between them (``engine/factory.py`` picks an engine,
+  ``experts/commands.py`` joins two subpackages' command lines), cycles are caught by the next rule;
 - no import cycle between modules;
 - every package and module says what it is for (a docstring).
 """
@@ -16,6 +19,12 @@ from tests.support import REPO_ROOT
 
 ROOT = REPO_ROOT
 LAYERS = ("adapters", "engine", "experts", "server")  # lowest first
+# the subpackages of each folder, lowest first (subpackages at one level may not import each other)
+SUBPACKAGES = {
+    "engine": (("native", "vllm"),),
+    "experts": (("store",), ("pass1",), ("tasks",), ("train",), ("sapt",), ("eval",)),
+    "server": (("api",),),
+}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -62,6 +71,34 @@ def direction_violations(graph: dict[str, set[str]]) -> list[str]:
     rank = {top: i for i, top in enumerate(LAYERS)}
     return sorted(f"{m} imports {d}" for m, deps in graph.items() for d in deps
                   if rank[d.split(".")[0]] > rank[m.split(".")[0]])
+
+
+def subpackage_violations(graph: dict[str, set[str]], order: dict = SUBPACKAGES) -> list[str]:
+    """Imports from a subpackage to one of the same folder ranked above it (or beside it)."""
+    def rank(module: str):
+        parts = module.split(".")
+        if len(parts) < 3:  # the folder itself or a module directly in it: no rank
+            return None
+        for i, level in enumerate(order.get(parts[0], ())):
+            if parts[1] in level:
+                return parts[0], i, parts[1]
+        return None
+
+    bad = []
+    for m, deps in graph.items():
+        mine = rank(m)
+        for d in deps:
+            theirs = rank(d)
+            if mine and theirs and mine[0] == theirs[0] and mine[2] != theirs[2] and theirs[1] >= mine[1]:
+                bad.append(f"{m} imports {d}")
+    return sorted(bad)
+
+
+def test_every_subpackage_is_ranked():
+    """A new subpackage must be given its place in SUBPACKAGES (else its imports go unchecked)."""
+    ranked = {(top, name) for top, levels in SUBPACKAGES.items() for level in levels for name in level}
+    found = {(p.parent.parent.name, p.parent.name) for top in LAYERS for p in (ROOT / top).glob("*/__init__.py")}
+    assert found - ranked == set()
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -113,6 +150,10 @@ def test_imports_point_one_way():
     assert direction_violations(import_graph()) == []
 
 
+def test_subpackages_point_one_way():
+    assert subpackage_violations(import_graph()) == []
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
@@ -146,7 +187,16 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(fake_tree):
         "experts/c.py": "import experts.b\n",
         "adapters/ok.py": "import torch\n",
         "server/app.py": "x = 1\n",
+        "experts/store/s.py": "from experts.train import t\n",
+        "experts/train/t.py": "from experts.store import u\n",
+        "experts/store/u.py": "x = 1\n",
+        "engine/native/n.py": "from engine.vllm import v\n",
+        "engine/vllm/v.py": "x = 1\n",
     })
+    for sub in ("experts/store", "experts/train", "engine/native", "engine/vllm"):
+        (root / sub / "__init__.py").touch()
     graph = import_graph(root)
     assert direction_violations(graph) == ["engine.a imports server.app"]
     assert cycles(graph) == [["experts.b", "experts.c"]]
+    assert subpackage_violations(graph) == ["engine.native.n imports engine.vllm.v",
+                                            "experts.store.s imports experts.train.t"]

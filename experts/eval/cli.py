@@ -58,7 +58,7 @@ def add_subcommand(sub) -> None:
 
 def load_experts(base, store: str | None, specs: list[str]):
     """(experts by name, category by name, expert name by task) from a store and ``--expert`` specs."""
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
 
     experts, categories, task_experts = {}, {}, {}
     if store:

@@ -182,7 +182,7 @@ def evaluate_all(args, out: Path, trained: dict, t0: float) -> dict:
     from experts.tasks import get_task
     from experts.tasks.miniature import CATEGORIES, TRAINED, UNSEEN
     from experts.train.model import load_base
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
     from experts.train.rollout import make_engine
 
     cells: dict[str, dict[str, dict]] = {}

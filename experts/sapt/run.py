@@ -115,7 +115,7 @@ def finish(cfg: SAPTConfig, base, learner: SequenceLearner, run_dir: Path, secon
 
 def store_bundle(cfg: SAPTConfig, base, bundle, tasks: list[str]) -> str:
     from experts.store.validation import ExpertDraft
-    from experts.train.output import put_draft
+    from experts.store.expert_file import put_draft
 
     desc = (f"SAPT bundle ({cfg.method}): LoRA r={cfg.rank} on {cfg.lora_targets} for tasks "
             f"{', '.join(tasks)} (block i = task i), {cfg.steps} steps per task, seed {cfg.seed}")

@@ -1,5 +1,5 @@
-"""Where a trained expert goes: ``<run_dir>/expert.safetensors`` always (z per target, named by module,
-with metadata in the header), and the expert store when ``--store`` is given, as a new version of the
+"""The file of one trained SVF expert, and where it goes: ``<run_dir>/expert.safetensors`` always (z per
+target, named by module, with metadata in the header), and the expert store when ``--store`` is given, as a new version of the
 expert's name in the store's own format (tensors + JSON record, validated against the base model).
 
 ``read_expert_file`` loads the run-directory file back (evaluation of a run without a store).

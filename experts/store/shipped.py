@@ -27,7 +27,7 @@ def shipped_files(directory: Path = BUILTIN_DIR) -> list[Path]:
 
 
 def draft_from_file(path: Path) -> ExpertDraft:
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
 
     expert, meta = read_expert_file(path)
     desc = (f"shipped SVF expert for {meta.get('task', expert.name)} ({meta.get('objective', '?')}, "

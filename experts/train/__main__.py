@@ -1,6 +1,6 @@
 """``python -m experts.train svf --task gsm8k --data DIR ...`` (same flags as ``t2serve train``)."""
 import sys
 
-from experts.train.cli import main
+from experts.commands import train_main
 
-sys.exit(main())
+sys.exit(train_main())

@@ -1,5 +1,5 @@
-"""Command line of training: ``t2serve train svf|classifier|sapt`` and ``python -m experts.train svf|classifier|sapt``
-(``sapt``: ``experts/sapt/cli.py``).
+"""Command line of SVF training: the ``svf`` and ``classifier`` kinds of ``t2serve train`` and ``python -m
+experts.train`` (the command itself: ``experts.commands``; ``sapt``: ``experts/sapt/cli.py``).
 
 Flags are generated from ``TrainConfig`` (one flag per field, ``--batch-size`` for ``batch_size``), so
 the two entry points and the config can never disagree. Imports nothing from the server's settings.
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import fields
 
-from experts.tasks.base import DataMissingError
 from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
 from experts.train.flags import add_config_flags
 
@@ -44,23 +42,14 @@ def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> No
     p.add_argument("--log-level", default="info")
 
 
-def add_subcommand(sub) -> None:
-    """Register ``train`` (with ``svf`` and ``classifier``) on a subparsers object."""
-    train = sub.add_parser("train", help="train an SVF expert (REINFORCE or next-token), the classifier expert, "
-                           "or a SAPT bundle (continual learning)")
-    _add_kinds(train.add_subparsers(dest="kind", required=True))
-
-
-def _add_kinds(kinds) -> None:
+def add_kinds(kinds) -> None:
+    """Register ``svf`` and ``classifier`` on the ``train`` command's subparsers (``experts.commands``)."""
     svf = kinds.add_parser("svf", help="train an SVF expert on a task")
     add_train_flags(svf)
     svf.set_defaults(func=run_train)
     cls = kinds.add_parser("classifier", help="train the pass-1 classifier expert (= train svf --task cls)")
     add_train_flags(cls, with_task=False)
     cls.set_defaults(func=run_train, task="cls")
-    from experts.sapt.cli import add_sapt_parser
-
-    add_sapt_parser(kinds)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -79,14 +68,3 @@ def run_train(args: argparse.Namespace) -> int:
           f"{summary['best_step']} of {summary['steps']}; {summary['expert_file']}"
           + (f"; stored as {summary['stored']}" if summary["stored"] else ""))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experts.train", description="Train Transformer² SVF experts and SAPT bundles")
-    _add_kinds(p.add_subparsers(dest="kind", required=True))
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except DataMissingError as e:  # one line saying which file is expected where, no traceback
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2

@@ -23,7 +23,7 @@ from experts.tasks import Example, get_task
 from experts.train import checkpoint
 from experts.train.config import TrainConfig
 from experts.train.objective import next_token_loss, pack, reinforce_loss, scored_logprobs
-from experts.train.output import EXPERT_FILE, put_in_store, write_expert_file
+from experts.store.expert_file import EXPERT_FILE, put_in_store, write_expert_file
 from experts.train.rollout import expert_adaptation, frozen_adaptation, generate, make_engine
 from experts.train.runlog import CURVES_NAME, RunLog, plot_curves
 

@@ -52,7 +52,7 @@ def test_ship_stamps_the_served_models_fingerprint(tmp_path, smol_base, smollm2_
     """`ship` copies a trained expert under its new name with the fingerprint of the model folder's weights,
     which is what makes `install_shipped` put it into a store serving that model."""
     from experts.store.shipped import ship
-    from experts.train.output import read_expert_file
+    from experts.store.expert_file import read_expert_file
 
     src = shipped_files()[0]
     (dst,) = ship({"copy": src}, smollm2_dir, tmp_path / "builtin")

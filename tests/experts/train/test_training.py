@@ -11,7 +11,7 @@ import torch
 from experts.train import checkpoint
 from experts.train.config import TrainConfig
 from experts.train.model import load_base
-from experts.train.output import read_expert_file
+from experts.store.expert_file import read_expert_file
 from experts.train.trainer import SVFTrainer
 from tests.support.train_data import write_arc
 
