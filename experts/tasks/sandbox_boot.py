@@ -1,4 +1,4 @@
-"""Runs inside the sandbox (``python -I -B /sandbox_boot.py MEM_MB CPU_S FILE_MB PROCS``, under bubblewrap):
+"""Runs inside the sandbox (``python -I -B /sandbox_boot.py MEM_MB CPU_S FILE_MB PROCS FILES``, under bubblewrap):
 set the resource limits, then execute ``prog.py`` from the current directory.
 
 This file must stay standalone (standard library only): the child runs isolated (-I) and cannot see the
@@ -19,12 +19,13 @@ def _limit(kind, value):
 def main():
     import sys
 
-    mem_mb, cpu_s, file_mb, procs = (int(x) for x in sys.argv[1:5])
+    mem_mb, cpu_s, file_mb, procs, files = (int(x) for x in sys.argv[1:6])
     _limit(resource.RLIMIT_AS, mem_mb << 20)
     _limit(resource.RLIMIT_CPU, cpu_s)
     _limit(resource.RLIMIT_FSIZE, file_mb << 20)
     _limit(resource.RLIMIT_NPROC, procs)
     _limit(resource.RLIMIT_CORE, 0)
+    _limit(resource.RLIMIT_NOFILE, files)
     with open("prog.py", encoding="utf-8") as f:
         source = f.read()
     code = compile(source, "prog.py", "exec")

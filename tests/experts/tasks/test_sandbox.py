@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,225 @@ def test_the_probe_reports_a_broken_bubblewrap(monkeypatch, tmp_path):
     finally:
         sandbox.isolation_problem.cache_clear()
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+# --- as root: kernel settings and the host uid ---------------------------------------------------------
+
+def _host_uids(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(x) for x in line.split()[1:]]
+    return []
+
+
+@pytest.mark.usefixtures("isolation")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: as an unprivileged user the sandbox's uid maps to that "
+                    "user, never to host root")
+def test_as_root_the_program_is_an_unprivileged_host_uid_and_cannot_change_kernel_settings():
+    """Called by root, the program opens ``kernel.core_pattern`` for writing and writes ``vm.swappiness``:
+    both refused, the host's values unchanged; a process it starts runs as an unprivileged host uid."""
+    swappiness = Path("/proc/sys/vm/swappiness")
+    before = swappiness.read_text(), Path("/proc/sys/kernel/core_pattern").read_text()
+    other = "1" if before[0].strip() != "1" else "2"
+    marker = "4242.31337"
+    prog = f"""
+import os, subprocess, time
+for path, value in (("/proc/sys/kernel/core_pattern", None), ("/proc/sys/vm/swappiness", {other!r})):
+    try:
+        with open(path, "w") as f:
+            if value:
+                f.write(value)
+        print("changed", path)
+    except OSError as e:
+        print("refused", path, e.errno)
+child = subprocess.Popen(["sleep", "{marker}"])
+time.sleep(1.5)
+child.kill()
+"""
+    seen: list[list[int]] = []
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_python, prog, SandboxLimits(timeout_s=8.0))
+        deadline = time.monotonic() + 6
+        while not seen and time.monotonic() < deadline:
+            seen = [_host_uids(pid) for pid in _host_processes_with(marker)]
+            time.sleep(0.05)
+        res = future.result()
+    try:
+        assert (swappiness.read_text(), Path("/proc/sys/kernel/core_pattern").read_text()) == before
+    finally:  # only were the test to fail: put the machine back
+        if swappiness.read_text() != before[0]:
+            swappiness.write_text(before[0])
+    assert res.stdout.count("refused") == 2 and "changed" not in res.stdout, res.stdout + res.stderr
+    assert seen and all(uids and 0 not in uids for uids in seen), seen
+    assert all(uids == [sandbox._HOST_UID] * 4 for uids in seen), seen
+
+
+# --- memory for the whole run --------------------------------------------------------------------------
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no MemAvailable")
+
+
+def _run_watching_host_memory(prog: str, limits: SandboxLimits) -> tuple[sandbox.RunResult, int]:
+    """The result, and how far the host's available memory fell below its level before the run, at worst."""
+    before = _mem_available()
+    lowest = [before]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            lowest[0] = min(lowest[0], _mem_available())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = run_python(prog, limits)
+    finally:
+        done.set()
+        watcher.join()
+    return res, before - lowest[0]
+
+
+@pytest.mark.usefixtures("isolation")
+def test_writing_3_gb_to_dev_shm_and_every_writable_folder_is_refused():
+    """3 GB written in file-size-limit pieces to /dev/shm, /dev, /tmp and /work: each stops at its tmpfs size
+    (/dev is read-only), and the host's available memory does not fall by anything like 3 GB."""
+    limits = SandboxLimits(timeout_s=8.0, memory_mb=256)
+    prog = """
+total = {}
+for d in ("/dev/shm", "/dev", "/tmp", "/work"):
+    total[d] = 0
+    try:
+        i = 0
+        while total[d] < 3 << 30:
+            with open(f"{d}/fill{i}", "wb") as f:
+                for _ in range(16):
+                    f.write(b"x" * (1 << 20))
+                    total[d] += 1 << 20
+            i += 1
+    except OSError:
+        pass
+print({d: n >> 20 for d, n in total.items()})
+"""
+    res, fell = _run_watching_host_memory(prog, limits)
+    assert res.passed, res.stderr
+    written = eval(res.stdout)
+    assert written["/dev"] == 0 and all(written[d] <= limits.tmpfs_mb for d in ("/dev/shm", "/tmp", "/work")), written
+    assert fell < 1 << 30, fell >> 20
+
+
+def _memory_cgroup_here() -> None:
+    if "memory" not in sandbox._cgroup_roots():
+        pytest.skip("no writable memory cgroup here (as an unprivileged user without a delegated one, memory is "
+                    "capped per process only)")
+
+
+@pytest.mark.usefixtures("isolation")
+def test_memfds_beyond_the_memory_budget_are_stopped():
+    """memfds of 16 MB (each within the file-size limit) up to 1 GB against a 256 MB budget: the run is killed
+    for memory before holding it, and the host does not give it."""
+    _memory_cgroup_here()
+    prog = """
+import os
+fds = []
+for i in range(64):
+    fd = os.memfd_create(f"m{i}")
+    for _ in range(16):
+        os.write(fd, b"y" * (1 << 20))
+    fds.append(fd)
+print("held", len(fds) * 16, "MB")
+"""
+    res, fell = _run_watching_host_memory(prog, SandboxLimits(timeout_s=8.0, memory_mb=256))
+    assert res.status == "memory" and "held" not in res.stdout, (res.status, res.stdout, res.stderr)
+    assert fell < 768 << 20, fell >> 20
+
+
+@pytest.mark.usefixtures("isolation")
+def test_forked_children_share_one_memory_budget():
+    """Four children of 200 MB each (every one within its own 256 MB address space) against a 256 MB budget for
+    the run: they are not all held at once, the kernel kills some."""
+    _memory_cgroup_here()
+    prog = """
+import os, signal, time
+r, w = os.pipe()
+pids = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        x = bytearray(200 << 20)
+        for j in range(0, len(x), 4096):
+            x[j] = 1
+        os.write(w, b"k")
+        time.sleep(2)
+        os._exit(0)
+    pids.append(pid)
+os.close(w)
+held = 0
+while os.read(r, 1):
+    held += 1
+killed = sum(os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGKILL for s in (os.waitpid(p, 0)[1] for p in pids))
+print("held", held, "killed", killed)
+"""
+    res, fell = _run_watching_host_memory(prog, SandboxLimits(timeout_s=8.0, memory_mb=256, processes=16))
+    if res.status == "passed":
+        held, killed = int(res.stdout.split()[1]), int(res.stdout.split()[3])
+        assert held < 4 and killed >= 1, res.stdout
+    else:  # the parent itself was chosen
+        assert res.status == "memory", (res.status, res.stdout, res.stderr)
+    assert fell < 768 << 20, fell >> 20
+
+
+# --- cgroups are removed -------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("isolation")
+def test_no_cgroup_is_left_after_timeouts(monkeypatch):
+    """Fork bombs and a sleeper killed at their timeout, three at a time: every cgroup they ran in is gone."""
+    if not sandbox._cgroup_roots():
+        pytest.skip("no writable cgroup here: runs are limited by rlimits only")
+    created: list[Path] = []
+
+    class Recorded(sandbox._Cgroups):
+        def __init__(self, *args):
+            super().__init__(*args)
+            created.extend(self.paths)
+
+    monkeypatch.setattr(sandbox, "_Cgroups", Recorded)
+    bomb = 'import subprocess\nsubprocess.run(["/bin/sh", "-c", "b() { b | b & }; b; sleep 30"])'
+    sleeper = "import subprocess, time\nsubprocess.Popen(['sleep', '30'], start_new_session=True)\ntime.sleep(30)"
+    results = run_many([bomb, sleeper, bomb], SandboxLimits(timeout_s=1.5), workers=3)
+    assert results[1].status == "timeout"  # a bomb may also end early, when its shell cannot fork the sleep
+    assert len(created) == 3 * len(set(sandbox._cgroup_roots().values()))
+    assert [p for p in created if p.exists()] == []
+
+
+def test_a_cgroup_busy_for_a_while_is_still_removed(monkeypatch, tmp_path):
+    """A cgroup that cannot be removed at first (members still exiting on a loaded machine) is retried until it
+    goes, and one still busy at the deadline is removed by a later run."""
+    folder = tmp_path / "t2sandbox-busy"
+    folder.mkdir()
+    busy = {"left": 5}
+    real_rmdir = Path.rmdir
+
+    def rmdir(self):
+        if self == folder and busy["left"] > 0:
+            busy["left"] -= 1
+            raise OSError(16, "Device or resource busy")
+        real_rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", rmdir)
+    cgroups = sandbox._Cgroups({}, SandboxLimits())
+    cgroups.paths = [folder]
+    cgroups.close()
+    assert not folder.exists()
+
+    folder.mkdir()
+    busy["left"] = 10 ** 6
+    cgroups.close(deadline_s=0.1)
+    assert folder.exists() and folder in sandbox._LEFTOVER
+    busy["left"] = 0
+    sandbox._Cgroups({}, SandboxLimits()).close()
+    assert not folder.exists() and folder not in sandbox._LEFTOVER
