@@ -22,7 +22,8 @@ launcher (``sandbox_launch.py``), with
   ``/dev/shm`` file, memfd and page of the run against ``memory_mb``; the kernel kills the run beyond it;
 - hard limits per process: address space, CPU seconds, file size (stdout/stderr too: they go to files),
   open files (which bound memfds and socket buffers held), no core dumps, and processes (a fork bomb stops
-  there): RLIMIT_NPROC, and a pids cgroup of its own where one can be made;
+  there): RLIMIT_NPROC and a pids cgroup of its own where one can be made; called by root, the pids
+  cgroup only (always there; every such sandbox is host uid 65534, whose RLIMIT_NPROC count they share);
 - a wall-clock timeout, after which bubblewrap is killed; the pid namespace dies with it, so nothing the
   program started (``setsid`` or not) outlives the run; every process left in its cgroups is killed and
   the cgroups removed (retried while members are still exiting).
@@ -135,8 +136,11 @@ def bwrap_command(bwrap: str, limits: SandboxLimits, fds: dict[str, int], python
              "/sandbox_boot.py", "--remount-ro", "/", "--chdir", "/work", "--seccomp", str(fds["seccomp"]),
              "--as-pid-1"]
     python = os.path.realpath(sys.executable)
+    # Called by root, every sandbox is host uid 65534, whose process count older kernels share across
+    # sandboxes: the pids cgroup (always there for root) limits processes instead of RLIMIT_NPROC (0: unset).
+    nproc = 0 if os.geteuid() == 0 else limits.processes
     return args + [python, "-I", "-B", "/sandbox_boot.py", str(limits.memory_mb), str(limits.cpu_s),
-                   str(limits.file_mb), str(limits.processes), str(limits.open_files)]
+                   str(limits.file_mb), str(nproc), str(limits.open_files)]
 
 
 def _limit_file(controller: str, v2: bool) -> str:

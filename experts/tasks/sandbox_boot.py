@@ -23,7 +23,8 @@ def main():
     _limit(resource.RLIMIT_AS, mem_mb << 20)
     _limit(resource.RLIMIT_CPU, cpu_s)
     _limit(resource.RLIMIT_FSIZE, file_mb << 20)
-    _limit(resource.RLIMIT_NPROC, procs)
+    if procs:  # 0: processes are limited by a pids cgroup instead
+        _limit(resource.RLIMIT_NPROC, procs)
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NOFILE, files)
     with open("prog.py", encoding="utf-8") as f:
