@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(2048, ge=16, description="prompt tokens admitted in one prefill forward")
     default_max_tokens: int = Field(256, ge=1)
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
+    max_request_seqs: int = Field(128, ge=1, description="most sequences one request makes (`n` x prompts); "
+                                  "more get 400")
+    client_share: float = Field(0.75, gt=0, le=1, description="share of the slots (max_num_seqs) and of the "
+                                "queue (max_waiting) one client (network address) may hold; its further sequences "
+                                "wait for its own to end, beyond the queue share it gets 429. 1: no per-client limit")
     max_stop: int = Field(16, ge=0, description="most stop strings per request")
     max_adaptation_jobs: int = Field(2, ge=1, description="few-shot (CEM) jobs queued or running at once; more get "
                                      "429. Their engine requests run at background priority, behind users' requests")

@@ -1,7 +1,9 @@
 """One HTTP generation request as a set of engine requests (one per prompt and choice), merged.
 
 ``EngineRun`` submits every choice to the engine up front, so an over-full queue or a prompt that
-does not fit is answered (429 / 400) before any response starts. It merges the choices' outputs in
+does not fit is answered (429 / 400) before any response starts; with a ``ClientGate``, the choices
+beyond the client's share of the slots are held for it (429 at once when it holds too many) and enter
+the engine as its earlier sequences end. It merges the choices' outputs in
 arrival order, keeps each choice's text and token counts for the final body or the usage chunk, and
 records the request's metrics. ``close`` ends whatever is still running: every engine request of a
 run either finishes or is aborted, so a client that goes away never keeps a slot busy.
@@ -16,7 +18,8 @@ from typing import Any, AsyncIterator
 
 from starlette.types import Receive
 
-from engine.contract import EngineError, GenerationRequest, RequestOutput, SamplingParams
+from engine.contract import EngineError, GenerationRequest, QueueFullError, RequestOutput, SamplingParams
+from server.admission import ClientBusyError, ClientGate
 from server.errors import APIError, from_engine_error, invalid_request
 from server.metrics import Metrics
 from server.schemas import Usage
@@ -87,22 +90,36 @@ def build_choices(request_id: str, body: Any, prompts: list[list[int]], max_toke
 
 class EngineRun:
     def __init__(self, engine: Any, metrics: Metrics, choices: list[Choice], prompt_tokens: int,
-                 arrival: float | None = None):
+                 arrival: float | None = None, gate: ClientGate | None = None, client: str = ""):
         self.engine, self.metrics, self.choices = engine, metrics, choices
+        self.gate, self.client = gate, client  # None: every choice enters the engine at once
         self.prompt_tokens = prompt_tokens  # each prompt once, however many choices it has
         self.arrival = time.monotonic() if arrival is None else arrival  # latencies count from here
         self._first_token_seen = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._submitted: list[Choice] = []
+        self._entered: set[int] = set()  # choices given an engine place by the gate
+        self._released: set[int] = set()  # choices whose place in the gate is given back
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def submit(self) -> None:
-        """Hand every choice to the engine; on refusal, abort those already handed and raise an APIError."""
-        streams = []
+        """Hand every choice to the engine (those the client's share lets in now); on refusal, abort those
+        already handed and raise an APIError."""
+        if self.gate is not None:
+            try:
+                self.gate.reserve(self.client, len(self.choices))
+            except ClientBusyError as e:
+                raise APIError(429, f"The server is busy: {e}. Retry when your requests have finished.",
+                               type="rate_limit_error", code="queue_full") from e
+        streams: list[AsyncIterator[RequestOutput] | None] = [None] * len(self.choices)
         try:
-            for c in self.choices:
-                streams.append(self.engine.generate(c.request))
+            for i, c in enumerate(self.choices):
+                if self.gate is not None:
+                    if not self.gate.try_enter(self.client):
+                        break  # this one and the rest wait for the client's own sequences to end
+                    self._entered.add(c.index)
+                streams[i] = self.engine.generate(c.request)
                 self._submitted.append(c)
         except EngineError as e:
             await self.close()
@@ -110,8 +127,24 @@ class EngineRun:
         self.metrics.count_prompt_tokens(self.prompt_tokens)
         self._pumps = [asyncio.create_task(self._pump(c, s)) for c, s in zip(self.choices, streams)]
 
-    async def _pump(self, choice: Choice, stream: AsyncIterator[RequestOutput]) -> None:
+    async def _admitted(self, choice: Choice) -> AsyncIterator[RequestOutput]:
+        """The engine stream of a choice that waited for the client's share: once it has a place, and the
+        engine's queue (shared with other clients) has room for it."""
+        await self.gate.enter(self.client)
+        self._entered.add(choice.index)
+        while True:
+            try:
+                stream = self.engine.generate(choice.request)
+            except QueueFullError:
+                await asyncio.sleep(0.05)  # the response has started: wait for room rather than fail it
+                continue
+            self._submitted.append(choice)
+            return stream
+
+    async def _pump(self, choice: Choice, stream: AsyncIterator[RequestOutput] | None) -> None:
         try:
+            if stream is None:
+                stream = await self._admitted(choice)
             async for out in stream:
                 self._queue.put_nowait((choice, out))
         except asyncio.CancelledError:
@@ -120,6 +153,14 @@ class EngineRun:
             self._queue.put_nowait((choice, e))
         else:
             self._queue.put_nowait((choice, _DONE))
+        finally:
+            self._release(choice)
+
+    def _release(self, choice: Choice) -> None:
+        """Give the choice's place in the gate back (once): the client's next sequence may enter."""
+        if self.gate is not None and choice.index not in self._released:
+            self._released.add(choice.index)
+            self.gate.leave(self.client, choice.index in self._entered)
 
     async def close(self) -> None:
         """Stop consuming and abort every engine request that has not finished (idempotent)."""
@@ -129,6 +170,8 @@ class EngineRun:
         for c in self._submitted:
             if not c.finished:
                 await self.engine.abort(c.request.request_id)
+        for c in self.choices:  # those never pumped (submission refused)
+            self._release(c)
 
     # --- outputs -------------------------------------------------------------------------------------
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:

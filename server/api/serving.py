@@ -60,13 +60,14 @@ def check_limits(body: Any, settings: Settings) -> None:
                               param="stop")
 
 
-def check_capacity(prompts: int, n: int, settings: Settings) -> None:
-    """A request with more sequences than the engine can ever hold is refused for good (400), not told to
-    retry later (429) as one that only meets a busy server is."""
-    most = settings.max_num_seqs + settings.max_waiting
+def check_capacity(prompts: int, n: int, settings: Settings, client_most: int) -> None:
+    """A request with more sequences than one request may make, or than one client may ever hold
+    (``client_most``), is refused for good (400), not told to retry later (429) as one that only meets a
+    busy server is."""
+    most = min(settings.max_request_seqs, client_most)
     if prompts * n > most:
         raise invalid_request(f"This request makes {prompts * n} sequences ({prompts} prompt(s) x n={n}); this "
-                              f"server holds at most {most} at a time.", param="n" if prompts == 1 else "prompt")
+                              f"server allows at most {most} per request.", param="n" if prompts == 1 else "prompt")
 
 
 @dataclass
@@ -129,13 +130,14 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     await check_structure(engine, body)
     # Tokenizing a large prompt takes a while: keep it off the event loop.
     prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
-    check_capacity(len(prompts), body.n, settings)
+    check_capacity(len(prompts), body.n, settings, state.gate.most)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
                                   prompt_param=prompt_param, param=max_param) for p in prompts]
     adaptations, report = await decide_adaptations(state, body, prompts, texts or [None] * len(prompts))
     request_id = new_request_id(id_prefix)
     choices = build_choices(request_id, body, prompts, budgets, adaptations)
-    run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts), arrival=arrival)
+    run = EngineRun(engine, state.metrics, choices, prompt_tokens=sum(len(p) for p in prompts), arrival=arrival,
+                    gate=state.gate, client=request.client.host if request.client else "")
     await run.submit()
     return StartedRun(model, request_id, int(time.time()), run, report)
 

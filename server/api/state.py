@@ -12,6 +12,7 @@ from experts.pass1.resolver import Resolver
 from experts.store.expert_store import ExpertStore
 from experts.store.registry import ExpertRegistry
 from experts.store.watcher import StoreWatcher
+from server.admission import ClientGate, client_limits
 from server.config import Settings
 from server.errors import APIError, model_not_found, unavailable
 from server.jobs import Job, JobBoard
@@ -31,6 +32,11 @@ class ServerState:
     store_watcher: StoreWatcher | None = None  # other replicas' writes to a shared store
     jobs: JobBoard = field(default_factory=JobBoard)  # background jobs (few-shot searches, SAPT training)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
+    gate: ClientGate = field(init=False)  # each client's share of the slots and the queue
+
+    def __post_init__(self):
+        s = self.settings
+        self.gate = ClientGate(*client_limits(s.client_share, s.max_num_seqs, s.max_waiting))
 
     @property
     def ready(self) -> bool:
