@@ -26,6 +26,7 @@ from experts.store.watcher import StoreWatcher
 from server.api import api_router
 from server.api.middleware import AuthGate, BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.state import ServerState
+from server.api.training import end_leftover_training
 from server.config import Settings
 from server.errors import install_error_handlers
 
@@ -107,6 +108,7 @@ def attach_experts(state: ServerState, engine: Engine) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.t2
+    await end_leftover_training(state)  # before any new job can start beside a leftover
     loading = None
     if state.engine is not None:
         state.engine.start()  # the engine thread hands outputs to this loop

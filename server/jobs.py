@@ -68,7 +68,14 @@ class JobBoard:
 
     def done(self, kind: str, task: str, result: dict) -> Job:
         """Record a job answered without running (a stored result reused)."""
-        job = Job(f"adapt-{uuid.uuid4().hex[:16]}", kind, task, status="done", result=result, finished=time.time())
+        return self._ended(Job(f"adapt-{uuid.uuid4().hex[:16]}", kind, task, status="done", result=result))
+
+    def failed(self, job_id: str, kind: str, task: str, error: str) -> Job:
+        """Record a job that failed outside this board (one a previous server process was running)."""
+        return self._ended(Job(job_id, kind, task, status="failed", error=error))
+
+    def _ended(self, job: Job) -> Job:
+        job.finished = time.time()
         self._jobs[job.id] = job
         self._trim()
         return job

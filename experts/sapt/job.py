@@ -6,7 +6,9 @@ weights and minutes of full CPU or GPU use, while the server must go on answerin
 (so the bundle validates against the server's base model), writing the bundle into the server's expert
 store through the store's lock. Its JSON-lines log is read while it runs for the job's progress; when
 it ends, the store is re-read at once (the store watcher would see it within its interval anyway) and
-the job's result is the run's ``matrix.json`` summary. Cancelling the job stops the child.
+the job's result is the run's ``matrix.json`` summary. Cancelling the job stops the child; the child dies
+with the server however it ends, and a server that starts after a crash ends leftovers
+(``experts.train.lifeline``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from experts.train.lifeline import PARENT_ENV, forget_child, record_child
 
 log = logging.getLogger("t2serve.sapt")
 
@@ -88,10 +92,11 @@ async def run_sapt_job(spec: SAPTJobSpec, on_progress: Callable[[dict], None]) -
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path = run_dir / "train.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})
     with out_path.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(*spec.argv(), stdout=out, stderr=asyncio.subprocess.STDOUT,
                                                     env=env, start_new_session=True)
+    record_child(run_dir, proc.pid, {"name": spec.name})
     log.info("SAPT training %s started (pid %d): %s", spec.name, proc.pid, ",".join(spec.tasks))
     progress: dict[str, Any] = {"tasks": len(spec.tasks), "phase": "starting", "steps_done": 0}
     offset = 0
@@ -110,6 +115,9 @@ async def run_sapt_job(spec: SAPTJobSpec, on_progress: Callable[[dict], None]) -
     except asyncio.CancelledError:
         await _stop(proc)
         raise
+    finally:
+        if proc.returncode is not None:
+            forget_child(run_dir)
     if proc.returncode != 0:
         tail = out_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"training exited with code {proc.returncode}: " + " | ".join(tail))

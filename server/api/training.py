@@ -6,6 +6,7 @@ One training at a time: it takes the machine's cores (or GPU) next to the server
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,7 @@ from server.api.state import cancel_job, job_of_kind, ready_engine, server_state
 from server.errors import APIError, invalid_request
 from server.jobs import JobLimitError
 
+log = logging.getLogger("t2serve.training")
 router = APIRouter(tags=["training"])
 KIND = "sapt_train"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -61,6 +63,19 @@ def _check_targets(engine, lora_targets: str) -> None:
         raise invalid_request(f"this server does not adapt {missing[0]} (and {len(missing) - 1} more) named by "
                               "lora_targets: start it with --adapt-targets attn or all, or name adapted matrices",
                               param="lora_targets", code="targets_not_adapted")
+
+
+async def end_leftover_training(state) -> None:
+    """At start: end the training children a previous server process left running (it was killed before
+    it could stop them) and report their jobs as failed."""
+    from experts.train.lifeline import end_leftovers
+
+    for r in await asyncio.to_thread(end_leftovers, state.settings.cache_dir / "training"):
+        ended = (f"; its training process (pid {r['pid']}) was still running and has been ended"
+                 if r["was_running"] else "")
+        log.warning("training job %s: the server stopped while it ran%s", r["job_id"], ended)
+        state.jobs.failed(r["job_id"], KIND, str(r["job"].get("name", "")),
+                          "the server stopped while the job ran" + ended)
 
 
 @router.post("/v1/training/sapt", status_code=202, responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},

@@ -2,29 +2,19 @@
 saying why (not a server answering 503 forever), and health probes stay out of the access log."""
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
-import time
 
 import httpx
 
-from tests.support import REPO_ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.live import free_port, serve_process, wait_process_healthy
 
 
 def _serve(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return serve_process(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_model_that_cannot_load_ends_the_process_with_one_line(tmp_path):
-    proc = _serve("--model", str(tmp_path / "no-such-model"), "--port", str(_free_port()),
+    proc = _serve("--model", str(tmp_path / "no-such-model"), "--port", str(free_port()),
                   "--cache-dir", str(tmp_path / "cache"))
     try:
         _, err = proc.communicate(timeout=120)
@@ -37,20 +27,12 @@ def test_a_model_that_cannot_load_ends_the_process_with_one_line(tmp_path):
 
 
 def test_health_probes_stay_out_of_the_access_log(tiny_llama_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _serve("--model", str(tiny_llama_dir), "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
                   "--expert-dir", str(tmp_path / "store"), "--max-model-len", "256")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the server never became healthy"
-            time.sleep(0.2)
+        wait_process_healthy(url, proc)
         for _ in range(3):
             assert httpx.get(f"{url}/health").status_code == 200
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0}, timeout=60)

@@ -5,6 +5,8 @@ A module of its own (not the conftest) so that test files can import its names."
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -76,6 +78,41 @@ def wait_for_health(url: str, timeout: float = 60.0) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} never became healthy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(*args: str, **popen) -> subprocess.Popen:
+    """``t2serve serve *args`` as a process of its own (from the repository root)."""
+    from tests.support import REPO_ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO_ROOT, **popen)
+
+
+def wait_process_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait for ``proc``'s /health to answer 200 (fails the test if it exits or never does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "the server never became healthy"
+        time.sleep(0.2)
+
+
+def wait_training_phase(c: httpx.Client, job_id: str, phase: str = "training", timeout: float = 120.0) -> dict:
+    """Poll a training job until its progress reaches ``phase``; returns the job."""
+    deadline = time.monotonic() + timeout
+    while (job := c.get(f"/v1/training/{job_id}").json())["progress"].get("phase") != phase:
+        assert time.monotonic() < deadline, f"the training never reached {phase!r}: {job}"
+        time.sleep(0.2)
+    return job
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from server.config import Settings
-from tests.support.live import assert_error_shape, serve
+from tests.support.live import assert_error_shape, serve, wait_training_phase
 
 TINY = {"steps": 3, "batch_size": 4, "micro_batch": 2, "lr": 0.05, "generator_steps": 2, "train_limit": 32,
         "test_limit": 4, "eval_every_task": 1}
@@ -79,10 +79,7 @@ def test_one_training_at_a_time_and_cancel_stops_the_child(server):
         r = c.post("/v1/training/sapt", json={"name": "long", "tasks": ["reverse"], **TINY, "steps": 100_000})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while c.get(f"/v1/training/{job_id}").json()["progress"].get("phase") != "training":
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
+        wait_training_phase(c, job_id)
         second = c.post("/v1/training/sapt", json={"name": "other", "tasks": ["upper"], **TINY})
         assert assert_error_shape(second, 409)["code"] == "job_running"
         pids = _children()
