@@ -91,6 +91,9 @@ async def create_training(body: SAPTTraining, request: Request) -> dict:
     if state.store is None or not holds_weights(engine.model):
         raise APIError(503, "training needs the native engine and an open expert store", type="server_error",
                        code="training_unavailable")
+    if body.name == engine.model_name:  # `model` would name the bundle and the base model at once
+        raise invalid_request(f"{body.name!r} is the served model's name; choose another name for the bundle",
+                              param="name", code="invalid_name")
     if len(set(body.tasks)) != len(body.tasks):
         raise invalid_request("tasks names a task twice", param="tasks")
     for name in body.tasks:

@@ -69,6 +69,8 @@ def test_bad_requests_get_clear_errors(server):
         assert assert_error_shape(post(lora_targets="up_proj"), 400)["code"] == "targets_not_adapted"
         assert assert_error_shape(post(steps=0), 400)["param"] is not None
         assert assert_error_shape(post(name="../evil"), 400)
+        err = assert_error_shape(post(name="tiny"), 400)  # the served model's name
+        assert err["param"] == "name" and err["code"] == "invalid_name" and "served model" in err["message"]
         assert assert_error_shape(post(device="cuda"), 400)  # unknown fields are refused, not ignored
         assert assert_error_shape(c.get("/v1/training/adapt-nope"), 404)["code"] == "not_found"
         assert assert_error_shape(c.delete("/v1/training/adapt-nope"), 404)["code"] == "not_found"
