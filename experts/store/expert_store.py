@@ -7,7 +7,8 @@ tensors to ``.incoming`` (fsync'ed), renamed into ``<name>/``, the record writte
 published to the registry, older versions removed. Deleting renames the folder to a trash name (one
 atomic step) before removing it. At start, ``load`` picks per name the newest version whose
 record parses and whose tensor file matches the record's size and sha256, deletes leftovers of
-interrupted writes (temporary files, uncommitted tensors, older versions, trash), and validates every
+interrupted writes (temporary files, uncommitted tensors, older versions, trash), moves committed versions
+that are damaged (record or tensors not matching) into the quarantine, and validates every
 expert against the served model again: experts for other weights or other matrices stay on disk, listed
 as ``incompatible``, and are not served.
 
@@ -46,6 +47,8 @@ from experts.store.version_files import (
     list_versions,
     name_dirs,
     newest_readable,
+    quarantine,
+    quarantined,
     remove_versions,
     sweep,
     trash_path,
@@ -195,12 +198,20 @@ class ExpertStore:
         # writer of any process can be between writing one and renaming it.
         return list_versions(directory, remove_temps=self._recover and self._lock.held)
 
+    def quarantined(self) -> list[dict]:
+        """Damaged versions moved aside at a start: per folder, the name, versions with why, when, where."""
+        return quarantined(self.root)
+
     def _load_name(self, directory: Path) -> tuple[ExpertRecord, dict] | None:
         versions = self._versions(directory)
         self._next_version[directory.name] = max(versions, default=0) + 1  # never reuse a number
-        chosen = newest_readable(directory, versions)
+        chosen, damaged = newest_readable(directory, versions)
+        if damaged and self._recover:
+            where = quarantine(self.root, directory, damaged)
+            log.error("expert %s: damaged version(s) %s moved to %s (not served; nothing deleted)", directory.name,
+                      ", ".join(map(str, damaged)), where)
         if chosen is None:
-            log.warning("no complete version of expert %s; removing its leftovers", directory.name)
+            log.warning("no intact committed version of expert %s; removing its uncommitted files", directory.name)
             if self._recover:
                 shutil.rmtree(directory, ignore_errors=True)
             return None

@@ -5,15 +5,21 @@ Layout under the store folder (``Settings.resolved_expert_dir()``):
     <name>/v000003.json          its metadata record, written last: the version's commit point
     .incoming/                   fully written tensor files waiting for their commit
     .trash-<name>-<id>/          a deleted expert on its way out
+    .quarantine/<name>-<time>/   committed versions found damaged at a start, kept for inspection
 A version exists once its JSON record does; it is usable when its tensor file matches the record's size
-and sha256. Writing and deleting (the order of the steps, the lock) are ``expert_store``'s business.
+and sha256. A committed version that is not (bit rot, a hand edit: a crash cannot leave one, the record
+is written last and atomically) is user data: moved aside into the quarantine, never deleted. Writing
+and deleting (the order of the steps, the lock) are ``expert_store``'s business.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +33,8 @@ log = logging.getLogger("t2serve.experts")
 VERSION_RE = re.compile(r"v(\d{6,})\.(json|safetensors)")
 INCOMING = ".incoming"
 TRASH_PREFIX = ".trash-"
+QUARANTINE = ".quarantine"
+QUARANTINE_NOTE = "quarantine.json"  # in each quarantined folder: what it holds and why
 
 
 def version_file(directory: Path, version: int, ext: str) -> Path:
@@ -72,17 +80,49 @@ def read_version(directory: Path, v: int) -> tuple[ExpertRecord, dict]:
     return record, read_safetensors(data, "the stored tensor file")
 
 
-def newest_readable(directory: Path, versions: dict[int, set[str]]) -> tuple[int, ExpertRecord, dict] | None:
-    """The newest committed version that reads back intact (older ones tried in turn), or None."""
+def newest_readable(directory: Path, versions: dict[int, set[str]]
+                    ) -> tuple[tuple[int, ExpertRecord, dict] | None, dict[int, str]]:
+    """The newest committed version that reads back intact (older ones tried in turn), or None; and the
+    committed versions newer than it that did not, each with why."""
+    damaged: dict[int, str] = {}
     for v in sorted(versions, reverse=True):
         if "json" not in versions[v]:
             continue
         try:
-            return (v, *read_version(directory, v))
+            return (v, *read_version(directory, v)), damaged
         except (ExpertError, OSError) as e:
-            log.warning("expert %s v%d is unusable (%s); trying an older version", directory.name, v,
-                        getattr(e, "message", e))
-    return None
+            damaged[v] = str(getattr(e, "message", e))
+            log.warning("expert %s v%d is damaged (%s); trying an older version", directory.name, v, damaged[v])
+    return None, damaged
+
+
+def quarantine(root: Path, directory: Path, damaged: dict[int, str]) -> Path:
+    """Move the files of the ``damaged`` versions of ``directory`` (version -> why) into a fresh folder
+    of the quarantine, with a note saying what they are; returns that folder."""
+    dest = root / QUARANTINE / f"{directory.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    dest.mkdir(parents=True)
+    for v in damaged:
+        for ext in ("json", "safetensors"):
+            src = version_file(directory, v, ext)
+            if src.exists():
+                os.replace(src, dest / src.name)
+    note = {"name": directory.name, "versions": {str(v): why for v, why in damaged.items()},
+            "quarantined": int(time.time())}
+    (dest / QUARANTINE_NOTE).write_text(json.dumps(note, indent=1))
+    return dest
+
+
+def quarantined(root: Path) -> list[dict]:
+    """Every quarantined folder's note (name, versions with why, when), with its path in the store, oldest
+    first."""
+    found = []
+    for note in sorted((root / QUARANTINE).glob(f"*/{QUARANTINE_NOTE}")):
+        path = f"{QUARANTINE}/{note.parent.name}"
+        try:
+            found.append({**json.loads(note.read_text()), "path": path})
+        except (OSError, ValueError):
+            found.append({"name": note.parent.name, "versions": {}, "quarantined": None, "path": path})
+    return sorted(found, key=lambda q: q.get("quarantined") or 0)
 
 
 def remove_versions(directory: Path, keep: int) -> None:

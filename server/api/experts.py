@@ -50,9 +50,18 @@ class ExpertCard(BaseModel):
     spec: dict[str, Any] = {}  # mixture: experts, weights; sapt: num_tasks, rank, lora_alpha, shapes
 
 
+class QuarantinedExpert(BaseModel):
+    """Committed versions found damaged (record or tensors not matching) at a start: not served, kept."""
+    name: str
+    versions: dict[str, str]  # version number -> why it is unusable
+    quarantined: int | None  # Unix seconds
+    path: str  # folder in the store holding the files
+
+
 class ExpertList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ExpertCard]
+    quarantined: list[QuarantinedExpert] = []
 
 
 class ExpertDeleted(BaseModel):
@@ -127,7 +136,8 @@ async def create_expert(request: Request) -> ExpertCard:
 @router.get("/v1/experts", response_model=ExpertList, responses=RESPONSES, dependencies=[Depends(require_read_key)])
 async def list_experts(request: Request) -> ExpertList:
     store, parent = _store(request)
-    return ExpertList(data=[_card(s, parent) for s in store.list()])
+    quarantined = await asyncio.to_thread(store.quarantined)
+    return ExpertList(data=[_card(s, parent) for s in store.list()], quarantined=quarantined)
 
 
 @router.get("/v1/experts/{name}", response_model=ExpertCard, responses=RESPONSES,

@@ -197,3 +197,22 @@ def test_malicious_pickle_is_refused_and_never_runs(srv, tmp_path):
             assert err["code"] == code, err
             assert_error_shape(c.get("/v1/experts/evil", headers=auth(USER)), 404)
     assert not marker.exists()
+
+
+def test_a_damaged_expert_is_quarantined_and_listed_at_the_next_start(expert_settings, base_mlp, tmp_path):
+    """One flipped bit in a stored tensor file: the restarted server serves the expert no more, keeps its
+    files in the store's quarantine and lists it there."""
+    settings = expert_settings(expert_dir=tmp_path / "store", api_key=USER, admin_api_key=ADMIN)
+    with serve(settings) as s, s.client() as c:
+        assert post_json(c, "fragile", random_z(base_mlp, 50)).status_code == 200
+    f = tmp_path / "store" / "fragile" / "v000001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x04
+    f.write_bytes(bytes(data))
+    with serve(settings) as s, s.client() as c:
+        listed = c.get("/v1/experts", headers=auth(USER)).json()
+        assert "fragile" not in {e["id"] for e in listed["data"]}
+        [q] = listed["quarantined"]
+        assert q["name"] == "fragile" and "sha256" in q["versions"]["1"] and q["path"].startswith(".quarantine/")
+        assert (tmp_path / "store" / q["path"] / "v000001.safetensors").read_bytes() == bytes(data)
+        assert_error_shape(complete(c, "fragile"), 404)

@@ -88,7 +88,8 @@ def test_recovery_removes_leftovers_and_falls_back(tmp_path, base_mlp):
     (tmp_path / ".generation.x1y2.tmp").write_bytes(b"7")  # the change counter's update, killed mid-way
     (tmp_path / "half").mkdir()  # a new name whose first version never committed
     (tmp_path / "half" / "v000001.safetensors").write_bytes(b"x")
-    # code's newest record is corrupt (bit rot, a hand edit): the older complete version is used instead.
+    # code's newest record is corrupt (bit rot, a hand edit): the older complete version is used instead,
+    # and the damaged one is moved aside, not deleted.
     c = tmp_path / "code"
     (c / "v000002.safetensors").write_bytes((c / "v000001.safetensors").read_bytes())
     (c / "v000002.json").write_text('{"format": "t2serve-expert/1", "name": "code"')
@@ -96,19 +97,35 @@ def test_recovery_removes_leftovers_and_falls_back(tmp_path, base_mlp):
     got = {s.name: s for s in reopened.load()}
     assert set(got) == {"math", "code"} and got["code"].record.version == 1
     assert files(tmp_path, "math") == ["v000001.json", "v000001.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in CONTROL_FILES) == ["code", "math"]
+    assert files(tmp_path, "code") == ["v000001.json", "v000001.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in CONTROL_FILES) == [".quarantine", "code", "math"]
+    [q] = reopened.quarantined()
+    assert q["name"] == "code" and list(q["versions"]) == ["2"] and "not JSON" in q["versions"]["2"]
     assert reopened.put(svf("code", random_z(base_mlp, 3))).record.version == 3  # numbers are never reused
 
 
-def test_tampered_tensor_file_is_not_served(tmp_path, base_mlp):
+def test_a_flipped_bit_quarantines_the_expert_and_keeps_its_files(tmp_path, base_mlp):
     store = ExpertStore(tmp_path, base=base_mlp)
     store.put(svf("math", random_z(base_mlp, 0)))
+    store.put(svf("code", random_z(base_mlp, 1)))
     f = tmp_path / "math" / "v000001.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
+    original = f.read_bytes()
+    data = bytearray(original)
+    data[-3] ^= 0x04  # one bit of one stored value
     f.write_bytes(bytes(data))
+    record = (tmp_path / "math" / "v000001.json").read_bytes()
     reopened = ExpertStore(tmp_path, base=base_mlp)
-    assert reopened.load() == [] and "math" not in reopened.registry
+    assert [s.name for s in reopened.load()] == ["code"] and "math" not in reopened.registry
+    [q] = reopened.quarantined()
+    assert q["name"] == "math" and "sha256" in q["versions"]["1"]
+    kept = tmp_path / q["path"]
+    assert (kept / "v000001.safetensors").read_bytes() == bytes(data)  # the files as they were, for inspection
+    assert (kept / "v000001.json").read_bytes() == record
+    assert not (tmp_path / "math").exists()
+    # Later starts keep it where it is and still report it; the name is free for a new upload.
+    again = ExpertStore(tmp_path, base=base_mlp)
+    assert [s.name for s in again.load()] == ["code"] and again.quarantined() == [q]
+    assert again.put(svf("math", random_z(base_mlp, 2))).record.version == 1
 
 
 def test_experts_for_other_weights_or_targets_are_kept_but_not_served(tmp_path, base_mlp, base_all):
