@@ -3,8 +3,9 @@ its queue, so one client's flood of sequences slows others but never locks them 
 
 A client's sequences enter the engine while it has fewer than ``slots`` there (running or queued in the
 engine); the rest wait here, in the client's own line (FIFO), for one of its sequences to end. Beyond
-``slots + queue`` sequences held, its new requests are refused (429) at once, whatever other clients do.
-The engine's own queue limit still applies on top, across clients."""
+``slots + queue`` sequences held, its new requests are refused (429) at once, whatever other clients do;
+and all clients together keep at most ``total_queue`` sequences waiting here (the engine's own queue
+limit applies to what enters it)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,15 +25,17 @@ class _Client:
     line: deque = field(default_factory=deque)  # futures of this client's sequences waiting to enter
 
 
-def client_limits(share: float, max_num_seqs: int, max_waiting: int) -> tuple[int, int]:
-    """(engine places, waiting places) one client may hold: ``share`` of each, at least one engine place."""
-    return max(1, math.floor(share * max_num_seqs)), math.ceil(share * max_waiting)
+def client_limits(share: float, max_num_seqs: int, max_waiting: int) -> tuple[int, int, int]:
+    """(engine places, waiting places) one client may hold: ``share`` of each, at least one engine place;
+    and the waiting places of all clients together."""
+    return max(1, math.floor(share * max_num_seqs)), math.ceil(share * max_waiting), max_waiting
 
 
 class ClientGate:
-    def __init__(self, slots: int, queue: int):
+    def __init__(self, slots: int, queue: int, total_queue: int | None = None):
         self.slots = slots  # sequences of one client in the engine at once
         self.queue = queue  # more sequences of one client waiting here, beyond those
+        self.total_queue = queue if total_queue is None else total_queue  # of all clients waiting here
         self._clients: dict[str, _Client] = {}
 
     @property
@@ -43,11 +46,15 @@ class ClientGate:
     def reserve(self, client: str, count: int) -> None:
         """Count ``count`` new sequences of ``client`` as held, or raise ``ClientBusyError``."""
         c = self._clients.setdefault(client, _Client())
-        if c.held + count > self.most:
+        waiting = sum(max(0, o.held - self.slots) for o in self._clients.values())
+        more = max(0, c.held + count - self.slots) - max(0, c.held - self.slots)  # of these, the ones to wait
+        if c.held + count > self.most or waiting + more > self.total_queue:
             if c.held == 0:
                 del self._clients[client]
-            raise ClientBusyError(f"this client holds {c.held} sequence(s) and asks for {count} more; a client may "
-                                  f"hold {self.most} at a time ({self.slots} generating)")
+            if c.held + count > self.most:
+                raise ClientBusyError(f"this client holds {c.held} sequence(s) and asks for {count} more; a client "
+                                      f"may hold {self.most} at a time ({self.slots} generating)")
+            raise ClientBusyError(f"{waiting} sequences are waiting for their clients' share of the slots")
         c.held += count
 
     def try_enter(self, client: str) -> bool:
