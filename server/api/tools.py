@@ -7,17 +7,19 @@ call format are described in the system turn: a call is ``<tool_call>{"name": ..
 function, the grammar engine makes the whole answer one such JSON object (``ChatCompletionRequest.structure``),
 so the call always parses; with auto, calls are found in the text and the rest stays content. Earlier
 assistant turns with ``tool_calls`` are written back in the same format, and tool turns keep their role.
+
+Finding calls takes time linear in the text (``str.find`` for the tags, one JSON parse of each span): a
+backtracking pattern over the model's text would let an answer of whitespace take seconds to parse.
 """
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
 from server.schemas import ChatCompletionRequest, FunctionCall, ToolCall
 
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 def template_knows_tools(tokenizer) -> bool:
@@ -60,39 +62,57 @@ def render_messages(body: ChatCompletionRequest, tokenizer) -> tuple[list[dict],
     return messages, {}
 
 
+def _json(text: str) -> Any:
+    """``text`` parsed as JSON, or None where it is not JSON (or nests deeper than the parser goes)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _call(obj: Any, names: set[str]) -> ToolCall | None:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
+        args = _json(args)
     if not isinstance(args, dict):
         return None
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=obj["name"],
-                                                                             arguments=json.dumps(args)))
+    try:
+        arguments = json.dumps(args)
+    except (ValueError, RecursionError):
+        return None
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=obj["name"], arguments=arguments))
+
+
+def tagged_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, inside) of each ``<tool_call>...</tool_call>`` in ``text``, in order: each closing tag
+    pairs with the last opening tag before it. One pass of ``str.find``/``rfind``: linear in the text."""
+    spans, at = [], 0
+    while (start := text.find(OPEN, at)) >= 0:
+        close = text.find(CLOSE, start + len(OPEN))
+        if close < 0:
+            break
+        start = text.rfind(OPEN, start, close)
+        spans.append((start, close + len(CLOSE), text[start + len(OPEN):close]))
+        at = close + len(CLOSE)
+    return spans
 
 
 def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
     """(content left, the calls) of an answer; no calls: the whole text is content."""
     names = {t.function.name for t in body.tools or []}
-    if body.tool_mode() in ("required", "named"):
-        try:
-            call = _call(json.loads(text), names)
-        except json.JSONDecodeError:  # cut by max_tokens: no call, the text is what there is
-            call = None
+    if body.tool_mode() in ("required", "named"):  # cut by max_tokens: no call, the text is what there is
+        call = _call(_json(text), names)
         return (None, [call]) if call is not None else (text, [])
-    calls, kept = [], text
-    for m in CALL.finditer(text):
-        try:
-            call = _call(json.loads(m.group(1)), names)
-        except json.JSONDecodeError:
-            call = None
+    calls, kept, at = [], [], 0
+    for start, end, inside in tagged_spans(text):
+        call = _call(_json(inside.strip()), names)
         if call is not None:
             calls.append(call)
-            kept = kept.replace(m.group(0), "", 1)
+            kept.append(text[at:start])
+            at = end
     if not calls:
         return text, []
-    return (kept.strip() or None), calls
+    kept.append(text[at:])
+    return ("".join(kept).strip() or None), calls

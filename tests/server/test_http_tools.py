@@ -3,6 +3,8 @@ whole and streamed; a conversation with the call and the tool's answer goes on; 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import openai
@@ -85,6 +87,71 @@ def test_auto_finds_calls_in_the_text_and_keeps_the_rest():
     assert json.loads(calls[0].function.arguments) == {"zone": "UTC"}
     assert parse_calls(body, '<tool_call>{"name": "nope", "arguments": {}}</tool_call>')[1] == []
     assert parse_calls(body, "plain answer") == ("plain answer", [])
+
+
+# Answers a backtracking pattern takes seconds on (its time grows as the cube of the whitespace after an
+# opening tag), and others a JSON scanner could stumble on; each parses in milliseconds.
+HOSTILE_ANSWERS = {
+    "whitespace after a tag": "<tool_call>" + ("\n" + " " * 80) * 47,
+    "tags and whitespace": ("<tool_call>" + " " * 80) * 2000,
+    "braces": "<tool_call>" + "{" * 4000 + "</tool_call>",
+    "brackets too deep to parse": "<tool_call>" + "[" * 100_000 + "</tool_call>",
+    "arguments too deep to parse": '<tool_call>{"name": "get_time", "arguments": ' + "[" * 100_000 + "}</tool_call>",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_ANSWERS)
+def test_auto_parses_hostile_answers_in_milliseconds(name):
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "tools": [WEATHER, TIME]})
+    text = HOSTILE_ANSWERS[name]
+    t0 = time.perf_counter()
+    content, calls = parse_calls(body, text)
+    assert time.perf_counter() - t0 < 0.05
+    assert (content, calls) == (text, [])
+
+
+def test_auto_pairs_each_closing_tag_with_the_nearest_opening_one():
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "tools": [WEATHER, TIME]})
+    call = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    content, calls = parse_calls(body, "a <tool_call> b " + call + " c " + call + " <tool_call> d")
+    assert content == "a <tool_call> b  c  <tool_call> d" and [c.function.name for c in calls] == ["get_time"] * 2
+
+
+def test_a_whitespace_answer_does_not_hold_up_other_clients(server):
+    """The model answers an opening tag and then 43 tokens of 81 whitespace characters each (the regular
+    expression forces the tag, the bias the whitespace): the answer comes at once, and /health answers
+    meanwhile at least once a second. (The gaps between answers are measured, not each answer's time: the
+    server shares this process, so a stall that holds the interpreter stops the prober's clock too.)"""
+    tok = server.engine.tokenizer
+    blank = [(len(s), i) for i in range(len(tok)) if (s := tok.decode([i])) and not s.strip()]
+    widest = max(blank)[1]
+    answered, done = [time.monotonic()], threading.Event()
+
+    def probe():
+        with server.client() as c:
+            while not done.is_set():
+                assert c.get("/health").status_code == 200
+                answered.append(time.monotonic())
+                time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with server.client() as c:
+            t0 = time.monotonic()
+            r = c.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "auto", "max_tokens": 48,
+                "temperature": 0, "guided_regex": r"<tool_call>\s+", "logit_bias": {str(widest): 100}})
+            took = time.monotonic() - t0
+    finally:
+        done.set()
+        prober.join()
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["content"].startswith("<tool_call>") and len(message["content"]) > 3000
+    assert message.get("tool_calls") is None
+    gaps = [b - a for a, b in zip(answered, answered[1:] + [time.monotonic()])]
+    assert took < 10 and max(gaps) < 1.0, (took, max(gaps))
 
 
 def test_tools_reach_the_template_or_the_system_turn():
