@@ -134,8 +134,14 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+# Label values come from closed sets: a method outside these, like a path outside the routes, is 'other'.
+# Raw values would let any client (these are counted before any key is checked) grow /metrics without bound.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetricsMiddleware:
-    """Counts answered requests by method, route template and status (paths outside the routes: 'other')."""
+    """Counts answered requests by method, route template and status (the status this server chose);
+    methods and paths outside the known ones count as 'other'."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -158,4 +164,5 @@ class RequestMetricsMiddleware:
             route = scope.get("route")
             # Templates, not raw paths: unknown paths would otherwise grow the label set without bound.
             name = getattr(route, "path", None) or "other"
-            self.metrics.requests.labels(scope["method"], name, str(status)).inc()
+            method = scope["method"] if scope["method"] in METRIC_METHODS else "other"
+            self.metrics.requests.labels(method, name, str(status)).inc()

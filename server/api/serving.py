@@ -87,7 +87,10 @@ async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[i
                                        for p, t in zip(prompts, texts)))
     infos = [d.info() for d in decisions]
     for d in decisions:
-        state.metrics.count_adaptation(d.strategy, d.expert)
+        # A mixture counts once for each expert in it: a label per combination of names would let clients
+        # grow the series without bound (names may repeat, in any order).
+        for expert in dict.fromkeys(d.chosen) if d.strategy == "explicit" else (d.expert,):
+            state.metrics.count_adaptation(d.strategy, expert)
     return [d.adaptation for d in decisions], infos[0] if len(infos) == 1 else infos
 
 

@@ -90,3 +90,16 @@ def test_bad_adaptations_are_400(expert_server):
         r = c.post("/v1/completions", json={"model": "physics", "prompt": "hi", "max_tokens": 2})
         assert_error_shape(r, 404)
         assert c.post("/v1/completions", json={"model": "math", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_mixtures_count_each_expert_in_the_metrics(expert_server):
+    """A mixture is counted under each of its experts' names, never under a joined name per combination
+    (names may repeat, in any order: such labels would grow /metrics without bound)."""
+    srv, _ = expert_server
+    with srv.client() as c:
+        for names in (["math", "code"], ["code", "math", "math"], ["math"] * 5):
+            complete(srv, "hi", adaptation={"experts": names})
+        adapted = [line for line in c.get("/metrics").text.splitlines()
+                   if line.startswith('t2_adapted_requests_total{') and 'strategy="explicit"' in line]
+    assert sorted(line.split("{")[1].split("}")[0] for line in adapted) == [
+        'expert="code",strategy="explicit"', 'expert="math",strategy="explicit"']
