@@ -126,6 +126,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.jobs.cancel_all()  # few-shot searches: stopped before the engine they run on
         if state.engine is not None:
             await state.engine.shutdown()
+        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, *,

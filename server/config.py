@@ -54,6 +54,11 @@ class Settings(BaseSettings):
                                 "generation routes; larger ones get 413")
     body_read_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive whole; "
                                      "slower ones get 408")
+    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize and detokenize requests' text, a "
+                                   "pool of their own: a long text takes seconds, never on the event loop")
+    max_input_chars: int | None = Field(None, ge=1, description="longest text (characters) one prompt, conversation "
+                                        "or /tokenize input may have; longer gets 400 (default: max_model_len times "
+                                        "the model's longest token, as no longer text fits)")
     max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
     cors_origins: str | None = Field(None, description="browser origins allowed to call the API, comma-separated "
                                      "(e.g. https://app.example.com; * for any); unset: no CORS headers")

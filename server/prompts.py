@@ -30,8 +30,25 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
                               param=param)
 
 
-def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]:
-    """Token ids of every prompt in a completions request (one list per prompt)."""
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token string: no text longer than ``n`` times this fits in
+    ``n`` tokens (a byte-level token's string has a character per byte, at least its text's characters)."""
+    strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(len(s or "") for s in strings)
+
+
+def check_chars(text: str, limit: int | None, param: str, what: str = "has") -> str:
+    """``text`` if it has at most ``limit`` characters (None: any), else a 400 naming ``param``: checked
+    before the text is tokenized, which takes seconds for megabytes."""
+    if limit is not None and len(text) > limit:
+        raise invalid_request(f"'{param}' {what} {len(text)} characters; this server takes at most {limit} per "
+                              "prompt.", param=param, code="context_length_exceeded")
+    return text
+
+
+def completion_prompt_ids(tokenizer, prompt: str | list[Any], max_chars: int | None = None) -> list[list[int]]:
+    """Token ids of every prompt in a completions request (one list per prompt); text prompts longer than
+    ``max_chars`` are refused."""
     if isinstance(prompt, str):
         batch: list[Any] = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -47,7 +64,7 @@ def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]
         if isinstance(p, str):
             if not p:
                 raise invalid_request(f"'{where}' must not be an empty string.", param=where)
-            ids = tokenizer.encode(check_text(p, where))
+            ids = tokenizer.encode(check_text(check_chars(p, max_chars, where), where))
         else:
             ids = list(p)
             if not ids:
@@ -58,9 +75,10 @@ def completion_prompt_ids(tokenizer, prompt: str | list[Any]) -> list[list[int]]
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                    **template_kw) -> list[int]:
+                    max_chars: int | None = None, **template_kw) -> list[int]:
     """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn
-    (unless ``add_generation_prompt`` is False); ``template_kw`` go to the template (e.g. ``tools``)."""
+    (unless ``add_generation_prompt`` is False); ``template_kw`` go to the template (e.g. ``tools``). A
+    rendered conversation longer than ``max_chars`` is refused."""
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_request("This model has no chat template; use /v1/completions instead.",
                               param="messages", code="chat_template_missing")
@@ -71,6 +89,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], add_generation_pr
                                              **template_kw)
     except Exception as e:  # templates reject conversations with raise_exception(...)
         raise invalid_request(f"The chat template rejected these messages: {e}", param="messages") from e
+    check_chars(text, max_chars, "messages", what="make a prompt of")
     # The template already wrote the special tokens (BOS, role markers): do not add them twice.
     return tokenizer.encode(text, add_special_tokens=False)
 

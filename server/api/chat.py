@@ -44,14 +44,16 @@ def answer_message(body: ChatCompletionRequest, text: str, finish_reason: str | 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     messages = template_messages(body)
     tok = ready_engine(request).tokenizer
-    rendered, template_kw = render_messages(body, tok)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     # Pass 1 classifies the latest user turn (the request), not the whole templated conversation.
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
-    started = await start_run(request, body, lambda tok: [chat_prompt_ids(tok, rendered, **template_kw)],
-                              body.max_new_tokens(),
-                              id_prefix="chatcmpl", prompt_param="messages", max_param=max_param,
-                              texts=[last_user])
+
+    def prompt(tok, most: int) -> list[list[int]]:  # in the tokenizer pool, rendering included
+        rendered, template_kw = render_messages(body, tok)
+        return [chat_prompt_ids(tok, rendered, max_chars=most, **template_kw)]
+
+    started = await start_run(request, body, prompt, body.max_new_tokens(),
+                              id_prefix="chatcmpl", prompt_param="messages", max_param=max_param, texts=[last_user])
 
     def chunk(choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=started.request_id, created=started.created, model=started.model,

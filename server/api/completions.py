@@ -54,7 +54,8 @@ async def prompt_logprobs(engine, choices: list[Choice], n: int, k: int) -> dict
              responses=generation_responses(CompletionResponse),
              summary="Complete a prompt (OpenAI Completions)")
 async def create_completion(body: CompletionRequest, request: Request):
-    started = await start_run(request, body, lambda tok: completion_prompt_ids(tok, body.prompt), body.max_tokens,
+    started = await start_run(request, body, lambda tok, most: completion_prompt_ids(tok, body.prompt, most),
+                              body.max_tokens,
                               id_prefix="cmpl", prompt_param="prompt", max_param="max_tokens",
                               texts=prompt_texts(body.prompt))
 

@@ -1,5 +1,5 @@
 """The steps the generation routes (completions, chat) share: engine and model checks, limits that
-depend on the settings, tokenization off the event loop, token budgets, adaptation, submission, and
+depend on the settings, tokenization in the tokenizer pool, token budgets, adaptation, submission, and
 the answer (SSE event stream, or one body unless the client has gone)."""
 from __future__ import annotations
 
@@ -118,11 +118,12 @@ async def check_structure(engine: Any, body: Any) -> None:
         raise invalid_request(f"{body.structure_param()}: {e}", param=body.structure_param()) from None
 
 
-async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[list[int]]],
+async def start_run(request: Request, body: Any, tokenize: Callable[[Any, int], list[list[int]]],
                     requested: int | None, *, id_prefix: str, prompt_param: str, max_param: str,
                     texts: list[str | None] | None = None) -> StartedRun:
-    """Check, tokenize (``tokenize(tokenizer)`` -> one id list per prompt), run pass 1 and submit every
-    choice. ``texts``: what pass 1 classifies for each prompt (None: the decoded prompt)."""
+    """Check, tokenize (``tokenize(tokenizer, most characters per prompt)`` -> one id list per prompt), run
+    pass 1 and submit every choice. ``texts``: what pass 1 classifies for each prompt (None: the decoded
+    prompt)."""
     arrival = time.monotonic()  # latency metrics include the tokenization
     state = server_state(request)
     settings = state.settings
@@ -131,8 +132,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any], list[
     check_limits(body, settings)
     check_token_fields(body, len(engine.tokenizer))
     await check_structure(engine, body)
-    # Tokenizing a large prompt takes a while: keep it off the event loop.
-    prompts = await asyncio.to_thread(tokenize, engine.tokenizer)
+    prompts = await state.tokenizing(tokenize, engine.tokenizer, await state.input_char_limit(engine))
     check_capacity(len(prompts), body.n, settings, state.gate.most)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
                                   prompt_param=prompt_param, param=max_param) for p in prompts]

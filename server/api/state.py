@@ -1,9 +1,13 @@
-"""What the routes share for one app: settings, metrics and the engine (absent while the model loads)."""
+"""What the routes share for one app: settings, metrics, the engine (absent while the model loads) and the
+thread pool that tokenizes."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import Request
 
@@ -17,6 +21,7 @@ from server.config import Settings
 from server.errors import APIError, model_not_found, unavailable
 from server.jobs import Job, JobBoard
 from server.metrics import Metrics
+from server.prompts import longest_token_chars
 
 
 @dataclass
@@ -33,10 +38,29 @@ class ServerState:
     jobs: JobBoard = field(default_factory=JobBoard)  # background jobs (few-shot searches, SAPT training)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`
     gate: ClientGate = field(init=False)  # each client's share of the slots and the queue
+    # Tokenizing and detokenizing requests' text: threads of their own, so that neither the event loop nor
+    # the default pool (file work, grammar compilation) waits behind a long text.
+    tokenizer_pool: ThreadPoolExecutor = field(init=False)
+    _char_limit: tuple[Any, int] | None = field(default=None, init=False)  # (engine, its input_char_limit)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         s = self.settings
         self.gate = ClientGate(*client_limits(s.client_share, s.max_num_seqs, s.max_waiting))
+        self.tokenizer_pool = ThreadPoolExecutor(s.tokenizer_threads, thread_name_prefix="t2-tokenize")
+
+    async def tokenizing(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` run in the tokenizer pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, functools.partial(fn, *args))
+
+    async def input_char_limit(self, engine) -> int:
+        """The most characters a prompt may have: ``max_input_chars``, or what can fit in the model's
+        length (found once per engine, in the pool: it reads the whole vocabulary)."""
+        if self.settings.max_input_chars is not None:
+            return self.settings.max_input_chars
+        if self._char_limit is None or self._char_limit[0] is not engine:
+            longest = await self.tokenizing(longest_token_chars, engine.tokenizer)
+            self._char_limit = (engine, engine.max_model_len * longest)
+        return self._char_limit[1]
 
     @property
     def ready(self) -> bool:

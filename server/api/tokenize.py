@@ -1,5 +1,6 @@
 """POST /tokenize, POST /detokenize and GET /version, in vLLM's shapes (clients and tools that count tokens
-before sending, or read the server's version, work against either server)."""
+before sending, or read the server's version, work against either server). Both run in the tokenizer pool
+(megabytes of text take seconds), with the prompts' character limit."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -12,7 +13,7 @@ from server.api.chat import template_messages
 from server.api.serving import ERROR_RESPONSES
 from server.api.state import check_model, ready_engine, server_state
 from server.errors import invalid_request
-from server.prompts import chat_prompt_ids, check_text, check_token_ids
+from server.prompts import chat_prompt_ids, check_chars, check_text, check_token_ids
 from server.schemas import ChatMessage
 
 router = APIRouter(tags=["tokens"])
@@ -54,25 +55,36 @@ class DetokenizeResponse(BaseModel):
              dependencies=[Depends(require_api_key)])
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     engine = ready_engine(request)
-    check_model(engine, body.model, server_state(request).registry)
-    tok = engine.tokenizer
+    state = server_state(request)
+    check_model(engine, body.model, state.registry)
     if (body.prompt is None) == (body.messages is None):
         raise invalid_request("give either 'prompt' or 'messages'", param="prompt")
-    if body.prompt is not None:
-        ids = tok.encode(check_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens)
-    else:  # exactly what /v1/chat/completions generates after (with add_generation_prompt)
-        ids = chat_prompt_ids(tok, template_messages(body), body.add_generation_prompt)
-    strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
-    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+    most = await state.input_char_limit(engine)
+
+    def work(tok) -> TokenizeResponse:
+        if body.prompt is not None:
+            ids = tok.encode(check_text(check_chars(body.prompt, most, "prompt"), "prompt"),
+                             add_special_tokens=body.add_special_tokens)
+        else:  # exactly what /v1/chat/completions generates after (with add_generation_prompt)
+            ids = chat_prompt_ids(tok, template_messages(body), body.add_generation_prompt, max_chars=most)
+        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    return await state.tokenizing(work, engine.tokenizer)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(require_api_key)])
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     engine = ready_engine(request)
-    check_model(engine, body.model, server_state(request).registry)
-    check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    state = server_state(request)
+    check_model(engine, body.model, state.registry)
+
+    def work(tok) -> DetokenizeResponse:
+        check_token_ids(body.tokens, len(tok), "tokens")
+        return DetokenizeResponse(prompt=tok.decode(body.tokens))
+
+    return await state.tokenizing(work, engine.tokenizer)
 
 
 @router.get("/version")
