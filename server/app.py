@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     # The last added is the outermost: metrics see every answer; keys are checked before any body is read;
     # then the body limit of the route (expert uploads may be larger: SAPT bundles; multipart adds a little).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout,
+                       max_pending=settings.max_pending_body_bytes,
                        route_limits={"/v1/experts": max(settings.max_body_bytes, settings.max_expert_bytes + 65536),
                                      "/v1/adaptations": min(settings.max_body_bytes, 1 << 20),
                                      "/v1/training": 64 * 1024})

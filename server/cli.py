@@ -68,13 +68,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.edge import uvicorn_config
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.access").addFilter(_NoHealthProbes())
     servers: list[uvicorn.Server] = []  # a model that cannot load stops the server: exit 1 below
     app = create_app(settings, on_load_failure=lambda: setattr(servers[0], "should_exit", True))
-    servers.append(uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+    servers.append(uvicorn.Server(uvicorn_config(app, settings, host=settings.host, port=settings.port,
                                                  log_level=settings.log_level,
                                                  timeout_graceful_shutdown=settings.shutdown_timeout)))
     servers[0].run()

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
                                 "generation routes; larger ones get 413")
     body_read_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive whole; "
                                      "slower ones get 408")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a request head may take to arrive whole after the "
+                                  "connection opens (or the next request's first byte): slower connections are closed")
+    max_connections: int | None = Field(None, ge=1, description="open connections at most: one more closes the one "
+                                        "waiting longest for a request head or idle (default: what the open-file "
+                                        "limit leaves after 128 and the accept backlog)")
+    max_pending_body_bytes: int = Field(256 * 1024 * 1024, ge=1, description="bytes of request bodies still arriving, "
+                                        "all requests together (at least the largest body limit): more get 503")
     tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize and detokenize requests' text, a "
                                    "pool of their own: a long text takes seconds, never on the event loop")
     max_input_chars: int | None = Field(None, ge=1, description="longest text (characters) one prompt, conversation "

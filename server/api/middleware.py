@@ -1,5 +1,5 @@
 """Plain ASGI middleware: API keys checked from the headers before any body is read, the request body size
-limit and read timeout, and per-route request metrics.
+limit, read timeout and the bytes all unfinished bodies may hold together, and per-route request metrics.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: that one runs the app in a separate task
 and breaks streaming responses' disconnect detection, which the generation routes rely on.
@@ -18,12 +18,14 @@ from server.errors import APIError
 from server.metrics import Metrics
 
 
-async def send_error(send: Send, err: APIError, close: bool = False) -> None:
+async def send_error(send: Send, err: APIError, close: bool = False, retry_after: int | None = None) -> None:
     """Answer ``err`` in the OpenAI error shape; ``close``: the body was not read, so the connection ends."""
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -74,17 +76,21 @@ async def discard_small_body(scope: Scope, receive: Receive) -> None:
 
 class BodyLimitMiddleware:
     """Answers 413 to bodies over ``max_bytes`` (or the limit of the first ``route_limits`` path prefix
-    that matches, e.g. expert uploads) before the app parses them, and 408 to a body that has not arrived
-    whole within ``read_timeout`` seconds.
+    that matches, e.g. expert uploads) before the app parses them, 408 to a body that has not arrived
+    whole within ``read_timeout`` seconds, and 503 to a body that would take the bytes held by all bodies
+    still arriving past ``max_pending`` (at least the largest body limit, so that every body can arrive).
 
     The body is read here (it would be read whole by the JSON parser anyway) and replayed to the app;
     after the replay, ``receive`` goes to the server again, so the app still sees ``http.disconnect``.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None,
-                 read_timeout: float = 30.0):
+                 read_timeout: float = 30.0, max_pending: int | None = None):
         self.app, self.max_bytes, self.route_limits = app, max_bytes, dict(route_limits or {})
         self.read_timeout = read_timeout
+        largest = max([max_bytes, *self.route_limits.values()])
+        self.max_pending = max(largest, max_pending) if max_pending is not None else None
+        self.pending = 0  # bytes held by bodies still arriving, all requests together
 
     def _limit(self, path: str) -> int:
         return next((n for prefix, n in self.route_limits.items() if path.startswith(prefix)), self.max_bytes)
@@ -104,24 +110,11 @@ class BodyLimitMiddleware:
             await send_error(send, self._too_large(int(declared), limit))
             return
         chunks: list[bytes] = []
-        size = 0
-        deadline = time.monotonic() + self.read_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                await send_error(send, APIError(408, f"The request body did not arrive within {self.read_timeout:g} "
-                                                     "seconds.", code="request_timeout"), close=True)
+        try:
+            if await self._read(receive, send, chunks, limit):
                 return
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                await send_error(send, self._too_large(None, limit))
-                return
-            if not message.get("more_body", False):
-                break
+        finally:
+            self.pending -= sum(map(len, chunks))  # the whole body is the app's now (or dropped)
         replayed = False
 
         async def replay() -> Message:
@@ -132,6 +125,35 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive, send: Send, chunks: list[bytes], limit: int) -> bool:
+        """Read the body into ``chunks`` (counted in ``pending`` while there); True if it was answered
+        instead (408, 413, 503) or the client left."""
+        size = 0
+        deadline = time.monotonic() + self.read_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await send_error(send, APIError(408, f"The request body did not arrive within {self.read_timeout:g} "
+                                                     "seconds.", code="request_timeout"), close=True)
+                return True
+            if message["type"] != "http.request":  # the client left before sending its body
+                return True
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await send_error(send, self._too_large(None, limit))
+                return True
+            if self.max_pending is not None and self.pending + len(chunk) > self.max_pending:
+                await send_error(send, APIError(503, "The server is reading too many request bodies at once; retry "
+                                                     "shortly.", type="server_error", code="server_busy"),
+                                 close=True, retry_after=1)
+                return True
+            chunks.append(chunk)
+            self.pending += len(chunk)
+            if not message.get("more_body", False):
+                return False
 
 
 # Label values come from closed sets: a method outside these, like a path outside the routes, is 'other'.

@@ -19,6 +19,7 @@ import uvicorn
 
 from server.app import create_app
 from server.config import Settings
+from server.edge import uvicorn_config
 
 MODEL = "tiny"
 # Long enough for "long" requests: greedy decoding of "Hello" on the tiny model never meets EOS, and
@@ -122,7 +123,7 @@ def serve(settings: Settings, *, engine: Any = None, wait_ready: bool = True, **
     app = create_app(settings, engine, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
