@@ -213,8 +213,10 @@ class _SamplingRequest(_Request):
         if not v:
             return None
         for k, b in v.items():
-            if not k.isdigit():
-                raise ValueError(f"logit_bias keys are token ids as strings, got {k!r}")
+            # ASCII digits: str.isdigit() also takes "²" and other digits int() refuses; a bounded length,
+            # as int() refuses strings of more than 4,300 digits
+            if not (k.isascii() and k.isdigit() and len(k) <= 18):
+                raise ValueError(f"logit_bias keys are token ids as strings, got {k[:20]!r}")
             if not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias values are in [-100, 100], got {b} for {k}")
         return v
@@ -300,6 +302,41 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class CalledFunction(BaseModel):
+    """The function of a call in an earlier assistant turn: ``arguments`` as OpenAI sends them (a string
+    holding a JSON object), or the object itself; kept parsed."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, v):
+        if not isinstance(v, str):
+            return v
+        if not v.strip():
+            return {}
+        try:
+            parsed = json.loads(v)
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object as a string, e.g. '{\"city\": \"Paris\"}'")
+        return parsed
+
+
+class CalledTool(BaseModel):
+    """A call in an earlier assistant turn, as the server answered it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     # Clients send back assistant messages as they received them (with refusal, annotations, ...):
     # fields we do not use are ignored here rather than rejected.
@@ -308,7 +345,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_calls: list[CalledTool] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content", mode="wrap")

@@ -62,6 +62,19 @@ def parse_mixture(spec: dict[str, Any]) -> list[tuple[str, float]]:
     return out
 
 
+def mixture_of(experts: list[tuple[Any, float]], names: list[str]) -> Adaptation:
+    """The explicit mixture, or a 400 when its experts cannot be mixed (z is interpolated: they must share
+    the parametrization, sakana or direct, and adapt the same matrices)."""
+    kinds = {n: e.parametrization for n, (e, _) in zip(names, experts)}
+    if len(set(kinds.values())) > 1:
+        raise _bad("experts of one mixture must share a parametrization; got "
+                   + ", ".join(f"{n} ({k})" for n, k in kinds.items()))
+    try:
+        return Adaptation.mixture(experts)
+    except ValueError as e:
+        raise _bad(f"these experts cannot be mixed: {e}") from None
+
+
 class Resolver:
     """Pass 1 of a server: ``decide`` turns one prompt's request fields into a ``Decision``."""
 
@@ -152,7 +165,7 @@ class Resolver:
             pairs = parse_mixture(spec)
             experts = [(self._entry(n).expert, w) for n, w in pairs]
             names = [n for n, _ in pairs]
-            return Decision("explicit", self._check(Adaptation.mixture(experts)), chosen=names,
+            return Decision("explicit", self._check(mixture_of(experts, names)), chosen=names,
                             expert="+".join(names), weights=dict(pairs))
         strategy = strategy or self.default_strategy
         if strategy not in STRATEGIES:

@@ -94,11 +94,16 @@ async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[i
     return [d.adaptation for d in decisions], infos[0] if len(infos) == 1 else infos
 
 
-def check_token_fields(body: Any, vocab: int) -> None:
-    """Token ids named by ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary (400 naming the field)."""
+def check_token_fields(body: Any, vocab: int, eos_ids: list[int]) -> None:
+    """Token ids named by ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary, and before
+    ``min_tokens`` some token must be left that does not end the text (400 naming the field)."""
     for param, ids in (("logit_bias", [int(k) for k in (body.logit_bias or {})]),
                        ("stop_token_ids", list(body.stop_token_ids or []))):
         check_token_ids(ids, vocab, param)
+    ends = set(body.stop_token_ids or []) | (set() if body.ignore_eos else set(eos_ids))
+    if body.min_tokens and len(ends) >= vocab:
+        raise invalid_request("'stop_token_ids' (with the end-of-sequence tokens) name every token of the "
+                              "vocabulary, so none is left to generate before 'min_tokens'.", param="stop_token_ids")
 
 
 async def check_structure(engine: Any, body: Any) -> None:
@@ -130,7 +135,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any, int], 
     engine = ready_engine(request)
     model = check_model(engine, body.model, state.registry)
     check_limits(body, settings)
-    check_token_fields(body, len(engine.tokenizer))
+    check_token_fields(body, len(engine.tokenizer), list(getattr(engine, "eos_token_ids", None) or []))
     await check_structure(engine, body)
     prompts = await state.tokenizing(tokenize, engine.tokenizer, await state.input_char_limit(engine))
     check_capacity(len(prompts), body.n, settings, state.gate.most)

@@ -41,13 +41,8 @@ def render_messages(body: ChatCompletionRequest, tokenizer) -> tuple[list[dict],
         role = "system" if m.role == "developer" else m.role
         content = m.text()
         if m.role == "assistant" and m.tool_calls:
-            calls = []
-            for c in m.tool_calls:
-                fn = c.get("function") or {}
-                args = fn.get("arguments", "{}")
-                calls.append("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": json.loads(args)
-                                                         if isinstance(args, str) and args.strip() else args})
-                             + "</tool_call>")
+            calls = [OPEN + json.dumps({"name": c.function.name, "arguments": c.function.arguments}) + CLOSE
+                     for c in m.tool_calls]
             content = (content + "\n" if content else "") + "\n".join(calls)
         messages.append({"role": role, "content": content})
     if body.tool_mode() is None:

@@ -36,6 +36,11 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 1.0}}, 400, "logit_bias", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 101.0}}, 400, "logit_bias", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"99999999": 1.0}}, 400, "logit_bias", "invalid_value"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"\u00b2": 1.0}}, 400, "logit_bias", "invalid_value"),  # "²".isdigit()
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"9" * 5000: 1.0}}, 400, "logit_bias", "invalid_value"),
+    # Every token an end token before min_tokens: nothing is left to generate.
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": list(range(49152)), "min_tokens": 2}, 400, "stop_token_ids",
+     "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty", "invalid_value"),
     (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs", "invalid_value"),
@@ -59,6 +64,19 @@ BAD_BODIES = [
     (CHAT, {"messages": USER, "max_completion_tokens": MAX_MODEL_LEN}, 400, "max_completion_tokens",
      "context_length_exceeded"),
     (CHAT, {"messages": USER, "model": "nope"}, 404, "model", "model_not_found"),
+    # Earlier assistant turns whose tool calls are malformed.
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": [{"function": "f"}]}]}, 400,
+     "messages.1.tool_calls.0.function", "invalid_value"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+     400, "messages.1.tool_calls.0.function.arguments", "invalid_value"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]},
+     400, "messages.1.tool_calls.0.function.arguments", "invalid_value"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]}, 400,
+     "messages.1.tool_calls.0.function.name", "invalid_value"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": ["f"]}]}, 400, "messages.1.tool_calls.0",
+     "invalid_value"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000}}]}]},
+     400, "messages.1.tool_calls.0.function.arguments", "invalid_value"),
 ]
 
 

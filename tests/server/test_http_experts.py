@@ -33,6 +33,8 @@ def expert_server(tiny_settings, tiny_llama_dir, tmp_path_factory):
     writer = ExpertStore(store)  # no model at hand: the server checks the shapes when it loads them
     for e in experts.values():
         writer.put(ExpertDraft(e.name, "svf", dict(e.z)))
+    plain = random_expert("plain", weights, 7)  # the other parametrization (z scales σ directly)
+    writer.put(ExpertDraft("plain", "svf", {n: 1 + 0.1 * z for n, z in plain.z.items()}, parametrization="direct"))
     with serve(tiny_settings(expert_dir=store)) as srv:
         yield srv, experts
 
@@ -89,6 +91,12 @@ def test_bad_adaptations_are_400(expert_server):
             assert err["param"] == "adaptation"
         r = c.post("/v1/completions", json={"model": "physics", "prompt": "hi", "max_tokens": 2})
         assert_error_shape(r, 404)
+        # sakana and direct experts cannot be mixed (z is interpolated): a 400 that names both, not a 500
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                            "adaptation": {"experts": {"math": 0.5, "plain": 0.5}}})
+        err = assert_error_shape(r, 400)
+        assert err["param"] == "adaptation" and "math (sakana)" in err["message"] and "plain (direct)" in err["message"]
+        assert c.post("/v1/completions", json={"model": "plain", "prompt": "hi", "max_tokens": 2}).status_code == 200
         assert c.post("/v1/completions", json={"model": "math", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
