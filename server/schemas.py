@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
@@ -44,6 +44,39 @@ log = logging.getLogger("t2serve.http")
 UNSUPPORTED = ("functions", "function_call", "prompt_logprobs", "prediction", "audio")
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's structured_outputs keys
 _ignored_logged: set[str] = set()
+
+
+Weight = Annotated[float, Field(ge=-10.0, le=10.0)]
+
+
+class AdaptationSpec(_Request):
+    """Our extension to a request: how to adapt the base model for it (pass 1 turns it into an ``Adaptation``).
+
+    Give ``experts`` for an explicit mixture, ``task`` for a stored few-shot mixture, or ``strategy`` for pass 1;
+    nothing keeps the server's default strategy. An expert can also be named in ``model``."""
+
+    strategy: Literal["none", "prompt", "cls_expert", "sapt", "explicit", "few_shot"] | None = Field(
+        None, description="none: the base weights; prompt: the model classifies the request; cls_expert: the "
+        "classifier expert does; sapt: a SAPT bundle's attention over its tasks; explicit (with experts) and "
+        "few_shot (with task) are implied by those fields.")
+    experts: Annotated[dict[str, Weight], Field(max_length=16)] | Annotated[list[str], Field(max_length=16)] | None = Field(
+        None, description="an SVF mixture {name: α} (α in [-10, 10], not normalised; at most 16), or names with "
+        "`weights` (equal weights without); with strategy sapt, the one bundle to use")
+    weights: Annotated[list[Weight], Field(max_length=16)] | None = Field(
+        None, description="α per name of `experts` (a list)")
+    task: str | None = Field(None, description="a task whose few-shot (CEM) mixture was stored by POST "
+                             "/v1/adaptations", max_length=256)
+
+
+class AdaptationReport(BaseModel):
+    """What pass 1 decided for one prompt (``adaptation`` in a response)."""
+
+    strategy: str = Field(description="the strategy that applied: none, expert, explicit, few_shot, prompt, "
+                          "cls_expert or sapt")
+    chosen: str | list[str] | None = Field(None, description="the category pass 1 chose, or the named experts")
+    expert: str | None = Field(None, description="the expert or mixture applied; null: the base weights")
+    weights: dict[str, float] = Field(default_factory=dict, description="category probabilities or mixture α")
+    pass1_ms: float = Field(0.0, description="milliseconds pass 1 took")
 
 
 class _SamplingRequest(_Request):
@@ -108,7 +141,7 @@ class _SamplingRequest(_Request):
     prompt_logprobs: Any = Field(None, description="Not supported.")
     prediction: Any = Field(None, description="Not supported.")
     audio: Any = Field(None, description="Not supported.")
-    adaptation: dict[str, Any] | None = Field(
+    adaptation: AdaptationSpec | None = Field(
         None, description="Extension: how to adapt the base model for this request (experts, strategy).")
 
     @field_validator(*UNSUPPORTED)
@@ -461,7 +494,7 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = Field(None, exclude_if=_omit_none)
     # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
     # prompts. In a stream it comes with the last chunk.
-    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
+    adaptation: AdaptationReport | list[AdaptationReport] | None = Field(None, exclude_if=_omit_none)
 
 
 class FunctionCall(BaseModel):
@@ -513,7 +546,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
     # prompts. In a stream it comes with the last chunk.
-    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
+    adaptation: AdaptationReport | list[AdaptationReport] | None = Field(None, exclude_if=_omit_none)
 
 
 class FunctionCallDelta(BaseModel):
@@ -552,7 +585,7 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = Field(None, exclude_if=_omit_none)
     # Our extension: what pass 1 decided (strategy, chosen, expert, weights, pass1_ms); a list for a batch of
     # prompts. In a stream it comes with the last chunk.
-    adaptation: dict[str, Any] | list[dict[str, Any]] | None = Field(None, exclude_if=_omit_none)
+    adaptation: AdaptationReport | list[AdaptationReport] | None = Field(None, exclude_if=_omit_none)
 
 
 class ModelCard(BaseModel):

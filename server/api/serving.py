@@ -83,7 +83,8 @@ async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[i
                              texts: list[str | None]) -> tuple[list[Adaptation | None], dict | list]:
     """Pass 1 for every prompt (concurrently: each is an engine score request): adaptations and the
     response's `adaptation` report (one object, or a list for a batch of prompts)."""
-    decisions = await asyncio.gather(*(state.resolver.decide(body.adaptation, p, body.model, t)
+    spec = body.adaptation.model_dump(exclude_none=True) if body.adaptation is not None else None  # typed at the edge
+    decisions = await asyncio.gather(*(state.resolver.decide(spec, p, body.model, t)
                                        for p, t in zip(prompts, texts)))
     infos = [d.info() for d in decisions]
     for d in decisions:

@@ -88,7 +88,15 @@ def test_bad_adaptations_are_400(expert_server):
                            {"experts": ["math"], "weights": [1, 2]}, {"strategy": "telepathy"}):
             r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "adaptation": adaptation})
             err = assert_error_shape(r, 400)
-            assert err["param"] == "adaptation"
+            assert err["param"].startswith("adaptation")  # the field itself where the schema finds it
+        for adaptation, param in (({"experts": {"math": "x"}}, "adaptation.experts"),
+                                  ({"experts": {"math": 11}}, "adaptation.experts"),
+                                  ({"experts": {"math": True}}, "adaptation.experts"),
+                                  ({"strategy": "telepathy"}, "adaptation.strategy"),
+                                  ({"experts": [f"e{i}" for i in range(17)]}, "adaptation.experts"),
+                                  ({"stratgy": "prompt"}, "adaptation.stratgy")):
+            err = assert_error_shape(c.post("/v1/completions", json={"prompt": "hi", "adaptation": adaptation}), 400)
+            assert err["param"].startswith(param), (adaptation, err)
         r = c.post("/v1/completions", json={"model": "physics", "prompt": "hi", "max_tokens": 2})
         assert_error_shape(r, 404)
         # sakana and direct experts cannot be mixed (z is interpolated): a 400 that names both, not a 500
@@ -111,3 +119,16 @@ def test_mixtures_count_each_expert_in_the_metrics(expert_server):
                    if line.startswith('t2_adapted_requests_total{') and 'strategy="explicit"' in line]
     assert sorted(line.split("{")[1].split("}")[0] for line in adapted) == [
         'expert="code",strategy="explicit"', 'expert="math",strategy="explicit"']
+
+
+def test_the_openapi_schema_shows_the_typed_adaptation_and_its_report(expert_server):
+    srv, _ = expert_server
+    with srv.client() as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+    spec = schemas["AdaptationSpec"]
+    assert set(spec["properties"]) == {"strategy", "experts", "weights", "task"}
+    assert spec.get("additionalProperties") is False
+    assert set(schemas["AdaptationReport"]["properties"]) == {"strategy", "chosen", "expert", "weights", "pass1_ms"}
+    completion = schemas["CompletionRequest"]["properties"]["adaptation"]
+    assert "AdaptationSpec" in str(completion)
+    assert "AdaptationReport" in str(schemas["ChatCompletionResponse"]["properties"]["adaptation"])
