@@ -69,7 +69,7 @@ REFUSED = {
                           "invalid_json", "nested too deeply"),
     "nested adaptation within limits": (_json(COMPLETIONS, b'{"prompt": "x", "adaptation": {"experts": '
                                               + b'{"a": ' * 900 + b"1" + b"}" * 900 + b"}}"), 400,
-                                        "invalid_value", "weight of"),
+                                        "invalid_value", "adaptation.experts.a"),
     "deep expert upload": (_json("/v1/experts", b'{"name": "e", "z": ' + nested(DEEP) + b"}"), 400, "invalid_json",
                            "recursion limit"),
     "deep multipart metadata": (lambda c: c.post("/v1/experts", data={"metadata": nested(DEEP).decode()},
@@ -89,7 +89,7 @@ REFUSED = {
     "lone surrogate expert name": (_json(COMPLETIONS, b'{"prompt": "x", "adaptation": {"experts": {"\\ud800": 1}}}'),
                                    400, "expert_not_found", "unknown expert"),
     "strategy not a string": (_json(COMPLETIONS, {"prompt": "x", "adaptation": {"strategy": []}}), 400,
-                              "invalid_value", "must be a string"),
+                              "invalid_value", "adaptation.strategy"),
     "body over the limit": (_json(COMPLETIONS, {"prompt": "x" * (BODY_LIMIT + 1)}), 413, "request_too_large",
                             str(BODY_LIMIT)),
     "chunked body over the limit": (lambda c: c.post(COMPLETIONS, content=iter([b'{"prompt": "'] + [b"x" * 65536] * 6),
