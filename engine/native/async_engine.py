@@ -1,5 +1,7 @@
 """The asyncio-facing engine. A dedicated thread owns the model and runs the step loop; the event loop
 only enqueues requests and receives outputs, so no model compute ever runs on the event-loop thread.
+Admission, streams and their hand-off are the shared front end's (``engine.frontend``); this backend
+submits, aborts and reports.
 """
 from __future__ import annotations
 
@@ -15,14 +17,8 @@ from adapters.install import install_factors
 from adapters.runtime import AdaptationRuntime
 from adapters.svd_cache import load_or_compute
 from adapters.targets import find_targets
-from engine.contract import (
-    EngineDeadError,
-    GenerationRequest,
-    Handoff,
-    RequestOutput,
-    check_admission,
-    stream_outputs,
-)
+from engine.contract import EngineDeadError, GenerationRequest, RequestOutput
+from engine.frontend import FrontEnd
 from engine.loader import install_adapters, load_model, target_spec
 from engine.native.llm_engine import EngineConfig, LLMEngine
 from engine.spec import EngineSpec
@@ -45,12 +41,11 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.runtime = llm.runner.adapt  # the adaptation runtime (validates and plans adaptations)
         self.model = llm.model  # the base model (engine.factory.Engine)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req, q, loop) | ("abort", id)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", req) | ("abort", id) | ("install", ...)
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._handoff = Handoff()  # outputs to the callers' loops
-        self._pending = 0  # requests accepted but not yet running (inbox + engine waiting queue)
-        self._lock = threading.Lock()
+        # front.pending: requests accepted but not yet running (inbox + engine waiting queue); room for
+        # max_waiting of them beyond the free slots
+        self.front = FrontEnd(self.max_model_len, self._capacity, submit=self._submit, cancel=self._cancel)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._dead: BaseException | None = None
@@ -157,7 +152,7 @@ class AsyncEngine:
     def stats(self) -> dict:
         # Waiting = accepted and not yet running (in the inbox or the engine's queue); the inbox also
         # carries aborts, which are not requests.
-        return {**self._stats, "waiting": self._pending}
+        return {**self._stats, "waiting": self.front.pending}
 
     # --- requests -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -167,34 +162,25 @@ class AsyncEngine:
         """
         if self._dead is not None or self._stop:
             raise EngineDeadError("the engine is not running")
-        with self._lock:
-            free_slots = max(0, self.llm.config.max_num_seqs - self._stats.get("running", 0))
-            check_admission(request, self.max_model_len, self._pending, self.max_waiting + free_slots)
-            self._pending += 1
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (loop, q)
-        self._inbox.put(("add", request))
-        self._wake.set()
-        return stream_outputs(q, lambda finished: self._closed(request.request_id, finished))
-
-    def _closed(self, request_id: str, finished: bool) -> None:
-        self._streams.pop(request_id, None)
-        if not finished:
-            self._inbox.put(("abort", request_id))
-            self._wake.set()
+        return self.front.open(request)
 
     async def abort(self, request_id: str) -> None:
+        self.front.abort(request_id)
+
+    def _capacity(self) -> int:
+        return self.max_waiting + max(0, self.llm.config.max_num_seqs - self._stats.get("running", 0))
+
+    def _submit(self, request: GenerationRequest) -> None:
+        self._inbox.put(("add", request))
+        self._wake.set()
+
+    def _cancel(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
     # --- the engine thread ----------------------------------------------------------------------------
     def _deliver(self, out: RequestOutput) -> None:
-        # A finished stream is dropped here too: its consumer may never have started iterating.
-        target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-        if target is not None:
-            loop, q = target
-            self._handoff.put(loop, q, out)
+        self.front.deliver(out)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -205,8 +191,7 @@ class AsyncEngine:
             if kind == "add":
                 if item.adaptation is not None and not self._adaptive_ready:
                     if self.adaptation.get("phase") == "failed":
-                        with self._lock:
-                            self._pending -= 1
+                        self.front.release()
                         self._deliver(RequestOutput(item.request_id, [], "", True, "abort",
                                                     error=f"adaptive layers unavailable: {self.adaptation['error']}"))
                     else:
@@ -217,16 +202,14 @@ class AsyncEngine:
                 self._install(item)
             elif any(r.request_id == item for r in self._deferred):
                 self._deferred = [r for r in self._deferred if r.request_id != item]
-                with self._lock:
-                    self._pending -= 1
+                self.front.release()
                 self._deliver(RequestOutput(item, [], "", True, "abort"))
             else:
                 seq = self.llm._by_id.get(item)
                 out = self.llm.abort(item)
                 if out is not None:
                     if seq is not None and seq.num_cached == 0:  # never got to run
-                        with self._lock:
-                            self._pending -= 1
+                        self.front.release()
                     self._deliver(out)
 
     def _loop(self) -> None:
@@ -246,8 +229,7 @@ class AsyncEngine:
                     outs = self._fail_running(e)
                 admitted = waiting_before - len(self.llm.scheduler.waiting)
                 if admitted:
-                    with self._lock:
-                        self._pending -= admitted
+                    self.front.release(admitted)
                 self._stats = self.llm.stats()  # before delivery, so a client that sees its end sees the slot free
                 for out in outs:
                     self._deliver(out)
@@ -265,8 +247,7 @@ class AsyncEngine:
         try:
             self.llm.add_request(item)
         except Exception as e:  # validated before queueing; this is a last line of defence
-            with self._lock:
-                self._pending -= 1
+            self.front.release()
             self._deliver(RequestOutput(item.request_id, [], "", True, "abort", error=str(e)))
 
     def _fail_running(self, err: Exception) -> list[RequestOutput]:

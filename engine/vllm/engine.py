@@ -10,7 +10,7 @@ One asyncio loop owns the AsyncLLM and the rows' registrations. By default it is
 thread; a server passes its own loop instead (``loop=``), as vLLM's own server runs its AsyncLLM on the
 loop that serves HTTP: then vLLM's output handler, this engine and the callers share one loop and one
 thread, and an output reaches its caller's queue directly. Callers on any other loop get their outputs in
-batches through ``engine.contract.Handoff``. Score requests become prompt log-probability requests.
+batches (``engine.frontend``, the one front end both engines share: admission, streams, hand-off, abort). Score requests become prompt log-probability requests.
 
 The host keeps a skeleton of the base model (modules on the meta device, input embeddings loaded): SAPT
 routes prompts with its embeddings and the expert store fingerprints weights through it; vLLM's workers
@@ -40,14 +40,12 @@ from engine.contract import (
     EngineDeadError,
     EngineError,
     GenerationRequest,
-    Handoff,
     RequestOutput,
     SamplingParams,
     Structure,
     TokenLogprob,
-    check_admission,
-    stream_outputs,
 )
+from engine.frontend import FrontEnd
 from engine.loader import eos_ids, load_skeleton, resolve_model_folder
 from engine.spec import EngineSpec, default_cache_dir, spec_from
 from engine.vllm.row_router import RowRouter, RowsView
@@ -247,7 +245,6 @@ class VLLMEngine:
         self.options = options
         self.tokenizer = tokenizer
         self._grammars = None
-        self._handoff = Handoff()  # outputs to the callers' loops
         self.model_name = options.served_name
         self.max_model_len = options.max_model_len
         self.max_waiting = options.max_waiting
@@ -260,8 +257,9 @@ class VLLMEngine:
         self._thread = None if loop else threading.Thread(target=self._run_loop, name="t2serve-vllm", daemon=True)
         self._booted = False
         self._tasks: dict[str, concurrent.futures.Future | asyncio.Task] = {}
-        self._lock = threading.Lock()
-        self._pending = 0  # requests accepted and not yet finished
+        # admission, streams and their hand-off (front.pending: requests accepted and not yet finished)
+        self.front = FrontEnd(options.max_model_len, lambda: self.max_waiting + options.max_num_seqs,
+                              submit=self._submit, cancel=self._cancel, score_budget=SCORE_BUDGET)
         self._stopping = False
         self._dead: BaseException | None = None
         self._serving: set[asyncio.Task] = set()  # requests being served (engine loop)
@@ -356,7 +354,7 @@ class VLLMEngine:
 
     def stats(self) -> dict:
         rows = self.rows.stats() if self.rows is not None else {}
-        return {"running": self._pending, "waiting": 0, "kv_tokens_used": 0, **rows}
+        return {"running": self.front.pending, "waiting": 0, "kv_tokens_used": 0, **rows}
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking work, abort what is in flight, stop vLLM and the engine thread."""
@@ -395,32 +393,22 @@ class VLLMEngine:
         Leaving the stream early (aclose, cancellation, client gone) aborts the request in vLLM."""
         if self._stopping or not self.ready:
             raise EngineDeadError("the engine is not running")
-        with self._lock:
-            check_admission(request, self.max_model_len, self._pending, self.max_waiting + self.options.max_num_seqs,
-                            score_budget=SCORE_BUDGET)
-            self._pending += 1
-        caller = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        if caller is self._loop:  # the loop that owns vLLM: outputs go straight into the caller's queue
-            fut = caller.create_task(self._serve(request, q.put_nowait))
+        return self.front.open(request)
+
+    def _submit(self, request: GenerationRequest) -> None:
+        if asyncio.get_running_loop() is self._loop:  # the loop that owns vLLM: served right here
+            fut = self._loop.create_task(self._serve(request))
         else:
-            def push(out: RequestOutput) -> None:
-                self._handoff.put(caller, q, out)
-
-            fut = asyncio.run_coroutine_threadsafe(self._serve(request, push), self._loop)
+            fut = asyncio.run_coroutine_threadsafe(self._serve(request), self._loop)
         self._tasks[request.request_id] = fut
-        return stream_outputs(q, lambda finished: self._closed(request.request_id, fut, finished))
 
-    def _closed(self, request_id: str, fut, finished: bool) -> None:
-        if self._tasks.get(request_id) is fut:
-            del self._tasks[request_id]
-        if not finished:
-            fut.cancel()
-
-    async def abort(self, request_id: str) -> None:
+    def _cancel(self, request_id: str) -> None:
         fut = self._tasks.get(request_id)
         if fut is not None:
-            fut.cancel()
+            fut.cancel()  # thread-safe for the futures of other loops, as for this loop's tasks
+
+    async def abort(self, request_id: str) -> None:
+        self.front.abort(request_id)
 
     def adapter_report(self, adaptation) -> dict:
         """How ``adaptation`` is served here (exactly, per row). Blocking: call it off the loop that owns vLLM."""
@@ -438,7 +426,8 @@ class VLLMEngine:
                              "bank): only the base model is served")
         self.rows.check(adaptation)
 
-    async def _serve(self, req: GenerationRequest, push: Callable[[RequestOutput], None]) -> None:
+    async def _serve(self, req: GenerationRequest) -> None:
+        push = self.front.deliver
         n = len(req.prompt_ids)
         task = asyncio.current_task()
         self._serving.add(task)
@@ -463,8 +452,8 @@ class VLLMEngine:
                                error=f"{type(e).__name__}: {e}"))
         finally:
             self._serving.discard(task)
-            with self._lock:
-                self._pending -= 1
+            self._tasks.pop(req.request_id, None)
+            self.front.release()
             if lease is not None:
                 await self.rows.release(lease)
 

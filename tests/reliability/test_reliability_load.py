@@ -58,9 +58,9 @@ def settled(srv) -> dict:
     engine = srv.engine
     stats = srv.wait_idle(timeout=30)
     deadline = time.monotonic() + 10
-    while (engine._pending or engine._streams or engine.llm._by_id) and time.monotonic() < deadline:
+    while (engine.front.pending or engine.front.streams or engine.llm._by_id) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return {"stats": stats, "pending": engine._pending, "streams": len(engine._streams),
+    return {"stats": stats, "pending": engine.front.pending, "streams": engine.front.streams,
             "sequences": len(engine.llm._by_id), "kv_tokens_used": stats["kv_tokens_used"]}
 
 

@@ -139,12 +139,12 @@ def test_requests_that_cannot_be_queued_raise_at_once(engine, ref):
             engine.generate(request("big", ref.prompts[0], n=300))
         with pytest.raises(PromptTooLongError):
             engine.generate(request("empty", []))
-        engine._pending += 1000
+        engine.front.pending += 1000
         try:
             with pytest.raises(QueueFullError):
                 engine.generate(request("full", ref.prompts[0]))
         finally:
-            engine._pending -= 1000
+            engine.front.pending -= 1000
 
     asyncio.run(main())
 
@@ -156,14 +156,14 @@ def test_leaving_a_stream_aborts_and_releases_its_rows(engine, ref, adaptations)
         first = await stream.__anext__()
         await stream.aclose()
         for _ in range(200):
-            if engine.stats()["running"] == 0 and engine._pending == 0:
+            if engine.stats()["running"] == 0 and engine.front.pending == 0:
                 break
             await asyncio.sleep(0.01)
         return first
 
     first = asyncio.run(main())
     assert not first.finished
-    assert engine._pending == 0
+    assert engine.front.pending == 0
     assert all(e.refs == 0 for e in [*engine.rows._experts.values(), *engine.rows._bundles.values()])
 
 
@@ -215,10 +215,10 @@ def test_an_engine_on_the_callers_loop_serves_it_directly_and_other_loops_throug
             first = await stream.__anext__()
             await stream.aclose()
             for _ in range(200):
-                if eng._pending == 0:
+                if eng.front.pending == 0:
                     break
                 await asyncio.sleep(0.01)
-            return dict(got), first, eng._pending
+            return dict(got), first, eng.front.pending
 
         got, first, pending = asyncio.run_coroutine_threadsafe(on_server_loop(), server_loop).result(120)
         assert got == want and not first.finished and pending == 0
