@@ -98,6 +98,7 @@ class EngineRun:
         self._first_token_seen = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
+        self._direct: AsyncIterator[RequestOutput] | None = None  # one choice, admitted at once: read as is
         self._submitted: list[Choice] = []
         self._entered: set[int] = set()  # choices given an engine place by the gate
         self._released: set[int] = set()  # choices whose place in the gate is given back
@@ -125,6 +126,11 @@ class EngineRun:
             await self.close()
             raise from_engine_error(e) from e
         self.metrics.count_prompt_tokens(self.prompt_tokens)
+        if len(self.choices) == 1 and streams[0] is not None:
+            # The common request: its engine stream is read by the response itself, no pump and no second
+            # queue between the engine's hand-off and the HTTP writer.
+            self._direct = streams[0]
+            return
         self._pumps = [asyncio.create_task(self._pump(c, s)) for c, s in zip(self.choices, streams)]
 
     async def _admitted(self, choice: Choice) -> AsyncIterator[RequestOutput]:
@@ -176,6 +182,10 @@ class EngineRun:
     # --- outputs -------------------------------------------------------------------------------------
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Each engine output as it comes, with its choice (already updated); ends when all are done."""
+        if self._direct is not None:
+            async for item in self._direct_outputs():
+                yield item
+            return
         ended = 0
         while ended < len(self._pumps):
             choice, item = await self._queue.get()
@@ -191,6 +201,25 @@ class EngineRun:
                 raise APIError(500, f"Generation failed: {item}", type="server_error", code="engine_error")
             self._account(choice, item)
             yield choice, item
+        self.metrics.observe_e2e(time.monotonic() - self.arrival)
+
+    async def _direct_outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        choice = self.choices[0]
+        try:
+            async for out in self._direct:
+                self._account(choice, out)
+                yield choice, out
+        except EngineError as e:
+            raise from_engine_error(e) from e
+        except APIError:
+            raise
+        except Exception as e:  # answered in the error shape, as the pumps' failures are
+            raise APIError(500, f"Generation failed: {e}", type="server_error", code="engine_error") from e
+        finally:
+            self._release(choice)
+        if not choice.finished:
+            raise APIError(500, "The engine ended a request without finishing it.", type="server_error",
+                           code="engine_error")
         self.metrics.observe_e2e(time.monotonic() - self.arrival)
 
     async def collect(self) -> list[Choice]:
