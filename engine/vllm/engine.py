@@ -50,7 +50,7 @@ from engine.loader import eos_ids, load_skeleton, resolve_model_folder
 from engine.spec import EngineSpec, default_cache_dir, spec_from
 from engine.vllm.row_router import RowRouter, RowsView
 from engine.vllm.rows import RECIPE_KEY
-from engine.vllm.rows_worker import CONFIG_KEY, RowsConfig
+from engine.vllm.rows_worker import CONFIG_KEY, RowsConfig, guidance_validator, start_output_handler
 from engine.vllm.scoring import prompt_token_logprobs, score_prompts, score_result, token_logprobs
 
 _SET_HERE = "T2_SET_V2_RUNNER"  # VLLM_USE_V2_MODEL_RUNNER was set by this process, not by the user
@@ -188,9 +188,8 @@ def connect_vllm(options: VLLMOptions) -> tuple[Any, VLLMApi]:
         # vLLM also folds into its compile-cache key: a rows engine never loads a graph compiled for another
         # layout, nor stock vLLM one compiled with the rows layers)
         additional_config={CONFIG_KEY: rows.to_config()} if rows is not None else {})
-    validate = None
-    if options.structured_backend == "guidance":  # llguidance refuses some structures xgrammar takes
-        from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar as validate
+    # llguidance refuses some structures xgrammar takes: ask it at the edge
+    validate = guidance_validator() if options.structured_backend == "guidance" else None
     return AsyncLLM.from_engine_args(args), VLLMApi(VSamplingParams, RequestOutputKind, StructuredOutputsParams,
                                                      validate)
 
@@ -318,9 +317,7 @@ class VLLMEngine:
     async def _open(self) -> None:
         if self.llm is None:
             self.llm, self.api = self._connect(self.options)
-        start = getattr(self.llm, "_run_output_handler", None)
-        if start is not None:  # as vLLM does when built on a running loop: engine failures are heard at once
-            start()
+        start_output_handler(self.llm)
         if rows_config(self.options) is None:
             return
         info = (await self._rpc("t2_rows_info", ()))[0]  # raises when the hooks did not install

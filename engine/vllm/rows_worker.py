@@ -13,7 +13,9 @@ of its methods are wrapped, in the worker process, before the runner exists:
 - ``prepare_inputs``: the step's per-token row index (the batch's request indices repeated by their
   scheduled tokens) is written to the fixed buffer every adapted layer reads.
 
-``check_hook_points`` fails loudly when vLLM is another version or these hook points moved.
+``check_hook_points`` fails loudly when vLLM is another version or these hook points moved. The two vLLM
+internals the front end uses (AsyncLLM's output handler, llguidance's request check) live here too and are
+checked with them: this module is the one place where the engine reaches past vLLM's public API.
 The front end passes the configuration inside vLLM's own config: ``VllmConfig.additional_config[CONFIG_KEY]``
 (``RowsConfig.to_config``), which every worker receives with the rest of vLLM's config; a runner without it
 is left as vLLM made it.
@@ -74,6 +76,24 @@ class RowsConfig:
         return h.hexdigest()[:16]
 
 
+# --- vLLM internals the front end uses (beyond its public API): kept here, checked with the hooks --------
+
+def start_output_handler(llm) -> None:
+    """Start AsyncLLM's output handler now, as vLLM does when AsyncLLM is built on a running loop (engine
+    failures are then heard at once, not at the first request)."""
+    start = getattr(llm, "_run_output_handler", None)
+    if start is not None:
+        start()
+
+
+def guidance_validator():
+    """llguidance's own check of a structured-outputs request, as vLLM's grammar backend runs it
+    (``(SamplingParams) -> None``, ValueError when it refuses)."""
+    from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+
+    return validate_guidance_grammar
+
+
 def check_hook_points() -> None:
     """Raise if this vLLM is not one the hooks were written against, or its hook points moved."""
     import dataclasses
@@ -92,6 +112,10 @@ def check_hook_points() -> None:
     fields = {f.name for f in dataclasses.fields(InputBatch)}
     missing += [f"InputBatch.{f}" for f in BATCH_FIELDS if f not in fields]
     from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear  # noqa: F401
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    missing += [f"AsyncLLM.{m}" for m in ("_run_output_handler",) if not callable(getattr(AsyncLLM, m, None))]
+    guidance_validator()  # raises ImportError when it moved
 
     if missing:
         raise RuntimeError(f"vLLM {vllm.__version__}'s model runner lacks {missing}: the per-row hooks cannot run")
