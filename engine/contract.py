@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
 from adapters.adaptation import Adaptation
-from adapters.runtime import AdaptationRuntime
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -154,6 +153,17 @@ def check_admission(request: GenerationRequest, max_model_len: int, pending: int
 
 
 @runtime_checkable
+class AdaptationCheck(Protocol):
+    """The one validation of an adaptation, which both engines implement (the native engine's
+    ``AdaptationRuntime``, the vLLM engine's ``RowsView``): the HTTP edge asks it once per decision."""
+
+    targets: list  # the adapted matrices (``adapters.targets.Target``)
+
+    def validate(self, adaptation: Adaptation) -> None:
+        """Raise ValueError, saying why, when this engine cannot serve ``adaptation`` exactly."""
+
+
+@runtime_checkable
 class Engine(Protocol):
     """What callers may use of an engine. Requests are token ids in, ``RequestOutput``s out."""
 
@@ -161,7 +171,7 @@ class Engine(Protocol):
     model_name: str  # the name clients use
     max_model_len: int  # prompt + generated tokens per sequence
     eos_token_ids: list[int]
-    runtime: AdaptationRuntime | None  # validates adaptations, knows the targets; None without adapted matrices
+    runtime: AdaptationCheck | None  # validates adaptations, knows the targets; None without adapted matrices
     model: Any  # the base model's weights as a torch module (fingerprints, SAPT embeddings), or None
     adaptation: dict  # how far the adaptive layers are: {"phase": "ready" | "svd" | "failed", "percent", ...}
 

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from adapters.adaptation import Adaptation
-from adapters.runtime import AdaptationRuntime
-from engine.contract import Engine
+from engine.contract import AdaptationCheck, Engine
 from experts.pass1.decision import AdaptationError, Decision, model_not_found
 from experts.pass1.dispatch import Dispatcher
 from experts.store.expert_store import ExpertStore
@@ -83,8 +82,8 @@ class Resolver:
         self.registry = registry
         self.engine = engine
         self.adaptation_wait_s = adaptation_wait_s  # how long a request waits for the adaptive layers at start
-        # The engine's AdaptationRuntime validates adaptations against the served model's targets.
-        self.runtime: AdaptationRuntime | None = engine.runtime if engine is not None else None
+        # The engine validates adaptations against the served model's targets (one protocol, both engines).
+        self.runtime: AdaptationCheck | None = engine.runtime if engine is not None else None
         self.default_strategy = default_strategy
         self.model_name = engine.model_name if engine is not None else None  # the served base model's name
         self.dispatcher = Dispatcher(engine, registry) if engine is not None else None

@@ -29,3 +29,13 @@ def test_a_skeleton_fingerprints_and_routes_like_the_whole_model(smollm2_dir):
 
 def test_a_fingerprint_of_another_checkpoint_differs(smollm2_dir, tiny_llama_dir):
     assert model_fingerprint(load_skeleton(tiny_llama_dir)) != model_fingerprint(load_skeleton(smollm2_dir))
+
+
+def test_both_engines_validate_through_one_protocol():
+    from adapters.runtime import AdaptationRuntime
+    from adapters.targets import Target
+    from engine.contract import AdaptationCheck
+    from engine.vllm.row_router import RowsView
+
+    assert isinstance(RowsView([Target("m.gate_proj", "linear", 9, 6)], 8), AdaptationCheck)
+    assert isinstance(AdaptationRuntime(torch.nn.Linear(2, 2)), AdaptationCheck)
