@@ -114,6 +114,7 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far
     error: str | None = None  # set when the engine failed this request
     bad_request: bool = False  # the error is the request's own (its structure has no way on): HTTP 400, not 500
+    error_code: str | None = None  # with bad_request: what clients branch on (default structure_dead_end)
     scores: ScoreResult | None = None  # for score requests
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
     stop_reason: int | str | None = None  # finished by a stop string (it) or one of stop_token_ids (it); else None

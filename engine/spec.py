@@ -52,6 +52,7 @@ class EngineSpec:
     max_waiting: int = 256  # queued requests beyond this are refused (QueueFullError)
     max_model_len: int = 2048  # prompt + generated tokens per sequence
     max_prefill_tokens: int = 2048  # prompt tokens admitted in one prefill forward (native engine)
+    grammar_mask_ms: float | None = 20.0  # native engine: a row whose grammar mask takes longer, twice running, ends
     vllm: VLLMSpec = field(default_factory=VLLMSpec)
 
 

@@ -7,10 +7,14 @@ its ``StructuredOutputsParams``.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +23,29 @@ from engine.contract import Structure
 
 class StructureError(ValueError):
     """The structure cannot be compiled (bad JSON schema, pattern or grammar): the request's fault."""
+
+
+@dataclass(frozen=True)
+class StructureLimits:
+    """What a request's structure may ask of the grammar engine, checked before and while it compiles."""
+
+    max_chars: int = 100_000  # characters of a schema, pattern or grammar (all choices together)
+    max_choices: int = 1_000  # strings of a choice
+    compile_seconds: float = 10.0  # a compile that takes longer is refused (it runs on, in a bounded pool)
+
+
+def check_size(st: Structure, limits: StructureLimits) -> None:
+    """StructureError when ``st`` is larger than ``limits`` allow (no compiling: cheap, before anything else)."""
+    if st.kind == "choice" and isinstance(st.value, tuple):
+        if len(st.value) > limits.max_choices:
+            raise StructureError(f"{len(st.value)} choices; at most {limits.max_choices} (setting "
+                                 "max_structure_choices)")
+        size = sum(len(c) for c in st.value if isinstance(c, str))
+    else:
+        size = len(st.value) if isinstance(st.value, str) else 0
+    if size > limits.max_chars:
+        raise StructureError(f"{st.kind} of {size} characters; at most {limits.max_chars} (setting "
+                             "max_structure_chars)")
 
 
 def choice_regex(choices: tuple[str, ...]) -> str:
@@ -58,6 +85,11 @@ class Grammars:
         self._cache: OrderedDict[Structure, object] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
+        # Compiles requested from the event loop run here, not in the default pool: at most two at once, so
+        # structures that take long (or never end: xgrammar cannot be interrupted) hold these threads only.
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="t2-grammar")
+        self._running: dict[Structure, asyncio.Future] = {}  # compiles in flight, shared by equal requests
+        self._refused: OrderedDict[Structure, str] = OrderedDict()  # structures whose compile ran out of time
 
     def compile(self, st: Structure):
         with self._lock:
@@ -134,6 +166,33 @@ class Grammars:
         """Raise StructureError when ``st`` does not compile (cached, so the engine's own compile is free)."""
         self.compile(st)
 
+    async def check_async(self, st: Structure, limits: StructureLimits = StructureLimits()) -> None:
+        """``check`` from the event loop, within ``limits``: sizes first, then the compile in this object's
+        own pool, refused (StructureError) when it takes longer than ``limits.compile_seconds``; a refused
+        structure is refused at once when it comes again."""
+        check_size(st, limits)
+        with self._lock:
+            if st in self._cache:
+                return
+            why = self._refused.get(st)
+        if why is not None:
+            raise StructureError(why)
+        loop = asyncio.get_running_loop()
+        fut = self._running.get(st)
+        if fut is None or fut.get_loop() is not loop:
+            fut = self._running[st] = loop.run_in_executor(self._pool, self.compile, st)
+            fut.add_done_callback(lambda f, st=st: self._running.pop(st, None) if self._running.get(st) is f else None)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), limits.compile_seconds)
+        except asyncio.TimeoutError:
+            why = (f"{st.kind}: compiling it took longer than {limits.compile_seconds:g} s (setting "
+                   "grammar_compile_seconds); simplify it")
+            with self._lock:
+                self._refused[st] = why
+                while len(self._refused) > self.capacity:
+                    self._refused.popitem(last=False)
+            raise StructureError(why) from None
+
     def matcher(self, st: Structure):
         return self._xgr.GrammarMatcher(self.compile(st))
 
@@ -152,14 +211,23 @@ class Grammars:
             self._plain = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
         return self._plain
 
-    def mask(self, logits: torch.Tensor, rows: list[tuple[int, object]], plain: list[int] = ()) -> None:
+    def mask(self, logits: torch.Tensor, rows: list[tuple[int, object]], plain: list[int] = (),
+             budget_s: float | None = None) -> list[tuple[int, float]]:
         """Set to -inf, in place, the logits of tokens each listed row's matcher does not allow next.
-        rows: (row index in ``logits``, its matcher); plain: rows that also take no control character."""
+        rows: (row index in ``logits``, its matcher); plain: rows that also take no control character.
+        Returns (row, seconds) of the rows whose matcher took longer than ``budget_s`` (an ambiguous grammar's
+        cost grows with its text: the caller ends such rows rather than let the batch wait on them)."""
         xgr = self._xgr
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        slow = []
         for i, m in rows:
+            t0 = time.perf_counter()
             m.fill_next_token_bitmask(bitmask, i)
+            took = time.perf_counter() - t0
+            if budget_s is not None and took > budget_s:
+                slow.append((i, took))
         if plain:
             bitmask[list(plain)] &= self.plain_tokens()
         idx = [i for i, _ in rows]
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=idx)
+        return slow

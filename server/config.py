@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     max_prefill_tokens: int = Field(2048, ge=16, description="prompt tokens admitted in one prefill forward")
+    grammar_mask_ms: float | None = Field(
+        20.0, gt=0, description="native engine: a structured-output row whose grammar takes longer than this to "
+        "mask a step's tokens, twice running, ends alone with a 400 (structure_too_costly), so an ambiguous "
+        "grammar never holds its batch back; unset: no limit")
+    max_structure_chars: int = Field(100_000, ge=1, description="characters of a structured output's schema, "
+                                     "pattern, grammar or choices (with tools: their schema); more is a 400")
+    max_structure_choices: int = Field(1_000, ge=1, description="strings of a guided_choice; more is a 400")
+    grammar_compile_seconds: float = Field(10.0, gt=0, description="a structure whose compile takes longer is "
+                                           "refused (400); compiles run in a pool of two threads of their own")
     default_max_tokens: int = Field(256, ge=1)
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
     max_request_seqs: int = Field(128, ge=1, description="most sequences one request makes (`n` x prompts); "

@@ -69,7 +69,7 @@ class AsyncEngine:
             else:
                 adapt = install_adapters(loaded.model, spec.model.adapt_targets, spec.model.cache_dir)
         cfg = EngineConfig(max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-                           max_prefill_tokens=spec.max_prefill_tokens)
+                           max_prefill_tokens=spec.max_prefill_tokens, grammar_mask_ms=spec.grammar_mask_ms)
         eng = cls(LLMEngine(loaded.model, loaded.tokenizer, cfg, adapt), loaded.name, spec.max_waiting)
         eng.loaded = loaded
         eng._to_prepare = pending

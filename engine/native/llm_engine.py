@@ -33,6 +33,9 @@ log = logging.getLogger("t2serve.engine")
 TTFT_SAMPLES = 4096
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request under its adaptation; "
               "the request was stopped, others were not affected")
+TOO_COSTLY = ("the structure's grammar took longer than {ms:g} ms to decide this request's next tokens, twice in a "
+              "row or once five times over (an ambiguous grammar's cost grows with its text); the request was "
+              "stopped, others were not affected: simplify the grammar")
 DEAD_END = ("the structure allows no token of this model at this point (the grammar engine found no way on); "
             "the request was stopped, others were not affected")
 
@@ -45,6 +48,7 @@ class EngineConfig:
     admit_batch: int | None = None  # free slots to wait for before a prefill joins a decoding batch (None: auto)
     admit_max_delay: int = 4  # steps a waiting request may be held back for that
     prefix_cache_entries: int = 16  # shared-prefix KV entries kept (see prefix_cache.py)
+    grammar_mask_ms: float | None = 20.0  # a row whose grammar takes longer per step, twice running, ends alone
 
     def resolved_admit_batch(self) -> int:
         return self.admit_batch if self.admit_batch is not None else max(1, self.max_num_seqs // 8)
@@ -239,11 +243,20 @@ class LLMEngine:
         if processed:  # penalties, biases, min_tokens: only these rows change
             logits = process_logits(logits, processed)
         structured = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        too_costly: set[int] = set()
         if structured:  # structured outputs: only the tokens that keep each such row inside its grammar
             if logits is raw:
                 logits = logits.float().clone()
-            self.grammars.mask(logits, structured, [i for i, s in enumerate(seqs) if s.matcher is not None
-                                                    and s.params.structure.kind in ("json", "json_object")])
+            budget = self.config.grammar_mask_ms
+            slow = dict(self.grammars.mask(logits, structured,
+                                          [i for i, s in enumerate(seqs) if s.matcher is not None
+                                           and s.params.structure.kind in ("json", "json_object")],
+                                          None if budget is None else budget / 1000))
+            for i, _ in structured:
+                seq = seqs[i]
+                seq.mask_strikes = seq.mask_strikes + (2 if slow[i] > 5 * budget / 1000 else 1) if i in slow else 0
+                if seq.mask_strikes >= 2:  # twice running (or once, far over): the grammar itself, not the host
+                    too_costly.add(i)
         if all(p.greedy for p in ps):  # the common case: no per-row parameter tensors to build
             tokens = torch.where(unusable_rows(logits), FAILED, logits.argmax(dim=-1)).tolist()
         else:
@@ -259,6 +272,10 @@ class LLMEngine:
         outs = []
         logprobs = self._logprobs(seqs, raw, tokens)
         for i, (s, tok) in enumerate(zip(seqs, tokens)):
+            if i in too_costly:
+                outs.append(self._fail(s, TOO_COSTLY.format(ms=self.config.grammar_mask_ms), bad_request=True,
+                                       code="structure_too_costly"))
+                continue
             if tok == FAILED:
                 if s.matcher is not None and bool(torch.isfinite(raw[i].max())):  # the model was fine: the mask
                     outs.append(self._fail(s, DEAD_END, bad_request=True))
@@ -321,10 +338,10 @@ class LLMEngine:
         """The tokens that end a sequence with ``p``: EOS (unless ignored) and its stop token ids."""
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
 
-    def _fail(self, s: Sequence, error: str, bad_request: bool = False) -> RequestOutput:
+    def _fail(self, s: Sequence, error: str, bad_request: bool = False, code: str | None = None) -> RequestOutput:
         """End ``s`` alone with ``error`` (its slot is freed; the batch goes on)."""
         out = self._retire(s, "abort")
-        out.error, out.bad_request = error, bad_request
+        out.error, out.bad_request, out.error_code = error, bad_request, code
         return out
 
     def _retire(self, s: Sequence, reason: FinishReason) -> RequestOutput:

@@ -83,6 +83,7 @@ class Sequence:
     generator: torch.Generator | None = None
     score: Any = None  # ScoreSpec: answered from the prefill, never decoded
     matcher: Any = None  # xgrammar GrammarMatcher of a structured output (engine.structured)
+    mask_strikes: int = 0  # steps running whose grammar mask took longer than the engine's budget
     prefix_len: int = 0  # leading prompt tokens whose KV may come from the prefix cache
     priority: int = 0  # lower is admitted first (engine.contract.USER / BACKGROUND)
     output_ids: list[int] = field(default_factory=list)

@@ -132,6 +132,11 @@ class VLLMGrammars:
         if self.api.validate_structure is not None:
             self._ask_backend(st)
 
+    async def check_async(self, st: Structure, limits) -> None:
+        await self.grammars.check_async(st, limits)
+        if self.api.validate_structure is not None:
+            await asyncio.to_thread(self._ask_backend, st)
+
     def _ask_backend(self, st: Structure) -> None:
         from engine.structured import StructureError
 

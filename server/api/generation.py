@@ -229,8 +229,8 @@ class EngineRun:
 
     def _account(self, choice: Choice, out: RequestOutput) -> None:
         if out.error:
-            if out.bad_request:  # the request's own structure has no way on
-                raise invalid_request(f"Generation stopped: {out.error}", code="structure_dead_end")
+            if out.bad_request:  # the request's own structure has no way on, or costs the batch too much
+                raise invalid_request(f"Generation stopped: {out.error}", code=out.error_code or "structure_dead_end")
             raise APIError(500, f"Generation failed: {out.error}", type="server_error", code="engine_error")
         if out.token_ids and not self._first_token_seen:
             self._first_token_seen = True

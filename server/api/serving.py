@@ -107,19 +107,22 @@ def check_token_fields(body: Any, vocab: int, eos_ids: list[int]) -> None:
                               "vocabulary, so none is left to generate before 'min_tokens'.", param="stop_token_ids")
 
 
-async def check_structure(engine: Any, body: Any) -> None:
-    """A structured output's schema, pattern or grammar must compile (400 naming the field); compiled off the
-    event loop, and cached for the engine."""
+async def check_structure(engine: Any, body: Any, settings: Any) -> None:
+    """A structured output's schema, pattern or grammar must compile (400 naming the field) within the
+    settings' limits (size first, then the compile's time, in the grammar engine's own pool); cached for the
+    engine."""
     structure = body.structure()
     if structure is None:
         return
-    from engine.structured import StructureError
+    from engine.structured import StructureError, StructureLimits
 
     grammars = getattr(engine, "grammars", None)
     if grammars is None:
         raise invalid_request("structured outputs are not available on this engine", param=body.structure_param())
     try:
-        await asyncio.to_thread(grammars.check, structure)
+        await grammars.check_async(structure, StructureLimits(settings.max_structure_chars,
+                                                              settings.max_structure_choices,
+                                                              settings.grammar_compile_seconds))
     except StructureError as e:
         raise invalid_request(f"{body.structure_param()}: {e}", param=body.structure_param()) from None
 
@@ -137,7 +140,7 @@ async def start_run(request: Request, body: Any, tokenize: Callable[[Any, int], 
     model = check_model(engine, body.model, state.registry)
     check_limits(body, settings)
     check_token_fields(body, len(engine.tokenizer), list(getattr(engine, "eos_token_ids", None) or []))
-    await check_structure(engine, body)
+    await check_structure(engine, body, settings)
     prompts = await state.tokenizing(tokenize, engine.tokenizer, await state.input_char_limit(engine))
     check_capacity(len(prompts), body.n, settings, state.gate.most)
     budgets = [resolve_max_tokens(len(p), requested, settings.default_max_tokens, engine.max_model_len,
