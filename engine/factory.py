@@ -9,11 +9,7 @@ import asyncio
 import importlib.util
 
 from engine.contract import Engine
-from engine.spec import ENGINES, EngineSpec
-
-
-class EngineUnavailableError(RuntimeError):
-    """The configured engine cannot run on this machine (missing package or GPU)."""
+from engine.spec import ENGINES, EngineSpec, EngineUnavailableError
 
 
 def check_engine_available(name: str) -> None:

@@ -11,6 +11,11 @@ from typing import Any, Literal
 ENGINES = ("native", "vllm")
 
 
+class EngineUnavailableError(RuntimeError):
+    """The configured engine cannot run on this machine (missing package or GPU). Defined here, not in
+    ``engine.factory``, so the command line can catch it without importing torch."""
+
+
 def default_cache_dir() -> Path:
     """Converted models, SVD factors and (by default) the expert store: ``T2_CACHE_DIR`` or ~/.cache/t2serve."""
     return Path(os.environ.get("T2_CACHE_DIR") or Path.home() / ".cache" / "t2serve")

@@ -1,34 +1,36 @@
 """`t2serve` command line. `t2serve serve` flags are generated from the Settings fields, so every
-setting has one flag (``--max-num-seqs``) and one environment variable (``T2_MAX_NUM_SEQS``)."""
+setting has one flag (``--max-num-seqs``) and one environment variable (``T2_MAX_NUM_SEQS``).
+
+Nothing heavy (torch, transformers, the engine) is imported before the arguments are parsed and the port
+is bound: ``--help``, a mistyped flag and a taken port answer in a fraction of a second."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import re
+import socket
 import sys
 import time
-import typing
 
 from pydantic import ValidationError
 
-from server.config import Settings
+from server.config import Settings, choices, env_var, flag, shown_default
+
+# argparse names the option first ("argument --port: invalid int value: 'abc'"; booleans as --x/--no-x).
+_ARGUMENT = re.compile(r"^argument (--([a-z0-9-]+))((?:/--[a-z0-9-]+)*): ")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line on stderr (exit 2), no usage block above it."""
+    """argparse with its errors as one line on stderr (exit 2), no usage block above it; an error about a
+    setting's flag also names the setting's environment variable."""
 
     def error(self, message: str):
+        m = _ARGUMENT.match(message)
+        name = m.group(2).replace("-", "_") if m else ""
+        if name in Settings.model_fields:
+            message = f"{m.group(1)}{m.group(3)} ({env_var(name)}): {message[m.end():]}"
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _flag_kind(annotation) -> tuple[type | None, list | None]:
-    """(argparse type, choices) of a settings field: bool fields become --x/--no-x, Literal ones take choices."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if typing.get_origin(annotation) is typing.Literal:
-        return None, list(typing.get_args(annotation))
-    t = args[0] if len(args) == 1 else None
-    if typing.get_origin(t) is typing.Literal:
-        return None, list(typing.get_args(t))
-    return (t if t in (bool, int, float) else None), None
 
 
 MODEL_SETTINGS = ("model", "served_model_name", "dtype", "device", "cache_dir", "adapt_targets", "threads")
@@ -39,16 +41,17 @@ def _add_settings_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None
     for name, field in Settings.model_fields.items():
         if only is not None and name not in only:
             continue
-        flag = "--" + name.replace("_", "-")
-        kind, choices = _flag_kind(field.annotation)
-        default = field.get_default(call_default_factory=True)
-        text = (field.description or "") + f" (default: {default}) [env T2_{name.upper()}]"
-        if kind is bool:
-            p.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
-        elif choices:
-            p.add_argument(flag, dest=name, default=None, choices=choices, help=text)
+        kinds = choices(name)
+        text = f"{field.description} (default: {shown_default(name)}) [env {env_var(name)}]"
+        # "%" would start a format in argparse's help (e.g. a description saying "50%")
+        text = text.replace("%", "%%")
+        if kinds == (True, False):
+            p.add_argument(flag(name), dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif kinds:
+            p.add_argument(flag(name), dest=name, default=None, choices=kinds, help=text)
         else:
-            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), type=kind or str, help=text)
+            kind = next((t for t in (int, float) if field.annotation in (t, t | None)), str)
+            p.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), type=kind, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -61,16 +64,47 @@ def settings_error(e: ValidationError) -> str:
     err = e.errors()[0]
     name = str(err["loc"][0]) if err.get("loc") else "?"
     got = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"--{name.replace('_', '-')} (T2_{name.upper()}): {err['msg']}{got}"
+    return f"{flag(name)} ({env_var(name)}): {err['msg']}{got}"
+
+
+class ListenError(OSError):
+    """The server's address cannot be listened on; the message names the setting at fault."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on ``host``:``port`` (every address the host resolves to, as uvicorn would bind),
+    opened before the model loads so that a taken port ends the command at once; uvicorn serves on them."""
+    try:
+        addresses = dict.fromkeys(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                     flags=socket.AI_PASSIVE))
+    except socket.gaierror as e:
+        raise ListenError(f"{flag('host')} ({env_var('host')}): cannot resolve {host!r}: {e.strerror}") from e
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen()  # held from now on: a second server on this port fails here, not after loading
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        name = "port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "host"
+        raise ListenError(f"{flag(name)} ({env_var(name)}): cannot listen on {host}:{port}: {e.strerror}") from e
+    return sockets
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    sockets = listen(settings.host, settings.port)
     import uvicorn
 
     from server.app import create_app
     from server.edge import uvicorn_config
 
-    settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.access").addFilter(_NoHealthProbes())
     servers: list[uvicorn.Server] = []  # a model that cannot load stops the server: exit 1 below
@@ -78,7 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     servers.append(uvicorn.Server(uvicorn_config(app, settings, host=settings.host, port=settings.port,
                                                  log_level=settings.log_level,
                                                  timeout_graceful_shutdown=settings.shutdown_timeout)))
-    servers[0].run()
+    for sock in sockets:  # uvicorn names the address only when it binds it itself
+        host, port = sock.getsockname()[:2]
+        logging.getLogger("t2serve").info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    servers[0].run(sockets=sockets)
     error = app.state.t2.load_error
     if error is not None:
         print(f"t2serve: error: the model could not be served: {error.splitlines()[0]}", file=sys.stderr)
@@ -143,8 +180,7 @@ def _add_cache_subcommand(sub) -> None:
     for name, text in (("list", "every entry: kind, size, last use"), ("prune", "remove entries (default: all "
                                                                                 "prunable ones; never the expert store)")):
         a = actions.add_parser(name, help=text)
-        a.add_argument("--cache-dir", dest="cache_dir", default=None, help="the cache folder [env T2_CACHE_DIR]")
-        a.add_argument("--expert-dir", dest="expert_dir", default=None, help="the expert store [env T2_EXPERT_DIR]")
+        _add_settings_flags(a, only=("cache_dir", "expert_dir"))
         if name == "prune":
             a.add_argument("--kind", action="append", choices=KINDS, help="only entries of this kind (repeatable)")
             a.add_argument("--older-than-days", type=float, default=None, help="only entries unused this long")
@@ -176,13 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.factory import EngineUnavailableError
+    from engine.spec import EngineUnavailableError
     from experts.tasks.base import DataMissingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EngineUnavailableError as e:  # a setup problem: one line saying what to do, no traceback
+    except (EngineUnavailableError, ListenError) as e:  # a setup problem: one line saying what to do, no traceback
         print(f"t2serve: error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:  # a setting of the wrong type or out of range (flag or environment)

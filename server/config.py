@@ -2,6 +2,8 @@
 engine gets the typed specs it builds (``engine_spec``, ``model_spec``), never the settings themselves."""
 from __future__ import annotations
 
+import sys
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -10,17 +12,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.spec import EngineSpec, ModelSpec, VLLMSpec, default_cache_dir, spec_from
 
+# The experts shipped with the package, read from their folder so the help never lists more or fewer than ship.
+SHIPPED = tuple(sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "experts" / "builtin")
+                       .glob("*.safetensors")))
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2_", extra="ignore")
 
     # --- model -----------------------------------------------------------------------------------
-    model: str | None = Field(None, description="Local Hugging Face folder or .gguf file; unset = embedded SmolLM2")
-    served_model_name: str | None = Field(None, description="Name clients use in `model`; default from the path")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    cache_dir: Path = Field(default_factory=default_cache_dir)  # converted models, SVD factors
-    expert_dir: Path | None = None  # expert store; default <cache_dir>/experts
+    model: str | None = Field(None, description="local Hugging Face folder or .gguf file to serve")
+    served_model_name: str | None = Field(None, description="name clients give in a request's `model`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="type of the weights: auto is float32 on CPU, bfloat16 on GPU")
+    device: str = Field("auto", description="where the model runs: auto (the GPU if one is visible) | cpu | cuda | "
+                        "cuda:N")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models, SVD factors, vLLM "
+                            "scratch, training runs and (unless expert_dir says otherwise) the expert store")
+    expert_dir: Path | None = Field(None, description="the expert store: uploaded, trained and shipped experts")
     adaptation_wait_s: float = Field(30.0, ge=0, description="at start the SVD of the adapted matrices runs in the "
                                      "background (base requests are served meanwhile): how long an adapted request "
                                      "waits for it before 503 with Retry-After")
@@ -38,18 +47,19 @@ class Settings(BaseSettings):
     default_strategy: Literal["none", "prompt", "cls_expert"] = Field(
         "none", description="pass-1 strategy for requests that name none: none | prompt | cls_expert")
     shipped_experts: bool = Field(True, description="put the experts shipped for the served model (the embedded "
-                                  "SmolLM2's GSM8K, MBPP, ARC-Easy and classifier experts) into the store at start, "
+                                  f"SmolLM2's {len(SHIPPED)}: {', '.join(SHIPPED)}) into the store at start, "
                                   "once; deleting one later keeps it deleted")
     adapt_targets: str = Field("mlp", description="matrices experts adapt: mlp | attn | all | none | comma-separated module names")
-    threads: int | None = Field(None, description="torch intra-op threads on CPU (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
     train_data_dir: Path | None = Field(None, description="data root (layout of shared/data) for training jobs "
                                         "started through the API on tasks read from files; generated tasks need none")
 
     # --- HTTP ------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # Bearer key for inference routes
-    admin_api_key: str | None = None  # Bearer key for managing experts
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every IPv4 interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free one)")
+    api_key: str | None = Field(None, description="Bearer key the inference routes require")
+    admin_api_key: str | None = Field(None, description="Bearer key that manages experts (uploads, deletions, "
+                                      "training jobs); the inference key may not")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body (bytes) of the "
                                 "generation routes; larger ones get 413")
     body_read_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive whole; "
@@ -57,19 +67,19 @@ class Settings(BaseSettings):
     header_timeout: float = Field(10.0, gt=0, description="seconds a request head may take to arrive whole after the "
                                   "connection opens (or the next request's first byte): slower connections are closed")
     max_connections: int | None = Field(None, ge=1, description="open connections at most: one more closes the one "
-                                        "waiting longest for a request head or idle (default: what the open-file "
-                                        "limit leaves after 128 and the accept backlog)")
+                                        "waiting longest for a request head or idle")
     max_pending_body_bytes: int = Field(256 * 1024 * 1024, ge=1, description="bytes of request bodies still arriving, "
                                         "all requests together (at least the largest body limit): more get 503")
     tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize and detokenize requests' text, a "
                                    "pool of their own: a long text takes seconds, never on the event loop")
     max_input_chars: int | None = Field(None, ge=1, description="longest text (characters) one prompt, conversation "
-                                        "or /tokenize input may have; longer gets 400 (default: max_model_len times "
-                                        "the model's longest token, as no longer text fits)")
+                                        "or /tokenize input may have; longer gets 400 (by default no longer text "
+                                        "fits in max_model_len tokens)")
     max_expert_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest expert upload (bytes); larger ones get 413")
     cors_origins: str | None = Field(None, description="browser origins allowed to call the API, comma-separated "
-                                     "(e.g. https://app.example.com; * for any); unset: no CORS headers")
-    log_level: str = "info"
+                                     "(e.g. https://app.example.com; * for any)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="least severe log lines written (server and access log)")
     shutdown_timeout: int = Field(25, ge=0, description="seconds in-flight requests get to finish after SIGTERM "
                                   "before they are cancelled (keep below the orchestrator's grace period)")
 
@@ -87,7 +97,7 @@ class Settings(BaseSettings):
     max_structure_choices: int = Field(1_000, ge=1, description="strings of a guided_choice; more is a 400")
     grammar_compile_seconds: float = Field(10.0, gt=0, description="a structure whose compile takes longer is "
                                            "refused (400); compiles run in a pool of two threads of their own")
-    default_max_tokens: int = Field(256, ge=1)
+    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` of requests that give none")
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request)")
     max_request_seqs: int = Field(128, ge=1, description="most sequences one request makes (`n` x prompts); "
                                   "more get 400")
@@ -123,3 +133,83 @@ class Settings(BaseSettings):
 
     def engine_spec(self) -> EngineSpec:
         return spec_from(EngineSpec, self, model=self.model_spec(), vllm=spec_from(VLLMSpec, self, prefix="vllm_"))
+
+
+# What an unset (None) or machine-dependent default means, as --help and docs/settings.md show it: "None"
+# would say nothing, and a path under this machine's home would differ on the reader's.
+SHOWN_DEFAULTS = {
+    "model": "the embedded SmolLM2-135M-Instruct",
+    "served_model_name": "the model folder's or file's name",
+    "cache_dir": "~/.cache/t2serve",
+    "expert_dir": "experts/ in cache_dir",
+    "cache_max_gb": "no limit",
+    "threads": "torch's choice",
+    "train_data_dir": "none: only generated tasks",
+    "api_key": "none: inference is open",
+    "admin_api_key": "none: the inference key manages experts",
+    "max_connections": "what the open-file limit leaves after 128 and the accept backlog",
+    "max_input_chars": "max_model_len times the model's longest token",
+    "cors_origins": "none: no CORS headers",
+}
+
+
+def flag(name: str) -> str:
+    """The ``t2serve serve`` flag of the setting ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    """The environment variable of the setting ``name``."""
+    return "T2_" + name.upper()
+
+
+def shown_default(name: str) -> str:
+    """The default of the setting ``name`` as a reader should see it."""
+    if name in SHOWN_DEFAULTS:
+        return SHOWN_DEFAULTS[name]
+    value = Settings.model_fields[name].get_default(call_default_factory=True)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def choices(name: str) -> tuple | None:
+    """The values a Literal (or bool) setting accepts, None for the others."""
+    annotation = Settings.model_fields[name].annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return typing.get_args(args[0])
+    return (True, False) if annotation is bool else None
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every setting with its variable, flag, default, choices and meaning, generated from
+    ``Settings`` (a test compares the committed page with this)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = []
+    for name, field in Settings.model_fields.items():
+        kinds = choices(name)
+        shown = "" if kinds is None else ", ".join(str(c).lower() for c in kinds)
+        switch = f"`{flag(name)}` / `--no-{flag(name)[2:]}`" if kinds == (True, False) else f"`{flag(name)}`"
+        rows.append(f"| {name} | `{env_var(name)}` | {switch} | {cell(shown_default(name))} | {shown} "
+                    f"| {cell(field.description or '')} |")
+    return "\n".join([
+        "# Settings",
+        "",
+        "Every setting of `t2serve serve` is a flag and an environment variable; a flag wins over the variable.",
+        "`t2serve serve --help` lists the same. This page is generated by `python -m server.config --markdown`",
+        "(a test keeps it equal to the code).",
+        "",
+        "| setting | variable | flag | default | choices | meaning |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m server.config --markdown  (prints docs/settings.md)")
+    sys.stdout.write(settings_markdown())

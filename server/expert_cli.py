@@ -194,26 +194,29 @@ def add_subcommand(sub, add_settings_flags: Callable, settings_from_args: Callab
         return p
 
     imp = command("import", cmd_import, "import reference / PEFT / SAPT files as an expert")
-    imp.add_argument("format", choices=IMPORT_FORMATS)
+    imp.add_argument("format", choices=IMPORT_FORMATS, help="what the files are")
     imp.add_argument("paths", nargs="+", help="file, PEFT folder, or SAPT task folders in task order")
-    imp.add_argument("--name", required=True)
-    imp.add_argument("--category")
-    imp.add_argument("--description")
+    imp.add_argument("--name", required=True, help="the expert's name in the store (and in requests)")
+    imp.add_argument("--category", help="what the expert is for, e.g. math")
+    imp.add_argument("--description", help="free text shown in the expert list")
     imp.add_argument("--kind", choices=("svf", "sapt"), help="safetensors: what the file holds (default svf)")
-    imp.add_argument("--parametrization", choices=("sakana", "direct"))
+    imp.add_argument("--parametrization", choices=("sakana", "direct"),
+                     help="svf: how z scales the singular values: sakana (sigmoid + rescale; the default) | "
+                          "direct")
     imp.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="sapt: LoRA alpha (reference default 32)")
     imp.add_argument("--reference-targets", dest="reference_targets",
                      help="policy_params: the target set the reference run adapted (default mlp)")
     imp.add_argument("--append", action="store_true", help="peft: add as a new task of the sapt expert --name")
     exp = command("export", cmd_export, "write a stored expert in another format")
-    exp.add_argument("name")
-    exp.add_argument("format", choices=("safetensors", "policy_params", "learnable_params", "sapt_reference", "peft"))
+    exp.add_argument("name", help="the stored expert")
+    exp.add_argument("format", choices=("safetensors", "policy_params", "learnable_params", "sapt_reference", "peft"),
+                     help="the format to write")
     exp.add_argument("out", help="output folder")
     exp.add_argument("--task", type=int, help="peft: which task of a SAPT bundle")
     command("list", cmd_list, "list stored experts")
     command("check", cmd_check, "re-validate every stored expert against the model (exit 1 if any fails)")
     rm = command("delete", cmd_delete, "delete an expert (every version)")
-    rm.add_argument("name")
+    rm.add_argument("name", help="the stored expert")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from experts.tasks.base import DataMissingError
+from experts.train.flags import COMMON_HELP, LOG_LEVEL_HELP
 
 log = logging.getLogger("t2serve.eval")
 
@@ -31,23 +32,23 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="expert store folder to load experts from")
     p.add_argument("--expert", action="append", default=[], metavar="[TASK=]NAME|FILE",
                    help="an expert for strategy 'expert' (repeatable; TASK= says which task it was trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="which examples to score: train | val | test (default: test)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--max-tokens", type=int, default=None, help="reply length (default: the task's)")
     p.add_argument("--out", default="eval-results", help="folder for the JSON and Markdown results")
     p.add_argument("--targets", default="mlp", help="adapted matrices (must match the experts): mlp | attn | all")
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine slots (default 256 on GPU, 16 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--max-model-len", type=int, default=1024, help="prompt + reply tokens (default: 1024)")
+    p.add_argument("--device", default="auto", help=COMMON_HELP["device"] + " (default: auto)")
+    p.add_argument("--dtype", default="auto", help=COMMON_HELP["dtype"] + " (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help=COMMON_HELP["threads"])
+    p.add_argument("--cache-dir", default=None, help=COMMON_HELP["cache_dir"])
     p.add_argument("--seed", type=int, default=0, help="CEM's seed, and the test generator's for generated tasks "
                    "(mini-*): 0 is their fixed test set, any other value fresh draws")
     p.add_argument("--shots", type=int, default=10, help="few_shot: examples the CEM search sees")
     p.add_argument("--cem-population", type=int, default=32, help="few_shot: CEM population (reference 32)")
     p.add_argument("--cem-generations", type=int, default=50, help="few_shot: CEM generations (reference 50)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help=LOG_LEVEL_HELP + " (default: info)")
 
 
 def add_subcommand(sub) -> None:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import fields
 
 from experts.sapt.config import METHODS, SAPTConfig
-from experts.train.flags import add_config_flags
+from experts.train.flags import LOG_LEVEL_HELP, add_config_flags
 
 HELP = {
     "tasks": "task names in learning order, comma-separated (generated: reverse, sort, upper, count, sum)",
@@ -31,6 +31,20 @@ HELP = {
     "pseudo_fraction": "ARM: pseudo-inputs kept per task, as a fraction of its training size (reference 0.02)",
     "eval_every_task": "1: score the learned tasks after each task (the a_ij rows); 0: skip",
     "max_num_seqs": "engine slots for evaluation and sampling (default 256 on GPU, 64 on CPU)",
+    "train_limit": "use the first N training examples of each task",
+    "rank": "LoRA rank per task block",
+    "lora_alpha": "LoRA scaling numerator (scaling = alpha / rank)",
+    "hidden": "width h of the query projection",
+    "batch_size": "examples per optimizer step",
+    "micro_batch": "rows per forward/backward (memory only)",
+    "key_init": "new keys uniform in [-key_init, key_init] (reference: 1); 0: the bundle's N(0, 1/d)",
+    "arm_warmup": "ARM: its weight ramps from 0 to kl_ratio over this fraction of a task's steps",
+    "arm_batch": "ARM: pseudo-inputs per step",
+    "min_pseudo": "ARM: pseudo-inputs kept per task at least",
+    "generator_steps": "next-token steps of each task's pseudo-input generator",
+    "generator_lr": "Adam learning rate of the pseudo-input generator",
+    "val_limit": "validation examples per task (ARM's mean attention vector)",
+    "test_limit": "test examples per task for the accuracy matrix a_ij",
 }
 
 
@@ -44,7 +58,7 @@ def add_sapt_parser(kinds) -> None:
                                                           "for each of --seeds and print the metrics table")
     p.add_argument("--seeds", default="0,1", help="--compare: seeds, comma-separated")
     p.add_argument("--out", default="sapt-results", help="--compare: folder for the JSON, Markdown and heat map")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help=LOG_LEVEL_HELP + " (default: info)")
     p.set_defaults(func=run_sapt)
 
 

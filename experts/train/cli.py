@@ -11,7 +11,7 @@ import logging
 from dataclasses import fields
 
 from experts.train.config import OBJECTIVES, ROLLOUTS, TrainConfig
-from experts.train.flags import add_config_flags
+from experts.train.flags import LOG_LEVEL_HELP, add_config_flags
 
 HELP = {
     "task": "gsm8k | mbpp | arc-easy | arc-challenge | arc-easy-text | cls (see experts/tasks)",
@@ -32,6 +32,15 @@ HELP = {
     "max_num_seqs": "engine slots for rollouts (default min(batch size, 256))",
     "max_model_len": "prompt + reply tokens; longer prompts are skipped",
     "val_limit": "use the first N validation examples",
+    "lr": "Adam learning rate",
+    "clip": "largest global gradient norm",
+    "batch_size": "examples per optimizer step (the last of an epoch may be smaller)",
+    "epochs": "passes over the training examples",
+    "max_steps": "stop after this many optimizer steps in total (default: the epochs' steps)",
+    "val_every": "validate every N steps (and after the last step)",
+    "temperature": "sampled rollouts: sampling temperature",
+    "top_p": "sampled rollouts: nucleus sampling's top-p",
+    "max_tokens": "new tokens per reply (default: the task's)",
     "train_limit": "use the first N training examples",
 }
 
@@ -39,7 +48,7 @@ HELP = {
 def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:
     add_config_flags(p, TrainConfig, HELP, skip=() if with_task else ("task",), optional=("run_dir",))
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help=LOG_LEVEL_HELP + " (default: info)")
 
 
 def add_kinds(kinds) -> None:

@@ -1,8 +1,11 @@
 """``t2serve serve`` as a process: a model that cannot be loaded ends it with exit code 1 and one line
-saying why (not a server answering 503 forever), and health probes stay out of the access log."""
+saying why (not a server answering 503 forever), a taken port ends it at once with one line naming the port
+(before any model loads), and health probes stay out of the access log."""
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 
 import httpx
 
@@ -26,6 +29,25 @@ def test_a_model_that_cannot_load_ends_the_process_with_one_line(tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_taken_port_ends_the_command_at_once_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        proc = _serve("--port", str(port), "--cache-dir", str(tmp_path / "cache"))
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        took = time.monotonic() - start
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [f"t2serve: error: --port (T2_PORT): cannot listen on 127.0.0.1:{port}: "
+                                        "Address already in use"]
+    assert took < 2, took  # measured 0.3 s: the port is bound before torch and the model load (24 s before)
+    assert not (tmp_path / "cache").exists()  # nothing was converted or cached
+
+
 def test_health_probes_stay_out_of_the_access_log(tiny_llama_dir, tmp_path):
     port = free_port()
     proc = _serve("--model", str(tiny_llama_dir), "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
@@ -42,5 +64,6 @@ def test_health_probes_stay_out_of_the_access_log(tiny_llama_dir, tmp_path):
         out, err = proc.communicate(timeout=60)
     log = out + err
     assert '"POST /v1/completions HTTP/1.1" 200' in log, log[-2000:]
+    assert f"listening on http://127.0.0.1:{port}" in log
     assert "/health" not in log
     assert proc.returncode in (0, -15)  # uvicorn re-raises the SIGTERM it handled (PID 1 in a container: 0)
