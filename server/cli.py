@@ -135,9 +135,9 @@ class _NoHealthProbes(logging.Filter):
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert/load the model and compute its SVD factors once (fills the caches), then exit: used at image
     build time so a container starts without either."""
+    spec = settings_from_args(args).model_spec()  # a bad setting is reported before torch loads
     from engine.loader import install_adapters, load_model
 
-    spec = settings_from_args(args).model_spec()
     loaded = load_model(spec)
     install_adapters(loaded.model, spec.adapt_targets, spec.cache_dir)  # computes and caches the SVD factors
     print(f"ready: {loaded.name} from {loaded.path}")
