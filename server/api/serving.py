@@ -18,7 +18,7 @@ from server.api.state import ServerState, check_model, ready_engine, server_stat
 from server.config import Settings
 from server.errors import APIError, invalid_request
 from server.prompts import check_token_ids, resolve_max_tokens
-from server.schemas import ErrorResponse, Usage
+from server.schemas import AdaptationReport, ErrorResponse, Usage
 
 # Documented in the OpenAPI schema: every error answer has the OpenAI error shape.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -76,17 +76,18 @@ class StartedRun:
     request_id: str  # the response's `id`
     created: int  # the response's `created` (Unix seconds)
     run: EngineRun
-    adaptation: dict | list | None = None  # what pass 1 decided, for the response's `adaptation`
+    adaptation: AdaptationReport | list[AdaptationReport] | None = None  # pass 1's decision, for the response
 
 
 async def decide_adaptations(state: ServerState, body: Any, prompts: list[list[int]],
-                             texts: list[str | None]) -> tuple[list[Adaptation | None], dict | list]:
+                             texts: list[str | None]) -> tuple[list[Adaptation | None],
+                                                               AdaptationReport | list[AdaptationReport]]:
     """Pass 1 for every prompt (concurrently: each is an engine score request): adaptations and the
     response's `adaptation` report (one object, or a list for a batch of prompts)."""
     spec = body.adaptation.model_dump(exclude_none=True) if body.adaptation is not None else None  # typed at the edge
     decisions = await asyncio.gather(*(state.resolver.decide(spec, p, body.model, t)
                                        for p, t in zip(prompts, texts)))
-    infos = [d.info() for d in decisions]
+    infos = [AdaptationReport(**d.info()) for d in decisions]
     for d in decisions:
         # A mixture counts once for each expert in it: a label per combination of names would let clients
         # grow the series without bound (names may repeat, in any order).
@@ -168,7 +169,7 @@ async def answer(request: Request, started: StartedRun, stream: bool, events: Ca
 async def stream_events(run: EngineRun, opening: list[BaseModel],
                         delta_chunk: Callable[[Choice, str, str | None], BaseModel],
                         usage_chunk: Callable[[Usage], BaseModel] | None,
-                        adaptation: dict | list | None = None) -> AsyncIterator[str]:
+                        adaptation: AdaptationReport | list[AdaptationReport] | None = None) -> AsyncIterator[str]:
     """SSE events of a run: the opening chunks, a ``delta_chunk(choice, new text, finish reason)`` per engine
     output worth sending (it takes the choice's log-probabilities not sent yet; None: nothing to send yet),
     the usage chunk when asked for, then ``[DONE]``. The chunk that
