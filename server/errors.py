@@ -110,6 +110,8 @@ def _describe(err: dict) -> str:
         return f"Missing required parameter: '{param}'"
     if param is None:
         return msg
+    if param.startswith("adaptation"):  # mixture weights and expert values are not quoted back (nor logged)
+        return f"Invalid value for '{param}': {msg}"
     shown = repr(err.get("input"))
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return f"Invalid value for '{param}': {msg} (got {shown})"
