@@ -1,5 +1,5 @@
 """vLLM with tensor parallelism 2 against one GPU (skipped without 2 GPUs and vLLM): ``bench/tp_check.py``
-on a 4-layer model with Llama-3-8B's layer shapes; the full 32 layers are `bash bench/gpu_multi.sh`'s."""
+on a 4-layer model with Llama-3-8B's layer shapes; the full 32 layers are `bash bench/lab/gpu_multi.sh`'s."""
 from __future__ import annotations
 
 import importlib.util

