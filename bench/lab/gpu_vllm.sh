@@ -124,9 +124,9 @@ print({p: md.version(p) for p in ('vllm', 'torch', 'transformers', 'triton', 'py
                 --requests 512 --max-num-seqs 256 --gpu-memory 0.85 --out "$OUT/sampling_features_vllm_llama3_8b.json" \
                 ${SF_ARGS:-} ;;
         miniature)  # resumable: its runs stay in /root/miniature between calls; results and run logs go to $OUT
-            # a fresh machine starts from the committed runs and cells (MINI_ARGS="--redo ROWS" or --fresh redo them)
-            [ -d /root/miniature ] || [ ! -d docs/results/h200/miniature/runs ] ||
-                cp -r docs/results/h200/miniature /root/miniature
+            # a fresh machine starts from the committed cells (kept while their settings match) and trains the
+            # runs again, since experts and checkpoints are not versioned: MINI_ARGS="--fresh" scores the new ones
+            [ -d /root/miniature ] || cp -r docs/results/h200/miniature /root/miniature
             stage miniature 590 python3 -m experts.eval.miniature --model "$FOLDER" --out /root/miniature --device cuda \
                 ${MINI_ARGS:-}
             (cd /root && tar cf "$OUT/miniature.tar" --exclude='ckpt-*' miniature) ;;

@@ -2,7 +2,7 @@
 embedded model's reach (``experts/tasks/miniature.py``), then score every strategy with 95% Wilson
 intervals, and write the JSON, the learning curves and the Markdown table.
 
-    python -m experts.eval.miniature [--out docs/results/miniature] [--steps 40] [--batch 64]
+    python -m experts.eval.miniature [--out results/miniature] [--steps 40] [--batch 64]
     python -m experts.eval.miniature --quick --out /tmp/mini     the whole pipeline in minutes on a CPU
 
 Runs (each skipped when its run folder already holds a summary, so a stopped run resumes):
@@ -313,7 +313,7 @@ def markdown(cells: dict, trained: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experts.eval.miniature", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/results/miniature")
+    p.add_argument("--out", default="results/miniature")
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None)
