@@ -72,7 +72,7 @@ async def run(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="benchmark data root (default: $T2_DATA_DIR, ./data, ../shared/data)")
+    ap.add_argument("--data", default=None, help="benchmark data root (default: $T2_DATA_DIR)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shots", type=int, default=10)

@@ -95,23 +95,21 @@ def write_json(path: str | None, data: dict) -> None:
         print(f"wrote {path}")
 
 
-DATA_PLACES = ("data", "../shared/data")  # relative to the checkout, tried in order after $T2_DATA_DIR
-
-
 def data_dir(given: str | None) -> str:
-    """The benchmark data root: ``given``, else ``$T2_DATA_DIR``, else the first of ``DATA_PLACES`` that
-    exists next to the checkout; otherwise exit 2 with one line saying what is expected where."""
-    import os
+    """The benchmark data root: ``given``, else ``$T2_DATA_DIR`` (the name every command uses); otherwise
+    exit 2 with one line saying what is expected where."""
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-    candidates = [given] if given else [os.environ.get("T2_DATA_DIR")] + [str(root / p) for p in DATA_PLACES]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return c
-    where = given or f"$T2_DATA_DIR or {', '.join(str(root / p) for p in DATA_PLACES)}"
-    sys.exit(f"{Path(sys.argv[0]).name}: error: no benchmark data at {where}: lay it out as <root>/gsm8k/, mbpp/, "
-             "humaneval/, arc/, math500/ (README: 'Benchmark data') and pass --data <root>")
+    from experts.tasks.base import DATA_ENV, DATA_LAYOUT, DataMissingError, data_root
+
+    try:
+        root = data_root(given)
+    except DataMissingError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    if root is None:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: no benchmark data: pass --data DIR or set {DATA_ENV}, laid out "
+                 f"as {DATA_LAYOUT}")
+    return root
 
 
 def report_host_only(args, rows: list[dict], cols: list[str]) -> None:

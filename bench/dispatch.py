@@ -116,7 +116,7 @@ async def main_async(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="benchmark data folder (gsm8k/, mbpp/, humaneval/, arc/, math500/); "
-                    "default: $T2_DATA_DIR, ./data, ../shared/data")
+                    "default: $T2_DATA_DIR")
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier", default=None, help="classifier expert: safetensors of z per target, for cls_expert")

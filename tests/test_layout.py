@@ -200,3 +200,28 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(fake_tree):
     assert cycles(graph) == [["experts.b", "experts.c"]]
     assert subpackage_violations(graph) == ["engine.native.n imports engine.vllm.v",
                                             "experts.store.s imports experts.train.t"]
+
+
+OUTSIDE_PATHS = ("../shared", "shared/data")  # a checkout's neighbours: the product finds data through T2_DATA_DIR
+
+
+def outside_path_mentions(root: Path = ROOT, folders: tuple[str, ...] = (*LAYERS, "bench")) -> list[str]:
+    """``file:line`` of every mention of a path beside the checkout, in the product's code and benchmarks."""
+    found = []
+    for top in folders:
+        for path in sorted((root / top).rglob("*")):
+            if path.suffix not in (".py", ".sh", ".md", ".json", ".yaml", ".toml") or not path.is_file():
+                continue
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if any(p in line for p in OUTSIDE_PATHS):
+                    found.append(f"{path.relative_to(root)}:{n}")
+    return found
+
+
+def test_nothing_in_the_product_names_a_path_beside_the_checkout():
+    assert outside_path_mentions() == []
+
+
+def test_the_path_check_finds_a_mention(fake_tree):
+    root = fake_tree({"bench/b.py": 'PLACES = ("data", "../shared/data")\n', "experts/e.py": '"""data root."""\n'})
+    assert outside_path_mentions(root) == ["bench/b.py:1"]

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from experts.tasks.base import DataMissingError
+from experts.tasks.base import DataMissingError, data_root
 from experts.train.flags import COMMON_HELP, LOG_LEVEL_HELP
 
 log = logging.getLogger("t2serve.eval")
@@ -27,7 +27,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", action="store_true", help="evaluate the whole table (all tasks and strategies)")
     p.add_argument("--rows", default=None, help="with --table: only these strategies (comma-separated); cells "
                    "already in OUT/table.json are kept, so a table can be filled by several commands")
-    p.add_argument("--data", required=True, help="data root in the layout of shared/data")
+    p.add_argument("--data", default=None, help="benchmark data root (gsm8k/, mbpp/, arc/ ...; docs/training.md; "
+                   "default: $T2_DATA_DIR; generated tasks need none)")
     p.add_argument("--model", default=None, help="Hugging Face folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--store", default=None, help="expert store folder to load experts from")
     p.add_argument("--expert", action="append", default=[], metavar="[TASK=]NAME|FILE",
@@ -98,9 +99,7 @@ def run_eval(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.table and not args.task:
         raise SystemExit("eval needs --task (with --strategy) or --table")
-    if not Path(args.data).is_dir():  # before the model loads: a wrong path is one line, at once
-        raise DataMissingError(f"no data root at {args.data}: benchmark data is not part of the repository; lay it out "
-                               "as <root>/gsm8k/, mbpp/, humaneval/, arc/, math500/ (README: 'Benchmark data')")
+    args.data = data_root(args.data)  # before the model loads: a wrong path is one line, at once
     base = load_base(args.model, device=args.device, dtype=args.dtype, targets=args.targets,
                      cache_dir=args.cache_dir, threads=args.threads)
     experts, categories, task_experts = load_experts(base, args.store, args.expert)

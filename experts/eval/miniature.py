@@ -16,7 +16,7 @@ Runs (each skipped when its run folder already holds a summary, so a stopped run
 - ``lora-next-token``: a LoRA of rank 1 on q_proj and v_proj (57,600 parameters on SmolLM2, against SVF's
   51,840 on the MLP) trained on the reference replies, as the paper's LoRA baseline is.
 
-With ``--data DIR`` (benchmark data in the layout of shared/data) a real benchmark joins: ARC-Easy with the
+With ``--data DIR`` (the benchmark data root, docs/training.md) a real benchmark joins: ARC-Easy with the
 choices answered in their own words (``arc-easy-text``), a ``reinforce-mlp`` expert trained on it with greedy
 rollouts (``--real-steps``, ``--real-batch``), base and expert scored on its whole test split (1,240 questions).
 
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-limit", type=int, default=200)
     p.add_argument("--limit", type=int, default=None, help="test examples per generated task (default: all 500)")
     p.add_argument("--data", default=None, metavar="DIR",
-                   help="benchmark data (layout of shared/data): ARC-Easy in the text form joins the suite")
+                   help="benchmark data root (docs/training.md): ARC-Easy in the text form joins the suite")
     p.add_argument("--real-steps", type=int, default=None, help="optimizer steps on the real benchmark (--steps)")
     p.add_argument("--real-batch", type=int, default=None, help="examples per step there (--batch)")
     p.add_argument("--real-lr", type=float, default=None, help=f"learning rate there (default {REAL_LR})")

@@ -17,7 +17,8 @@ from experts.train.flags import LOG_LEVEL_HELP, add_config_flags
 HELP = {
     "tasks": "task names in learning order, comma-separated (generated: reverse, sort, upper, count, sum)",
     "run_dir": "folder for checkpoint, log.jsonl, curves.png, bundle.safetensors, matrix.json (default runs/<name>)",
-    "data": "data root for tasks read from files (layout of shared/data); generated tasks need none",
+    "data": "benchmark data root for tasks read from files (docs/training.md; default: $T2_DATA_DIR); "
+            "generated tasks need none",
     "model": "Hugging Face folder or .gguf file (default: the embedded SmolLM2)",
     "store": "expert store folder to put the bundle in (served by the 'sapt' strategy)",
     "name": "bundle name in the store",
@@ -64,7 +65,10 @@ def add_sapt_parser(kinds) -> None:
 
 def run_sapt(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from experts.tasks.base import data_root
+
     cfg = SAPTConfig(**{f.name: getattr(args, f.name) for f in fields(SAPTConfig)})
+    cfg.data = data_root(cfg.data)
     if args.compare:
         from experts.sapt.compare import run_compare
 

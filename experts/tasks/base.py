@@ -1,8 +1,9 @@
 """What a task is: a loader for its splits, the chat prompt it asks, and a scorer for the reply.
 
 Tasks are plug-ins (see ``experts/tasks/__init__.py`` for the registry). Data never ships with the
-code: every loader takes the data root (the layout of ``shared/data``: ``<root>/gsm8k/train.jsonl``,
-``<root>/arc/ARC-Easy-Test.jsonl``, ...) or the task's own folder, and reads JSON Lines.
+code: every loader takes the data root (``<root>/gsm8k/train.jsonl``, ``<root>/arc/ARC-Easy-Test.jsonl``,
+...; docs/training.md lists the layout) or the task's own folder, and reads JSON Lines. The root has one
+name everywhere: a command's ``--data``, else ``$T2_DATA_DIR`` (``data_root``).
 
 Splits: ``train`` and ``val`` are what training may touch (``val`` picks the best checkpoint);
 ``test`` is held out for evaluation only. Tasks that exist only for evaluation (HumanEval, MATH-500)
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
+DATA_ENV = "T2_DATA_DIR"  # the data root when a command is given no --data
+DATA_LAYOUT = "<root>/gsm8k/, mbpp/, humaneval/, arc/, math500/ (docs/training.md: 'Benchmark data')"
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,29 @@ class DataMissingError(FileNotFoundError):
     """A benchmark file is not where the data root says (the data is not part of the repository)."""
 
 
-def data_file(root: str | Path, folder: str, name: str) -> Path:
+def data_root(given: str | Path | None) -> str | None:
+    """The benchmark data root: ``given`` (a command's ``--data``), else ``$T2_DATA_DIR``, else None
+    (generated tasks need none; a task that reads files then says what is missing). A root named but
+    absent is an error at once, before any model loads."""
+    root = given or os.environ.get(DATA_ENV) or None
+    if root is not None and not Path(root).is_dir():
+        origin = "--data" if given else DATA_ENV
+        raise DataMissingError(f"no data root at {root} ({origin}): benchmark data is not part of the repository; "
+                               f"lay it out as {DATA_LAYOUT}")
+    return None if root is None else str(root)
+
+
+def data_file(root: str | Path | None, folder: str, name: str) -> Path:
     """``<root>/<folder>/<name>``, or ``<root>/<name>`` when ``root`` is the task's own folder."""
+    if root is None:
+        raise DataMissingError(f"{folder}/{name} needs the benchmark data, which is not part of the repository: "
+                               f"pass --data DIR or set {DATA_ENV}, laid out as {DATA_LAYOUT}")
     root = Path(root)
     for p in (root / folder / name, root / name):
         if p.is_file():
             return p
     raise DataMissingError(f"{folder}/{name} not found under {root}: benchmark data is not part of the repository; "
-                           f"put the file at <data root>/{folder}/{name} (README: 'Benchmark data')")
+                           f"put the file at <data root>/{folder}/{name} (docs/training.md: 'Benchmark data')")
 
 
 def in_val_fold(key: str, fraction: float) -> bool:

@@ -15,7 +15,8 @@ from experts.train.flags import LOG_LEVEL_HELP, add_config_flags
 
 HELP = {
     "task": "gsm8k | mbpp | arc-easy | arc-challenge | arc-easy-text | cls (see experts/tasks)",
-    "data": "data root in the layout of shared/data (gsm8k/, mbpp/, arc/ ...) or the task's own folder",
+    "data": "benchmark data root (gsm8k/, mbpp/, arc/ ...; docs/training.md) or the task's own folder "
+            "(default: $T2_DATA_DIR; generated tasks need none)",
     "run_dir": "folder for checkpoint, log.jsonl, curves.png and expert.safetensors (default runs/<name>)",
     "model": "Hugging Face folder or .gguf file (default: the embedded SmolLM2)",
     "store": "expert store folder to put the trained expert in (e.g. ~/.cache/t2serve/experts)",
@@ -46,7 +47,7 @@ HELP = {
 
 
 def add_train_flags(p: argparse.ArgumentParser, *, with_task: bool = True) -> None:
-    add_config_flags(p, TrainConfig, HELP, skip=() if with_task else ("task",), optional=("run_dir",))
+    add_config_flags(p, TrainConfig, HELP, skip=() if with_task else ("task",), optional=("run_dir", "data"))
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.add_argument("--log-level", default="info", help=LOG_LEVEL_HELP + " (default: info)")
 
@@ -62,12 +63,13 @@ def add_kinds(kinds) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from experts.tasks.base import data_root
     from experts.train.model import load_base
     from experts.train.trainer import SVFTrainer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{**values, "run_dir": values["run_dir"] or ""})
+    cfg = TrainConfig(**{**values, "run_dir": values["run_dir"] or "", "data": data_root(values["data"])})
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.expert_name}"
     base = load_base(cfg.model, device=cfg.device, dtype=cfg.dtype, targets=cfg.targets, cache_dir=cfg.cache_dir,

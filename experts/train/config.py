@@ -52,7 +52,7 @@ class TrainConfig(RunConfig):
     recipe_fields: ClassVar[tuple[str, ...]] = RECIPE_FIELDS
 
     task: str
-    data: str  # data root (layout of shared/data) or the task's own folder
+    data: str | None  # data root (docs/training.md) or the task's own folder; None: generated tasks only
     run_dir: str  # checkpoint, JSONL log, learning curves, best z
     store_when: str = "always"  # always | improved: only when a trained step beat the starting point on validation
     name: str | None = None  # expert name (default: the task name; "classifier" for cls)

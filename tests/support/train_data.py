@@ -1,4 +1,4 @@
-"""Tiny task data written by the tests themselves, in the field layout of shared/data.
+"""Tiny task data written by the tests themselves, in the field layout of the benchmark data root (docs/training.md).
 
 Every record here was made up for these tests (no record is copied from a benchmark), so no dataset
 license applies. Only a handful per file: enough for loaders, scorers and a two-step training run.
