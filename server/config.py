@@ -51,8 +51,9 @@ class Settings(BaseSettings):
                                   "once; deleting one later keeps it deleted")
     adapt_targets: str = Field("mlp", description="matrices experts adapt: mlp | attn | all | none | comma-separated module names")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
-    train_data_dir: Path | None = Field(None, description="data root (layout of shared/data) for training jobs "
-                                        "started through the API on tasks read from files; generated tasks need none")
+    train_data_dir: Path | None = Field(None, description="data root (a folder per task: gsm8k/, mbpp/, arc/ ...) "
+                                        "for training jobs started through the API on tasks read from files; "
+                                        "generated tasks need none")
 
     # --- HTTP ------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every IPv4 interface)")
