@@ -7,12 +7,17 @@ LM head. Every forward carries the adaptation table of its rows.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 
 import torch
 
 from adapters import AdaptationRuntime
 from engine.native.kv_cache import SlotKVCache
+
+# This runner hands its slot cache to Hugging Face's forward as `past_key_values`, which transformers deprecates
+# (removed in 5.40: pyproject.toml pins below it). Every forward repeated the notice into the server's log.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 def causal_slot_mask(pos: torch.Tensor, kv_len: int) -> torch.Tensor:
