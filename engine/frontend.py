@@ -7,7 +7,7 @@ writer reads it: into the stream's queue (directly when the backend runs on the 
 by ``Handoff``, one wake-up of the loop per batch), and out of it to the consumer.
 
     front = FrontEnd(max_model_len, capacity, submit=..., cancel=...)
-    stream = front.open(request)      # raises QueueFullError / PromptTooLongError / EngineDeadError at once
+    stream = front.open(request)      # raises QueueFullError / PromptTooLongError at once
     front.deliver(output)             # the backend, from its thread or loop
     front.release()                   # the backend: one accepted request no longer counts against capacity
 """
@@ -18,7 +18,6 @@ import threading
 from typing import AsyncIterator, Callable
 
 from engine.contract import (
-    EngineDeadError,
     GenerationRequest,
     Handoff,
     RequestOutput,
@@ -38,14 +37,12 @@ class FrontEnd:
         self._handoff = Handoff()
         self._lock = threading.Lock()
         self.pending = 0  # accepted requests that still count against capacity (the backend releases them)
-        self.closed = False  # no more requests (shutting down, or the backend died)
 
     # --- callers ---------------------------------------------------------------------------------------
     def open(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Admit ``request``, hand it to the backend and return its stream of outputs (the last one
-        ``finished``); raises at once when it cannot be queued. Leaving the stream early aborts it."""
-        if self.closed:
-            raise EngineDeadError("the engine is not running")
+        ``finished``); raises at once when it cannot be queued (the backend says first whether it runs at
+        all). Leaving the stream early aborts it."""
         with self._lock:
             check_admission(request, self.max_model_len, self.pending, self._capacity(),
                             score_budget=self.score_budget)
